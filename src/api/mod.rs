@@ -1,0 +1,197 @@
+//! The gRPC edge: the only module that knows prost types.
+//!
+//! Requests are converted into domain types with `TryFrom` (parse, don't
+//! validate); every failure becomes a `tonic::Status` through [`to_status`],
+//! the one documented place where internal errors meet clients.
+//!
+//! Error model (google.rpc, via tonic-types): each status carries a code, a
+//! safe message, and an `ErrorInfo` whose `reason` is a stable string clients
+//! can match on (see [`reason`]). Invalid arguments also carry a `BadRequest`
+//! with one field violation per refused field. Internal details (PKCS#11
+//! return codes, SQLite messages) go to the log, never to the client.
+
+mod wallet;
+
+use std::collections::HashMap;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+pub use wallet::WalletApi;
+
+use crate::hsm::HsmError;
+use crate::wallet::WalletError;
+
+/// `ErrorInfo.domain` of every custos error.
+pub const ERROR_DOMAIN: &str = "custos.v1";
+
+/// Stable `ErrorInfo.reason` strings.
+pub mod reason {
+    /// A request field is missing or malformed; see the `BadRequest` details.
+    pub const INVALID_ARGUMENT: &str = "INVALID_ARGUMENT";
+    /// The named wallet does not exist.
+    pub const WALLET_NOT_FOUND: &str = "WALLET_NOT_FOUND";
+    /// The wallet id is taken.
+    pub const WALLET_ALREADY_EXISTS: &str = "WALLET_ALREADY_EXISTS";
+    /// The wallet's key on the HSM is missing or does not match; it cannot sign.
+    pub const WALLET_KEY_UNUSABLE: &str = "WALLET_KEY_UNUSABLE";
+    /// The HSM is unreachable or lost its session and did not recover.
+    pub const HSM_UNAVAILABLE: &str = "HSM_UNAVAILABLE";
+    /// The HSM produced output custos refused to release.
+    pub const HSM_FAULT: &str = "HSM_FAULT";
+    /// Anything else; details are in the server log.
+    pub const INTERNAL: &str = "INTERNAL";
+}
+
+/// A refused request field: the field path and the rule it broke.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldViolation {
+    /// Field path, e.g. `wallet.display_name`.
+    pub field: String,
+    /// The rule, e.g. `must be at most 128 characters`.
+    pub description: String,
+}
+
+impl FieldViolation {
+    /// A violation of `field`.
+    pub fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            description: description.into(),
+        }
+    }
+}
+
+impl From<FieldViolation> for Status {
+    fn from(violation: FieldViolation) -> Self {
+        let mut details = ErrorDetails::new();
+        details.set_error_info(reason::INVALID_ARGUMENT, ERROR_DOMAIN, HashMap::new());
+        details.add_bad_request_violation(violation.field.clone(), violation.description.clone());
+        Status::with_error_details(
+            Code::InvalidArgument,
+            format!("{}: {}", violation.field, violation.description),
+            details,
+        )
+    }
+}
+
+/// A status with a code, a safe message and an `ErrorInfo` reason.
+pub fn status(code: Code, reason: &'static str, message: impl Into<String>) -> Status {
+    let details = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, HashMap::new());
+    Status::with_error_details(code, message, details)
+}
+
+/// Maps a wallet-registry error to the status sent to the client.
+///
+/// Errors the client caused (not found, already exists) are described in
+/// full. Server-side failures are logged here with their details and reach
+/// the client only as a code, a reason and a generic message.
+pub fn to_status(error: &WalletError) -> Status {
+    match error {
+        WalletError::NotFound(id) => status(
+            Code::NotFound,
+            reason::WALLET_NOT_FOUND,
+            format!("wallet {id} not found"),
+        ),
+        WalletError::AlreadyExists(id) => status(
+            Code::AlreadyExists,
+            reason::WALLET_ALREADY_EXISTS,
+            format!("wallet {id} already exists"),
+        ),
+        WalletError::KeyUnusable(id, _) => {
+            tracing::error!(error = %error, "request refused");
+            status(
+                Code::FailedPrecondition,
+                reason::WALLET_KEY_UNUSABLE,
+                format!("wallet {id} cannot sign: its HSM key is missing or does not match"),
+            )
+        }
+        WalletError::Hsm(hsm) => {
+            tracing::error!(error = %hsm, "HSM error");
+            hsm_status(hsm)
+        }
+        WalletError::Signature(e) => {
+            tracing::error!(error = %e, "HSM signature refused");
+            status(
+                Code::Internal,
+                reason::HSM_FAULT,
+                "the HSM returned a signature that failed verification",
+            )
+        }
+        WalletError::Store(_) | WalletError::Worker => {
+            tracing::error!(error = %error, "internal error");
+            status(
+                Code::Internal,
+                reason::INTERNAL,
+                "internal error; see the server log",
+            )
+        }
+    }
+}
+
+fn hsm_status(error: &HsmError) -> Status {
+    match error {
+        HsmError::Unavailable(_) | HsmError::TokenNotFound { .. } | HsmError::ModuleLoad { .. } => status(
+            Code::Unavailable,
+            reason::HSM_UNAVAILABLE,
+            "the HSM is unavailable",
+        ),
+        _ if error.is_session_loss() => status(
+            Code::Unavailable,
+            reason::HSM_UNAVAILABLE,
+            "the HSM is unavailable",
+        ),
+        HsmError::KeyMissing(_) | HsmError::KeyMismatch(_) => status(
+            Code::FailedPrecondition,
+            reason::WALLET_KEY_UNUSABLE,
+            "the wallet's HSM key is missing or does not match",
+        ),
+        HsmError::KeyRefused { .. } | HsmError::Malformed(_) => status(
+            Code::Internal,
+            reason::HSM_FAULT,
+            "the HSM produced a key or output that custos refuses",
+        ),
+        _ => status(
+            Code::Internal,
+            reason::INTERNAL,
+            "internal HSM error; see the server log",
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_details_do_not_reach_clients() {
+        let err = WalletError::Hsm(HsmError::Pkcs11 {
+            function: "C_Sign".into(),
+            rv: cryptoki::error::RvError::GeneralError,
+        });
+        let status = to_status(&err);
+        assert_eq!(status.code(), Code::Internal);
+        assert!(!status.message().contains("C_Sign"));
+        assert_eq!(status.get_details_error_info().unwrap().reason, reason::INTERNAL);
+    }
+
+    #[test]
+    fn unavailable_hsm_is_unavailable() {
+        let err = WalletError::Hsm(HsmError::Unavailable(Box::new(HsmError::Worker)));
+        let status = to_status(&err);
+        assert_eq!(status.code(), Code::Unavailable);
+        assert_eq!(
+            status.get_details_error_info().unwrap().reason,
+            reason::HSM_UNAVAILABLE
+        );
+    }
+
+    #[test]
+    fn field_violations_carry_bad_request() {
+        let status: Status = FieldViolation::new("wallet_id", "must not be empty").into();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        let bad = status.get_details_bad_request().unwrap();
+        assert_eq!(bad.field_violations[0].field, "wallet_id");
+        assert_eq!(bad.field_violations[0].description, "must not be empty");
+    }
+}

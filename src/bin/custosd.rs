@@ -1,0 +1,122 @@
+//! `custosd`: the custos signing server.
+//!
+//! `custosd --config FILE` serves with a configuration file;
+//! `custosd --dev` creates a SoftHSM token, config and store on the fly and
+//! serves in plaintext on loopback (see `custos::dev`).
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use custos::config::{Config, LogFormat};
+use custos::dev::{self, DevPaths, DevReady};
+use custos::server::{self, App};
+use custos::telemetry;
+
+/// The custos signing server.
+#[derive(Debug, Parser)]
+#[command(name = "custosd", version, about)]
+struct Args {
+    /// Configuration file (TOML). See hsm-config/custosd.example.toml.
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "dev",
+        conflicts_with = "dev"
+    )]
+    config: Option<PathBuf>,
+    /// Development mode: fresh SoftHSM token, config and store under --data-dir,
+    /// plaintext gRPC on loopback only. Never for production.
+    #[arg(long)]
+    dev: bool,
+    /// Dev-mode data directory (default: a new directory under the system temp dir).
+    #[arg(long, value_name = "DIR", requires = "dev")]
+    data_dir: Option<PathBuf>,
+    /// PKCS#11 module for dev mode.
+    #[arg(long, value_name = "PATH", requires = "dev", env = "CUSTOS_DEV_PKCS11_MODULE", default_value = dev::DEFAULT_SOFTHSM_MODULE)]
+    module: PathBuf,
+    /// Address to listen on, overriding the config (port 0 picks a free port).
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let outcome = if args.dev {
+        run_dev(&args)
+    } else {
+        run_config(&args)
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            let _ = writeln!(std::io::stderr(), "custosd: error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_config(args: &Args) -> Result<(), String> {
+    let path = args.config.as_ref().ok_or("--config FILE is required")?;
+    let mut config = Config::load(path).map_err(|e| e.to_string())?;
+    if let Some(listen) = args.listen {
+        config.server.listen = listen;
+    }
+    telemetry::init(config.server.log_format);
+    serve(config, None)
+}
+
+fn run_dev(args: &Args) -> Result<(), String> {
+    let data_dir = match &args.data_dir {
+        Some(dir) => std::path::absolute(dir).map_err(|e| format!("--data-dir: {e}"))?,
+        None => dev::fresh_data_dir().map_err(|e| e.to_string())?,
+    };
+    let paths = DevPaths::new(&data_dir);
+    // A directory chosen here must be passed on to the re-executed process.
+    let extra_args: Vec<std::ffi::OsString> = match args.data_dir {
+        Some(_) => Vec::new(),
+        None => vec!["--data-dir".into(), data_dir.into_os_string()],
+    };
+    dev::reexec_with_softhsm_conf(&paths, &args.module, &extra_args).map_err(|e| e.to_string())?;
+    telemetry::init(LogFormat::Text);
+    let config = dev::prepare(&paths, &args.module, args.listen).map_err(|e| e.to_string())?;
+    tracing::warn!(
+        "development mode: SoftHSM token with PINs on disk, plaintext gRPC; never use in production"
+    );
+    serve(config, Some((paths, args.module.clone())))
+}
+
+fn serve(config: Config, dev: Option<(DevPaths, PathBuf)>) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("tokio runtime: {e}"))?;
+    runtime.block_on(async move {
+        let app = App::open(&config).await.map_err(|e| e.to_string())?;
+        let listener = tokio::net::TcpListener::bind(config.server.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;
+        let listen = listener.local_addr().map_err(|e| e.to_string())?;
+        if let Some((paths, module)) = dev {
+            let ready = DevReady {
+                event: "custosd.dev.ready",
+                listen,
+                endpoint: format!("http://{listen}"),
+                module,
+                token_label: dev::DEV_TOKEN_LABEL,
+                paths,
+            };
+            let line = serde_json::to_string(&ready).map_err(|e| e.to_string())?;
+            let mut stdout = std::io::stdout().lock();
+            writeln!(stdout, "{line}")
+                .and_then(|()| stdout.flush())
+                .map_err(|e| e.to_string())?;
+        }
+        server::run(listener, app, server::shutdown_signal())
+            .await
+            .map_err(|e| e.to_string())
+    })
+}

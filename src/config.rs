@@ -1,0 +1,304 @@
+//! The `custosd` configuration file: TOML in, validated types out.
+//!
+//! The file is parsed into `Raw*` structs that reject unknown fields, then
+//! converted into [`Config`], whose types make invalid combinations (two token
+//! selectors, no PIN source, zero sessions) unrepresentable.
+
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::secret::PinSource;
+
+/// Default number of PKCS#11 sessions in the signing pool.
+pub const DEFAULT_SESSIONS: usize = 4;
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// gRPC listener and logging.
+    pub server: ServerConfig,
+    /// The PKCS#11 token holding wallet keys.
+    pub hsm: HsmConfig,
+    /// The SQLite store.
+    pub store: StoreConfig,
+    /// Chain parameters used to derive addresses.
+    pub chains: ChainConfig,
+}
+
+/// Listener and log settings.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address to bind, e.g. `127.0.0.1:50051`. Port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Log line format.
+    pub log_format: LogFormat,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// How to find the token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSelector {
+    /// Match CKA token label (padding ignored).
+    Label(String),
+    /// Match the token serial number (padding ignored).
+    Serial(String),
+}
+
+/// PKCS#11 settings.
+#[derive(Debug, Clone)]
+pub struct HsmConfig {
+    /// Path of the PKCS#11 module (`.so`).
+    pub module: PathBuf,
+    /// Which token to use.
+    pub token: TokenSelector,
+    /// Where the user PIN comes from.
+    pub pin: PinSource,
+    /// Worker sessions in the pool (one more is held open to keep the login).
+    pub sessions: NonZeroUsize,
+}
+
+/// Store settings.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// The SQLite database file; created if missing.
+    pub path: PathBuf,
+}
+
+/// Chain parameters.
+#[derive(Debug, Clone, Copy)]
+pub struct ChainConfig {
+    /// The Bitcoin network addresses are derived for.
+    pub bitcoin_network: bitcoin::Network,
+}
+
+/// Why a configuration file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed, has an unknown field, or a value of the wrong type.
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, naming the line and field.
+        message: String,
+    },
+    /// The values parse but do not make a usable configuration.
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates configuration text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::new(),
+            message: e.to_string(),
+        })?;
+        raw.try_into()
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    server: RawServer,
+    hsm: RawHsm,
+    store: StoreRaw,
+    #[serde(default)]
+    bitcoin: RawBitcoin,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: SocketAddr,
+    #[serde(default)]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHsm {
+    module: PathBuf,
+    token_label: Option<String>,
+    token_serial: Option<String>,
+    pin_file: Option<PathBuf>,
+    pin_env: Option<String>,
+    sessions: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoreRaw {
+    path: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBitcoin {
+    network: String,
+}
+
+impl Default for RawBitcoin {
+    fn default() -> Self {
+        Self {
+            network: "bitcoin".into(),
+        }
+    }
+}
+
+impl TryFrom<RawConfig> for Config {
+    type Error = ConfigError;
+
+    fn try_from(raw: RawConfig) -> Result<Self, ConfigError> {
+        let invalid = |m: &str| ConfigError::Invalid(m.to_owned());
+        let token = match (raw.hsm.token_label, raw.hsm.token_serial) {
+            (Some(label), None) if !label.is_empty() => TokenSelector::Label(label),
+            (None, Some(serial)) if !serial.is_empty() => TokenSelector::Serial(serial),
+            (Some(_), Some(_)) => return Err(invalid("hsm: set token_label or token_serial, not both")),
+            _ => return Err(invalid("hsm: token_label or token_serial is required")),
+        };
+        let pin = match (raw.hsm.pin_file, raw.hsm.pin_env) {
+            (Some(file), None) => PinSource::File(file),
+            (None, Some(var)) if !var.is_empty() => PinSource::Env(var),
+            (Some(_), Some(_)) => return Err(invalid("hsm: set pin_file or pin_env, not both")),
+            _ => return Err(invalid("hsm: pin_file or pin_env is required")),
+        };
+        let sessions = NonZeroUsize::new(raw.hsm.sessions.unwrap_or(DEFAULT_SESSIONS))
+            .filter(|n| n.get() <= 256)
+            .ok_or_else(|| invalid("hsm.sessions must be between 1 and 256"))?;
+        let bitcoin_network = parse_bitcoin_network(&raw.bitcoin.network)?;
+        Ok(Config {
+            server: ServerConfig {
+                listen: raw.server.listen,
+                log_format: raw.server.log_format,
+            },
+            hsm: HsmConfig {
+                module: raw.hsm.module,
+                token,
+                pin,
+                sessions,
+            },
+            store: StoreConfig { path: raw.store.path },
+            chains: ChainConfig { bitcoin_network },
+        })
+    }
+}
+
+/// Parses a Bitcoin network name as used in config and on the command line.
+pub fn parse_bitcoin_network(name: &str) -> Result<bitcoin::Network, ConfigError> {
+    match name {
+        "bitcoin" | "mainnet" => Ok(bitcoin::Network::Bitcoin),
+        "testnet" => Ok(bitcoin::Network::Testnet),
+        "signet" => Ok(bitcoin::Network::Signet),
+        "regtest" => Ok(bitcoin::Network::Regtest),
+        other => Err(ConfigError::Invalid(format!(
+            "bitcoin.network {other:?} is not one of bitcoin, testnet, signet, regtest"
+        ))),
+    }
+}
+
+/// Name of a Bitcoin network as written in config files.
+pub fn bitcoin_network_name(network: bitcoin::Network) -> &'static str {
+    match network {
+        bitcoin::Network::Bitcoin => "bitcoin",
+        bitcoin::Network::Testnet => "testnet",
+        bitcoin::Network::Signet => "signet",
+        _ => "regtest",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VALID: &str = r#"
+        [server]
+        listen = "127.0.0.1:0"
+        log_format = "json"
+
+        [hsm]
+        module = "/usr/lib/softhsm/libsofthsm2.so"
+        token_label = "custos"
+        pin_file = "/etc/custos/pin"
+        sessions = 2
+
+        [store]
+        path = "/var/lib/custos/custos.db"
+
+        [bitcoin]
+        network = "regtest"
+    "#;
+
+    #[test]
+    fn valid_config_parses() {
+        let config = Config::parse(VALID).unwrap();
+        assert_eq!(config.hsm.token, TokenSelector::Label("custos".into()));
+        assert_eq!(config.hsm.sessions.get(), 2);
+        assert_eq!(config.server.log_format, LogFormat::Json);
+        assert_eq!(config.chains.bitcoin_network, bitcoin::Network::Regtest);
+    }
+
+    #[test]
+    fn unknown_field_is_refused_by_name() {
+        let text = VALID.replace("sessions = 2", "sessions = 2\nsesions = 3");
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("sesions"), "{err}");
+    }
+
+    #[test]
+    fn ambiguous_or_missing_selectors_are_refused() {
+        let both = VALID.replace(
+            "token_label = \"custos\"",
+            "token_label = \"a\"\ntoken_serial = \"b\"",
+        );
+        assert!(Config::parse(&both).unwrap_err().to_string().contains("not both"));
+        let no_pin = VALID.replace("pin_file = \"/etc/custos/pin\"", "");
+        assert!(
+            Config::parse(&no_pin)
+                .unwrap_err()
+                .to_string()
+                .contains("pin_file or pin_env")
+        );
+        let zero = VALID.replace("sessions = 2", "sessions = 0");
+        assert!(Config::parse(&zero).unwrap_err().to_string().contains("sessions"));
+        let net = VALID.replace("\"regtest\"", "\"dogecoin\"");
+        assert!(Config::parse(&net).unwrap_err().to_string().contains("dogecoin"));
+    }
+}

@@ -1,0 +1,230 @@
+//! `custosd --dev`: everything a newcomer needs, created on the fly under one
+//! directory, like `vault server -dev`.
+//!
+//! Under the data directory dev mode creates a SoftHSM configuration and token
+//! directory, a fresh token with random user and SO PINs (files mode 0600), a
+//! `custosd.toml`, and the SQLite store. Running it again on the same
+//! directory reuses all of it.
+//!
+//! SoftHSM finds its configuration only through the `SOFTHSM2_CONF`
+//! environment variable, read when the module initializes. Setting it in a
+//! running process is unsound, so dev mode prepares the directory and then
+//! re-executes `custosd` with the variable set.
+
+use std::ffi::OsString;
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use zeroize::Zeroizing;
+
+use crate::config::{Config, ConfigError};
+use crate::hsm::{self, HsmError};
+use crate::secret::Pin;
+
+/// Debian's SoftHSMv2 module, the dev-mode default.
+pub const DEFAULT_SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+/// The dev token's label.
+pub const DEV_TOKEN_LABEL: &str = "custos-dev";
+/// The dev listener when none is given.
+pub const DEFAULT_DEV_LISTEN: &str = "127.0.0.1:50051";
+
+/// Files dev mode creates under its data directory.
+#[derive(Debug, Clone, Serialize)]
+pub struct DevPaths {
+    /// The data directory.
+    pub data_dir: PathBuf,
+    /// SoftHSM configuration (pass as `SOFTHSM2_CONF`).
+    pub softhsm2_conf: PathBuf,
+    /// SoftHSM token directory.
+    pub token_dir: PathBuf,
+    /// Generated `custosd` configuration.
+    pub config: PathBuf,
+    /// The user PIN file (0600).
+    pub user_pin_file: PathBuf,
+    /// The security-officer PIN file (0600).
+    pub so_pin_file: PathBuf,
+    /// The SQLite store.
+    pub store: PathBuf,
+}
+
+impl DevPaths {
+    /// Paths under `data_dir`, which should be absolute.
+    pub fn new(data_dir: &Path) -> Self {
+        Self {
+            data_dir: data_dir.to_path_buf(),
+            softhsm2_conf: data_dir.join("softhsm2.conf"),
+            token_dir: data_dir.join("tokens"),
+            config: data_dir.join("custosd.toml"),
+            user_pin_file: data_dir.join("user.pin"),
+            so_pin_file: data_dir.join("so.pin"),
+            store: data_dir.join("custos.db"),
+        }
+    }
+}
+
+/// The one JSON line dev mode prints on stdout once it is listening.
+#[derive(Debug, Clone, Serialize)]
+pub struct DevReady {
+    /// Always `custosd.dev.ready`.
+    pub event: &'static str,
+    /// The bound address.
+    pub listen: SocketAddr,
+    /// gRPC endpoint URL for clients.
+    pub endpoint: String,
+    /// The PKCS#11 module in use.
+    pub module: PathBuf,
+    /// The token label.
+    pub token_label: &'static str,
+    /// Everything created.
+    #[serde(flatten)]
+    pub paths: DevPaths,
+}
+
+/// A dev-mode setup failure.
+#[derive(Debug, thiserror::Error)]
+pub enum DevError {
+    /// The PKCS#11 module is not there.
+    #[error("PKCS#11 module {0} not found; install SoftHSMv2 (apt-get install softhsm2) or pass --module")]
+    ModuleMissing(PathBuf),
+    /// Dev mode serves plaintext, so only on loopback.
+    #[error("--dev listens in plaintext and only on loopback; {0} is not a loopback address")]
+    NotLoopback(SocketAddr),
+    /// A file could not be written.
+    #[error("cannot create {path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The failure.
+        source: std::io::Error,
+    },
+    /// The token could not be created.
+    #[error("creating the dev token: {0}")]
+    Hsm(#[from] HsmError),
+    /// The generated or existing config is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Re-executing custosd failed.
+    #[error("cannot re-execute custosd with SOFTHSM2_CONF set: {0}")]
+    Exec(std::io::Error),
+}
+
+/// Phase one, in the process the user started: creates the directory and the
+/// SoftHSM configuration, then re-executes custosd with `SOFTHSM2_CONF`
+/// pointing at it. Returns only on failure, or `Ok` if already re-executed.
+pub fn reexec_with_softhsm_conf(
+    paths: &DevPaths,
+    module: &Path,
+    extra_args: &[OsString],
+) -> Result<(), DevError> {
+    if !module.exists() {
+        return Err(DevError::ModuleMissing(module.to_path_buf()));
+    }
+    if std::env::var_os("SOFTHSM2_CONF").as_deref() == Some(paths.softhsm2_conf.as_os_str()) {
+        return Ok(());
+    }
+    create_dir(&paths.data_dir)?;
+    create_dir(&paths.token_dir)?;
+    if !paths.softhsm2_conf.exists() {
+        let conf = format!(
+            "# SoftHSMv2 configuration written by custosd --dev.\n\
+             directories.tokendir = {}\n\
+             objectstore.backend = file\n\
+             log.level = ERROR\n\
+             slots.removable = false\n",
+            paths.token_dir.display()
+        );
+        write_new(&paths.softhsm2_conf, conf.as_bytes(), 0o644)?;
+    }
+    let exe = std::env::current_exe().map_err(DevError::Exec)?;
+    let error = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .args(extra_args)
+        .env("SOFTHSM2_CONF", &paths.softhsm2_conf)
+        .exec();
+    Err(DevError::Exec(error))
+}
+
+/// Phase two, with `SOFTHSM2_CONF` set: creates the token, PINs and config on
+/// first use, and returns the configuration to serve with.
+pub fn prepare(paths: &DevPaths, module: &Path, listen: Option<SocketAddr>) -> Result<Config, DevError> {
+    if !paths.config.exists() {
+        let user_pin = random_pin()?;
+        let so_pin = random_pin()?;
+        write_new(&paths.user_pin_file, user_pin.expose().as_bytes(), 0o600)?;
+        write_new(&paths.so_pin_file, so_pin.expose().as_bytes(), 0o600)?;
+        hsm::init_token(module, DEV_TOKEN_LABEL, &so_pin, &user_pin)?;
+        let config = format!(
+            "# custosd configuration written by custosd --dev. See hsm-config/custosd.example.toml.\n\
+             [server]\n\
+             listen = \"{DEFAULT_DEV_LISTEN}\"\n\
+             log_format = \"text\"\n\n\
+             [hsm]\n\
+             module = \"{}\"\n\
+             token_label = \"{DEV_TOKEN_LABEL}\"\n\
+             pin_file = \"{}\"\n\
+             sessions = 4\n\n\
+             [store]\n\
+             path = \"{}\"\n\n\
+             [bitcoin]\n\
+             network = \"regtest\"\n",
+            module.display(),
+            paths.user_pin_file.display(),
+            paths.store.display()
+        );
+        write_new(&paths.config, config.as_bytes(), 0o600)?;
+    }
+    let mut config = Config::load(&paths.config)?;
+    if let Some(listen) = listen {
+        config.server.listen = listen;
+    }
+    if !config.server.listen.ip().is_loopback() {
+        return Err(DevError::NotLoopback(config.server.listen));
+    }
+    Ok(config)
+}
+
+/// A fresh data directory under the system temp dir, for `--dev` without `--data-dir`.
+pub fn fresh_data_dir() -> Result<PathBuf, DevError> {
+    let mut suffix = [0u8; 6];
+    getrandom::fill(&mut suffix).map_err(|e| DevError::Io {
+        path: std::env::temp_dir(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    Ok(std::env::temp_dir().join(format!("custos-dev-{}", hex::encode(suffix))))
+}
+
+fn random_pin() -> Result<Pin, DevError> {
+    let mut bytes = Zeroizing::new([0u8; 12]);
+    getrandom::fill(&mut bytes[..]).map_err(|e| DevError::Io {
+        path: PathBuf::from("<random>"),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    Ok(Pin::from_generated(Zeroizing::new(hex::encode(&bytes[..]))))
+}
+
+fn create_dir(path: &Path) -> Result<(), DevError> {
+    fs::create_dir_all(path).map_err(|source| DevError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), DevError> {
+    let io = |source| DevError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(io)?;
+    file.write_all(contents).map_err(io)?;
+    file.sync_all().map_err(io)
+}

@@ -1,0 +1,419 @@
+//! The HSM adapter: the only module that talks PKCS#11.
+//!
+//! It owns the cryptoki context, one logged-in *anchor* session that is never
+//! closed while the adapter lives (closing a token's last session logs the
+//! application out; SoftHSM issue #464), a fixed pool of worker sessions, and a
+//! cache of key handles and public keys so that no signature pays for a lookup.
+//!
+//! Every PKCS#11 call runs on tokio's blocking pool. A call that fails because
+//! the session or login was lost (`CKR_SESSION_HANDLE_INVALID`,
+//! `CKR_SESSION_CLOSED`, `CKR_USER_NOT_LOGGED_IN`, `CKR_DEVICE_REMOVED`,
+//! `CKR_TOKEN_NOT_PRESENT`) is retried once after reopening and logging in
+//! again; if the retry fails too, the call fails closed with
+//! [`HsmError::Unavailable`]. A stale key handle is re-resolved by CKA_ID, and
+//! the key found must have the public key cached for it, so a substituted key
+//! is never used.
+
+mod error;
+mod keys;
+mod token;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+
+use cryptoki::context::Pkcs11;
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, ObjectHandle};
+use cryptoki::session::Session;
+use cryptoki::slot::Slot;
+use tokio::sync::Semaphore;
+
+pub use error::HsmError;
+pub use keys::{
+    KEY_ID_LEN, KeyAttributes, SECP256K1_EC_PARAMS, check_private_key_attributes, sec1_from_ec_point,
+};
+pub use token::init_token;
+
+use crate::config::{HsmConfig, TokenSelector};
+use crate::secret::Pin;
+
+/// The CKA_ID of a key pair: random bytes from the token's RNG.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct KeyId(Vec<u8>);
+
+impl KeyId {
+    /// Wraps stored CKA_ID bytes.
+    pub fn from_bytes(bytes: Vec<u8>) -> Self {
+        Self(bytes)
+    }
+
+    /// The CKA_ID bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyId({})", hex::encode(&self.0))
+    }
+}
+
+impl fmt::Display for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(&self.0))
+    }
+}
+
+/// A key pair freshly generated on the token.
+#[derive(Debug, Clone)]
+pub struct GeneratedKey {
+    /// CKA_ID shared by the private and public key objects.
+    pub id: KeyId,
+    /// CKA_LABEL shared by both objects.
+    pub label: String,
+    /// SEC1 public key as read from CKA_EC_POINT.
+    pub public_key: Vec<u8>,
+    /// Security attributes read back from the private key.
+    pub attributes: KeyAttributes,
+}
+
+/// A key pair found on the token and checked.
+#[derive(Debug, Clone)]
+pub struct LoadedKey {
+    /// SEC1 public key as read from CKA_EC_POINT.
+    pub public_key: Vec<u8>,
+    /// Security attributes read back from the private key.
+    pub attributes: KeyAttributes,
+}
+
+#[derive(Debug, Clone)]
+struct CachedKey {
+    private: ObjectHandle,
+    public_key: Vec<u8>,
+}
+
+/// A logged-in PKCS#11 token with a fixed pool of sessions.
+///
+/// Cloning is cheap and shares the pool.
+#[derive(Clone)]
+pub struct Hsm {
+    inner: Arc<Inner>,
+    permits: Arc<Semaphore>,
+}
+
+struct Inner {
+    pkcs11: Pkcs11,
+    selector: TokenSelector,
+    pin: Pin,
+    slot: Mutex<Slot>,
+    // Declared before `idle` so that on drop the workers close after it; while
+    // running, it is replaced only after a new anchor is logged in.
+    anchor: Mutex<Option<Session>>,
+    idle: Mutex<Vec<Session>>,
+    keys: RwLock<HashMap<KeyId, CachedKey>>,
+}
+
+impl fmt::Debug for Hsm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Hsm")
+            .field("token", &self.inner.selector)
+            .field("sessions", &self.permits.available_permits())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Hsm {
+    /// Loads the module, finds the token, logs in, and opens the session pool.
+    pub async fn open(config: &HsmConfig, pin: Pin) -> Result<Self, HsmError> {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || Self::open_blocking(&config, pin))
+            .await
+            .map_err(|_| HsmError::Worker)?
+    }
+
+    /// The blocking body of [`Hsm::open`], for callers outside a runtime.
+    pub fn open_blocking(config: &HsmConfig, pin: Pin) -> Result<Self, HsmError> {
+        let pkcs11 = token::load_module(&config.module)?;
+        let slot = token::find_slot(&pkcs11, &config.token)?;
+        let anchor = open_session(&pkcs11, slot)?;
+        token::login(&anchor, &pin)?;
+        let sessions = config.sessions.get();
+        let idle = (0..sessions)
+            .map(|_| open_session(&pkcs11, slot))
+            .collect::<Result<Vec<_>, _>>()?;
+        tracing::info!(slot = slot.id(), sessions, "HSM token opened and logged in");
+        Ok(Self {
+            inner: Arc::new(Inner {
+                pkcs11,
+                selector: config.token.clone(),
+                pin,
+                slot: Mutex::new(slot),
+                anchor: Mutex::new(Some(anchor)),
+                idle: Mutex::new(idle),
+                keys: RwLock::new(HashMap::new()),
+            }),
+            permits: Arc::new(Semaphore::new(sessions)),
+        })
+    }
+
+    /// Generates a secp256k1 key pair inside the token, reads its attributes
+    /// back, and caches it. A key that fails the read-back is destroyed.
+    ///
+    /// The CKA_LABEL is `label_base` followed by `-` and the first 8 hex digits
+    /// of the random CKA_ID, so a key orphaned by a crash never blocks a retry.
+    pub async fn generate_secp256k1(&self, label_base: &str) -> Result<GeneratedKey, HsmError> {
+        let label_base = label_base.to_owned();
+        self.execute(move |inner, session| inner.generate_secp256k1(session, &label_base))
+            .await
+    }
+
+    /// Destroys both objects of a key pair and forgets its cached handle.
+    pub async fn destroy_key(&self, id: &KeyId) -> Result<(), HsmError> {
+        let id = id.clone();
+        self.execute(move |inner, session| {
+            let (private, public) = keys::find_pair(session, id.as_bytes())?;
+            for object in [private, public] {
+                session
+                    .destroy_object(object)
+                    .map_err(|e| HsmError::from_cryptoki("destroy key", e))?;
+            }
+            write(&inner.keys).remove(&id);
+            Ok(())
+        })
+        .await
+    }
+
+    /// Finds a key pair by CKA_ID, checks its attributes, and caches it.
+    pub async fn load_key(&self, id: &KeyId) -> Result<LoadedKey, HsmError> {
+        let id = id.clone();
+        self.execute(move |inner, session| inner.load_key(session, &id))
+            .await
+    }
+
+    /// Signs a 32-byte digest with `CKM_ECDSA` and returns the token's raw
+    /// `r || s`. The key must have been generated or loaded first.
+    ///
+    /// This is deliberately crate-private in spirit: the only callers are the
+    /// wallet registry's signing path, which receives digests computed by
+    /// custos from transactions it parsed.
+    pub async fn sign_ecdsa_prehash(&self, id: &KeyId, digest: [u8; 32]) -> Result<Vec<u8>, HsmError> {
+        let id = id.clone();
+        self.execute(move |inner, session| inner.sign(session, &id, &digest))
+            .await
+    }
+
+    /// The public key cached for a key id, if it was generated or loaded.
+    pub fn cached_public_key(&self, id: &KeyId) -> Option<Vec<u8>> {
+        read(&self.inner.keys).get(id).map(|k| k.public_key.clone())
+    }
+
+    /// The PKCS#11 slot in use (for diagnostics).
+    pub fn slot_id(&self) -> u64 {
+        lock(&self.inner.slot).id()
+    }
+
+    /// Runs `op` on a pooled session on the blocking pool, with one recovery
+    /// attempt on session loss.
+    async fn execute<T, F>(&self, op: F) -> Result<T, HsmError>
+    where
+        T: Send + 'static,
+        F: Fn(&Inner, &Session) -> Result<T, HsmError> + Send + 'static,
+    {
+        let _permit = self.permits.acquire().await.map_err(|_| HsmError::Worker)?;
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || inner.execute_blocking(&op))
+            .await
+            .map_err(|_| HsmError::Worker)?
+    }
+}
+
+impl Inner {
+    fn execute_blocking<T>(
+        &self,
+        op: &dyn Fn(&Inner, &Session) -> Result<T, HsmError>,
+    ) -> Result<T, HsmError> {
+        let first = self.take_session().and_then(|session| {
+            let result = op(self, &session);
+            if !matches!(&result, Err(e) if e.is_session_loss()) {
+                self.return_session(session);
+            }
+            result
+        });
+        match first {
+            Err(lost) if lost.is_session_loss() => {
+                tracing::warn!(error = %lost, "HSM session lost; reopening and retrying once");
+                let retry = self.recover().and_then(|()| {
+                    let session = self.take_session()?;
+                    let result = op(self, &session);
+                    self.return_session(session);
+                    result
+                });
+                retry.map_err(|e| {
+                    tracing::error!(error = %e, "HSM retry failed; failing closed");
+                    HsmError::Unavailable(Box::new(e))
+                })
+            }
+            other => other,
+        }
+    }
+
+    fn take_session(&self) -> Result<Session, HsmError> {
+        if let Some(session) = lock(&self.idle).pop() {
+            return Ok(session);
+        }
+        open_session(&self.pkcs11, *lock(&self.slot))
+    }
+
+    fn return_session(&self, session: Session) {
+        lock(&self.idle).push(session);
+    }
+
+    /// Re-finds the token, opens and logs in a new anchor, then drops the old
+    /// anchor and every idle session. The new anchor is open before anything
+    /// is closed, so the token never loses its last session.
+    fn recover(&self) -> Result<(), HsmError> {
+        let mut anchor = lock(&self.anchor);
+        let slot = token::find_slot(&self.pkcs11, &self.selector)?;
+        let fresh = open_session(&self.pkcs11, slot)?;
+        token::login(&fresh, &self.pin)?;
+        *lock(&self.slot) = slot;
+        let stale_idle = std::mem::take(&mut *lock(&self.idle));
+        let stale_anchor = anchor.replace(fresh);
+        drop(stale_idle);
+        drop(stale_anchor);
+        tracing::info!(slot = slot.id(), "HSM session recovered");
+        Ok(())
+    }
+
+    fn generate_secp256k1(&self, session: &Session, label_base: &str) -> Result<GeneratedKey, HsmError> {
+        let id = session
+            .generate_random_vec(KEY_ID_LEN as u32)
+            .map_err(|e| HsmError::from_cryptoki("generate key id", e))?;
+        if id.len() != KEY_ID_LEN {
+            return Err(HsmError::Malformed("C_GenerateRandom output length"));
+        }
+        let label = &format!("{label_base}-{}", hex::encode(&id[..4]));
+        let taken = session
+            .find_objects(&[Attribute::Label(label.as_bytes().to_vec())])
+            .map_err(|e| HsmError::from_cryptoki("find key by label", e))?;
+        if !taken.is_empty() {
+            return Err(HsmError::KeyRefused {
+                label: label.to_owned(),
+                attribute: "CKA_LABEL",
+                actual: "already used on the token".into(),
+                required: "unique",
+            });
+        }
+        let (public_template, private_template) = keys::secp256k1_templates(label, &id);
+        let (public, private) = session
+            .generate_key_pair(&keys::keygen_mechanism(), &public_template, &private_template)
+            .map_err(|e| HsmError::from_cryptoki("generate key pair", e))?;
+        let checked = keys::read_back(session, label, private)
+            .and_then(|attributes| Ok((attributes, keys::read_ec_point(session, public)?)));
+        let (attributes, public_key) = match checked {
+            Ok(ok) => ok,
+            Err(refusal) => {
+                tracing::error!(%label, error = %refusal, "generated key refused; destroying it");
+                for object in [private, public] {
+                    if let Err(e) = session.destroy_object(object) {
+                        tracing::error!(%label, error = %HsmError::from_cryptoki("destroy refused key", e), "could not destroy refused key");
+                    }
+                }
+                return Err(refusal);
+            }
+        };
+        let id = KeyId(id);
+        write(&self.keys).insert(
+            id.clone(),
+            CachedKey {
+                private,
+                public_key: public_key.clone(),
+            },
+        );
+        Ok(GeneratedKey {
+            id,
+            label: label.to_owned(),
+            public_key,
+            attributes,
+        })
+    }
+
+    fn load_key(&self, session: &Session, id: &KeyId) -> Result<LoadedKey, HsmError> {
+        let (private, public) = keys::find_pair(session, id.as_bytes())?;
+        let label = hex::encode(id.as_bytes());
+        let attributes = keys::read_back(session, &label, private)?;
+        let public_key = keys::read_ec_point(session, public)?;
+        self.cache_checked(id, private, &public_key)?;
+        Ok(LoadedKey {
+            public_key,
+            attributes,
+        })
+    }
+
+    /// Caches a handle, refusing one whose public key differs from the one
+    /// already cached for this id.
+    fn cache_checked(&self, id: &KeyId, private: ObjectHandle, public_key: &[u8]) -> Result<(), HsmError> {
+        let mut keys = write(&self.keys);
+        if let Some(known) = keys.get(id) {
+            if known.public_key != public_key {
+                tracing::error!(key_id = %id, "key on token differs from the cached public key; refusing it");
+                return Err(HsmError::KeyMismatch(id.to_string()));
+            }
+        }
+        keys.insert(
+            id.clone(),
+            CachedKey {
+                private,
+                public_key: public_key.to_vec(),
+            },
+        );
+        Ok(())
+    }
+
+    fn sign(&self, session: &Session, id: &KeyId, digest: &[u8; 32]) -> Result<Vec<u8>, HsmError> {
+        let handle = read(&self.keys)
+            .get(id)
+            .map(|k| k.private)
+            .ok_or_else(|| HsmError::KeyMissing(id.to_string()))?;
+        match sign_raw(session, handle, digest) {
+            Err(e) if e.is_stale_handle() => {
+                tracing::warn!(key_id = %id, error = %e, "stale key handle; re-resolving by CKA_ID");
+                let (private, public) = keys::find_pair(session, id.as_bytes())?;
+                let label = id.to_string();
+                keys::read_back(session, &label, private)?;
+                let public_key = keys::read_ec_point(session, public)?;
+                self.cache_checked(id, private, &public_key)?;
+                sign_raw(session, private, digest)
+            }
+            other => other,
+        }
+    }
+}
+
+fn sign_raw(session: &Session, key: ObjectHandle, digest: &[u8; 32]) -> Result<Vec<u8>, HsmError> {
+    session
+        .sign(&Mechanism::Ecdsa, key, digest)
+        .map_err(|e| HsmError::from_cryptoki("sign", e))
+}
+
+fn open_session(pkcs11: &Pkcs11, slot: Slot) -> Result<Session, HsmError> {
+    pkcs11
+        .open_rw_session(slot)
+        .map_err(|e| HsmError::from_cryptoki("open session", e))
+}
+
+// A poisoned lock means a worker panicked mid-call; the guarded data (a
+// session list, a slot id, a handle cache) stays consistent, so keep going.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(PoisonError::into_inner)
+}

@@ -1,0 +1,42 @@
+//! custos: a custody signing service whose withdrawal keys live only inside a PKCS#11 HSM.
+//!
+//! # Layout
+//!
+//! Data flows one way, from the gRPC edge through pure domain code to the HSM:
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`api`] | the only code that knows prost types: `TryFrom` conversions, gRPC services, the error-to-`Status` mapping |
+//! | [`server`] | `server::run(listener, shutdown)`: wiring, health, reflection, graceful shutdown |
+//! | [`config`] | the TOML configuration, parsed into validated types (unknown fields rejected) |
+//! | [`dev`] | `custosd --dev`: a fresh SoftHSM token, config and store under one directory |
+//! | [`hsm`] | cryptoki: token discovery, login, session pool, key generation with read-back, raw signing |
+//! | [`signature`] | secp256k1 post-processing of HSM output: low-S, recovery id, verification |
+//! | [`address`] | Ethereum (EIP-55) and Bitcoin (P2WPKH) addresses from a public key |
+//! | [`wallet`] | the wallet registry: creating HSM keys, caching them, signing digests with them |
+//! | [`store`] | SQLite persistence with versioned migrations |
+//! | [`secret`] | the HSM PIN in a zeroizing type with redacted `Debug` |
+//! | [`telemetry`] | tracing subscriber setup (text or JSON) |
+//!
+//! See `docs/ARCHITECTURE.md` for the invariants each module upholds.
+
+pub mod address;
+pub mod api;
+pub mod config;
+pub mod dev;
+pub mod hsm;
+pub mod secret;
+pub mod server;
+pub mod signature;
+pub mod store;
+pub mod telemetry;
+pub mod wallet;
+
+/// Generated protobuf and gRPC code for `custos.v1`.
+#[allow(missing_docs, clippy::all, clippy::unwrap_used, clippy::expect_used)]
+pub mod proto {
+    tonic::include_proto!("custos.v1");
+
+    /// Encoded `FileDescriptorSet` of every custos proto, served by gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/custos_descriptor.bin"));
+}

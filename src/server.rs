@@ -1,0 +1,142 @@
+//! Serving: opening the HSM and store, wiring the gRPC services, health and
+//! reflection onto a listener, and shutting down gracefully.
+//!
+//! [`App::open`] does everything that can fail at startup, in an order that
+//! leaves nothing half-created: the PIN and the HSM first, the store only once
+//! the token is logged in. [`run`] is what `custosd` and the tests call.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::api::WalletApi;
+use crate::config::Config;
+use crate::hsm::{Hsm, HsmError};
+use crate::proto::wallet_service_server::WalletServiceServer;
+use crate::secret::{Pin, SecretError};
+use crate::store::{Store, StoreError};
+use crate::wallet::{WalletError, Wallets};
+
+/// Largest request message accepted, in bytes. Unsigned transactions and
+/// PSBTs of realistic size fit with room to spare.
+pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+/// Largest response message sent, in bytes.
+pub const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The PIN could not be loaded.
+    #[error("HSM PIN: {0}")]
+    Pin(#[from] SecretError),
+    /// The HSM could not be opened.
+    #[error("HSM: {0}")]
+    Hsm(#[from] HsmError),
+    /// The store could not be opened.
+    #[error("store {path}: {source}")]
+    Store {
+        /// Database path.
+        path: String,
+        /// The failure.
+        source: StoreError,
+    },
+    /// Wallets could not be loaded.
+    #[error("wallets: {0}")]
+    Wallets(#[from] WalletError),
+    /// gRPC reflection could not be built from the descriptors.
+    #[error("reflection: {0}")]
+    Reflection(String),
+    /// The transport failed.
+    #[error("gRPC transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Everything the services need, opened and checked.
+#[derive(Debug, Clone)]
+pub struct App {
+    /// The wallet registry.
+    pub wallets: Arc<Wallets>,
+    /// The HSM (shared with the registry).
+    pub hsm: Hsm,
+}
+
+impl App {
+    /// Opens the HSM, then the store, then loads the wallets.
+    pub async fn open(config: &Config) -> Result<Self, ServerError> {
+        let pin = Pin::load(&config.hsm.pin)?;
+        let hsm = Hsm::open(&config.hsm, pin).await?;
+        let path = config.store.path.clone();
+        let store = tokio::task::spawn_blocking(move || Store::open(&path))
+            .await
+            .map_err(|_| WalletError::Worker)?
+            .map_err(|source| ServerError::Store {
+                path: config.store.path.display().to_string(),
+                source,
+            })?;
+        let wallets = Wallets::open(hsm.clone(), Arc::new(store), config.chains.bitcoin_network).await?;
+        Ok(Self {
+            wallets: Arc::new(wallets),
+            hsm,
+        })
+    }
+}
+
+/// Serves custos on `listener` until `shutdown` completes, then drains
+/// in-flight requests and returns.
+pub async fn run(
+    listener: TcpListener,
+    app: App,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
+    let wallet_service = WalletServiceServer::new(WalletApi::new(Arc::clone(&app.wallets)))
+        .max_decoding_message_size(MAX_REQUEST_BYTES)
+        .max_encoding_message_size(MAX_RESPONSE_BYTES);
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<WalletServiceServer<WalletApi>>()
+        .await;
+    health_reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServerError::Reflection(e.to_string()))?;
+
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "custosd serving");
+    }
+    let result = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(wallet_service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            shutdown.await;
+            tracing::info!("shutdown requested; draining in-flight requests");
+            health_reporter
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+        })
+        .await;
+    tracing::info!("custosd stopped");
+    Ok(result?)
+}
+
+/// Completes on the first SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        tracing::error!("cannot install signal handlers; stop custosd with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}

@@ -1,0 +1,312 @@
+//! Durable state in SQLite: WAL journal, `synchronous=FULL`, versioned migrations.
+//!
+//! The store owns the schema and every SQL statement. Uniqueness is enforced by
+//! constraints, not only by checks in code. Callers run these blocking methods
+//! off the async runtime.
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
+
+use crate::hsm::KeyAttributes;
+
+/// Schema migrations, applied in order. `PRAGMA user_version` records how many ran.
+const MIGRATIONS: &[&str] = &[
+    // 1: wallets, one row per HSM key pair.
+    "CREATE TABLE wallets (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        wallet_id TEXT NOT NULL UNIQUE,
+        display_name TEXT NOT NULL,
+        key_label TEXT NOT NULL UNIQUE,
+        key_id BLOB NOT NULL UNIQUE,
+        public_key BLOB NOT NULL UNIQUE,
+        attributes TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    ) STRICT;",
+];
+
+/// A store failure. Messages carry no secrets (the store holds none).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A uniqueness constraint refused the write.
+    #[error("{0} already exists")]
+    Conflict(&'static str),
+    /// The database was written by a newer custos.
+    #[error("database schema version {found} is newer than this custos ({supported})")]
+    TooNew {
+        /// Version in the file.
+        found: usize,
+        /// Highest version this build knows.
+        supported: usize,
+    },
+    /// SQLite reported an error.
+    #[error("SQLite error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A stored row does not decode.
+    #[error("corrupt row in {table}: {reason}")]
+    Corrupt {
+        /// The table.
+        table: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// A wallet as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WalletRecord {
+    /// Insertion order, used for paging.
+    pub seq: i64,
+    /// `wallet_id` from `wallets/{wallet_id}`.
+    pub wallet_id: String,
+    /// Label for people.
+    pub display_name: String,
+    /// CKA_LABEL of both key objects.
+    pub key_label: String,
+    /// CKA_ID of both key objects.
+    pub key_id: Vec<u8>,
+    /// SEC1 compressed public key (33 bytes).
+    pub public_key: Vec<u8>,
+    /// Attributes read back when the key was generated.
+    pub attributes: KeyAttributes,
+    /// Unix seconds.
+    pub created_at: i64,
+}
+
+/// The SQLite store.
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the database and applies pending migrations.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let store = Self {
+            conn: Mutex::new(conn),
+        };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn migrate(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let version: usize = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+        if version > MIGRATIONS.len() {
+            return Err(StoreError::TooNew {
+                found: version,
+                supported: MIGRATIONS.len(),
+            });
+        }
+        for (index, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+            let tx = conn.transaction()?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", index + 1)?;
+            tx.commit()?;
+            tracing::info!(version = index + 1, "store migrated");
+        }
+        Ok(())
+    }
+
+    /// Inserts a wallet; [`StoreError::Conflict`] if its id, label, key id or
+    /// public key is already registered.
+    pub fn insert_wallet(&self, wallet: &WalletRecord) -> Result<i64, StoreError> {
+        let attributes = serde_json::to_string(&wallet.attributes).map_err(|e| StoreError::Corrupt {
+            table: "wallets",
+            reason: e.to_string(),
+        })?;
+        let conn = self.conn();
+        let inserted = conn.execute(
+            "INSERT INTO wallets (wallet_id, display_name, key_label, key_id, public_key, attributes, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                wallet.wallet_id,
+                wallet.display_name,
+                wallet.key_label,
+                wallet.key_id,
+                wallet.public_key,
+                attributes,
+                wallet.created_at
+            ],
+        );
+        match inserted {
+            Ok(_) => Ok(conn.last_insert_rowid()),
+            Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == ErrorCode::ConstraintViolation => {
+                Err(StoreError::Conflict("wallet"))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// One wallet by id.
+    pub fn wallet(&self, wallet_id: &str) -> Result<Option<WalletRecord>, StoreError> {
+        self.conn()
+            .query_row(
+                &format!("{SELECT_WALLET} WHERE wallet_id = ?1"),
+                [wallet_id],
+                wallet_row,
+            )
+            .optional()?
+            .transpose()
+    }
+
+    /// Up to `limit` wallets with `seq > after`, in creation order.
+    pub fn wallets_after(&self, after: i64, limit: usize) -> Result<Vec<WalletRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare_cached(&format!("{SELECT_WALLET} WHERE seq > ?1 ORDER BY seq LIMIT ?2"))?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = stmt.query_map(params![after, limit], wallet_row)?;
+        rows.map(|row| row?).collect()
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the connection cannot leave a transaction
+        // half-applied (SQLite rolls back an unfinished one), so continue.
+        self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+const SELECT_WALLET: &str =
+    "SELECT seq, wallet_id, display_name, key_label, key_id, public_key, attributes, created_at FROM wallets";
+
+fn wallet_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<WalletRecord, StoreError>> {
+    let attributes: String = row.get(6)?;
+    let attributes = match serde_json::from_str::<StoredAttributes>(&attributes) {
+        Ok(a) => a.into(),
+        Err(e) => {
+            return Ok(Err(StoreError::Corrupt {
+                table: "wallets",
+                reason: format!("attributes: {e}"),
+            }));
+        }
+    };
+    Ok(Ok(WalletRecord {
+        seq: row.get(0)?,
+        wallet_id: row.get(1)?,
+        display_name: row.get(2)?,
+        key_label: row.get(3)?,
+        key_id: row.get(4)?,
+        public_key: row.get(5)?,
+        attributes,
+        created_at: row.get(7)?,
+    }))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoredAttributes {
+    token: bool,
+    private: bool,
+    sensitive: bool,
+    extractable: bool,
+    always_sensitive: bool,
+    never_extractable: bool,
+}
+
+impl From<StoredAttributes> for KeyAttributes {
+    fn from(a: StoredAttributes) -> Self {
+        KeyAttributes {
+            token: a.token,
+            private: a.private,
+            sensitive: a.sensitive,
+            extractable: a.extractable,
+            always_sensitive: a.always_sensitive,
+            never_extractable: a.never_extractable,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str, key: u8) -> WalletRecord {
+        WalletRecord {
+            seq: 0,
+            wallet_id: id.into(),
+            display_name: "d".into(),
+            key_label: format!("label-{id}"),
+            key_id: vec![key; 16],
+            public_key: vec![key; 33],
+            attributes: KeyAttributes {
+                token: true,
+                private: true,
+                sensitive: true,
+                extractable: false,
+                always_sensitive: true,
+                never_extractable: true,
+            },
+            created_at: 1,
+        }
+    }
+
+    #[test]
+    fn wallets_round_trip_and_are_unique() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("c.db")).unwrap();
+        let seq = store.insert_wallet(&record("a", 1)).unwrap();
+        let got = store.wallet("a").unwrap().unwrap();
+        assert_eq!(
+            got,
+            WalletRecord {
+                seq,
+                ..record("a", 1)
+            }
+        );
+        assert!(matches!(
+            store.insert_wallet(&record("a", 2)),
+            Err(StoreError::Conflict(_))
+        ));
+        // Same key under another id is refused by the constraint too.
+        assert!(matches!(
+            store.insert_wallet(&record("b", 1)),
+            Err(StoreError::Conflict(_))
+        ));
+        store.insert_wallet(&record("c", 3)).unwrap();
+        let page = store.wallets_after(seq, 10).unwrap();
+        assert_eq!(
+            page.iter().map(|w| w.wallet_id.as_str()).collect::<Vec<_>>(),
+            ["c"]
+        );
+        assert!(store.wallet("zz").unwrap().is_none());
+    }
+
+    #[test]
+    fn reopen_keeps_data_and_does_not_rerun_migrations() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        Store::open(&path)
+            .unwrap()
+            .insert_wallet(&record("a", 1))
+            .unwrap();
+        let store = Store::open(&path).unwrap();
+        assert!(store.wallet("a").unwrap().is_some());
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        drop(Store::open(&path).unwrap());
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", 99)
+            .unwrap();
+        assert!(matches!(
+            Store::open(&path),
+            Err(StoreError::TooNew { found: 99, .. })
+        ));
+    }
+}

@@ -1,0 +1,20 @@
+//! Structured logging: tracing-subscriber to stderr, as text or JSON lines.
+//!
+//! `RUST_LOG` overrides the default filter (`info`). Stdout is left to the
+//! programs' own output (dev mode's ready line, CLI results).
+
+use tracing_subscriber::EnvFilter;
+
+use crate::config::LogFormat;
+
+/// Installs the global subscriber. Calling it twice is harmless.
+pub fn init(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _already_set = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
