@@ -301,4 +301,19 @@ mod tests {
         let net = VALID.replace("\"regtest\"", "\"dogecoin\"");
         assert!(Config::parse(&net).unwrap_err().to_string().contains("dogecoin"));
     }
+
+    #[test]
+    fn shipped_examples_parse() {
+        Config::parse(include_str!("../hsm-config/custosd.example.toml")).unwrap();
+        let rest = "[server]\nlisten = \"127.0.0.1:0\"\n[store]\npath = \"/tmp/c.db\"\n";
+        for vendor in [
+            include_str!("../hsm-config/thales-luna.toml"),
+            include_str!("../hsm-config/entrust-nshield.toml"),
+            include_str!("../hsm-config/aws-cloudhsm.toml"),
+            include_str!("../hsm-config/yubihsm2.toml"),
+        ] {
+            let config = Config::parse(&format!("{rest}{vendor}")).unwrap();
+            assert!(config.hsm.module.is_absolute());
+        }
+    }
 }

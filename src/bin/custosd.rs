@@ -95,6 +95,7 @@ fn serve(config: Config, dev: Option<(DevPaths, PathBuf)>) -> Result<(), String>
         .build()
         .map_err(|e| format!("tokio runtime: {e}"))?;
     runtime.block_on(async move {
+        let shutdown = server::shutdown_signal();
         let app = App::open(&config).await.map_err(|e| e.to_string())?;
         let listener = tokio::net::TcpListener::bind(config.server.listen)
             .await
@@ -115,7 +116,7 @@ fn serve(config: Config, dev: Option<(DevPaths, PathBuf)>) -> Result<(), String>
                 .and_then(|()| stdout.flush())
                 .map_err(|e| e.to_string())?;
         }
-        server::run(listener, app, server::shutdown_signal())
+        server::run(listener, app, shutdown)
             .await
             .map_err(|e| e.to_string())
     })

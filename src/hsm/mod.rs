@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use cryptoki::context::Pkcs11;
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, ObjectHandle};
-use cryptoki::session::Session;
+use cryptoki::session::{Session, SessionState};
 use cryptoki::slot::Slot;
 use tokio::sync::Semaphore;
 
@@ -235,7 +235,7 @@ impl Inner {
         op: &dyn Fn(&Inner, &Session) -> Result<T, HsmError>,
     ) -> Result<T, HsmError> {
         let first = self.take_session().and_then(|session| {
-            let result = op(self, &session);
+            let result = op(self, &session).map_err(|e| reclassify_logged_out(&session, e));
             if !matches!(&result, Err(e) if e.is_session_loss()) {
                 self.return_session(session);
             }
@@ -389,6 +389,24 @@ impl Inner {
             }
             other => other,
         }
+    }
+}
+
+/// A logged-out session cannot see private objects, so the token reports a
+/// missing or invalid key handle rather than `CKR_USER_NOT_LOGGED_IN`. Such
+/// failures are re-labelled as the session loss they are, so that the
+/// executor logs in again instead of declaring the key gone.
+fn reclassify_logged_out(session: &Session, error: HsmError) -> HsmError {
+    if !(error.is_stale_handle() || matches!(error, HsmError::KeyMissing(_))) {
+        return error;
+    }
+    match session.get_session_info().map(|info| info.session_state()) {
+        Ok(SessionState::RoUser | SessionState::RwUser) => error,
+        Ok(_) => HsmError::Pkcs11 {
+            function: "C_GetSessionInfo".into(),
+            rv: cryptoki::error::RvError::UserNotLoggedIn,
+        },
+        Err(e) => HsmError::from_cryptoki("read session state", e),
     }
 }
 

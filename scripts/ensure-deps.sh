@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs what custos needs to build and run that a fresh machine may lack:
+# SoftHSMv2 (the PKCS#11 token used by dev mode and the tests). Idempotent.
+set -euo pipefail
+
+module="${TEST_PKCS11_MODULE:-/usr/lib/softhsm/libsofthsm2.so}"
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+        echo "ensure-deps: need root (or sudo) to run: $*" >&2; exit 1
+    fi
+}
+
+if [ ! -f "$module" ] || ! command -v softhsm2-util >/dev/null; then
+    if ! command -v apt-get >/dev/null; then
+        echo "ensure-deps: SoftHSMv2 is missing and this is not a Debian/Ubuntu system;" >&2
+        echo "ensure-deps: install softhsm2 with your package manager, or set TEST_PKCS11_MODULE" >&2
+        exit 1
+    fi
+    echo "ensure-deps: installing softhsm2 ..." >&2
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq softhsm2 >/dev/null
+fi
+
+if ! command -v cargo >/dev/null; then
+    echo "ensure-deps: cargo not found; custos needs a Rust toolchain >= 1.85 (https://rustup.rs)" >&2
+    exit 1
+fi

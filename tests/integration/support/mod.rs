@@ -1,0 +1,264 @@
+//! Fixtures: SoftHSM token directories, the dev server as a subprocess, and
+//! child-process isolation for in-process PKCS#11.
+
+#![allow(dead_code)]
+
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use custos::config::Config;
+use custos::secret::Pin;
+
+/// The PKCS#11 module under test: `TEST_PKCS11_MODULE` or Debian's SoftHSM.
+pub fn module_path() -> PathBuf {
+    std::env::var_os("TEST_PKCS11_MODULE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(custos::dev::DEFAULT_SOFTHSM_MODULE))
+}
+
+/// Environment variable naming the test a child process should run.
+const CHILD_ENV: &str = "CUSTOS_TEST_CHILD";
+
+/// Whether this process is the child run of `test`.
+pub fn is_child(test: &str) -> bool {
+    std::env::var(CHILD_ENV).is_ok_and(|t| t == test)
+}
+
+/// Runs the test named `test` (its path inside this binary, e.g.
+/// `signing_core::sign_many`) again in a child process with `envs` set, and
+/// asserts it passed. The child's output is shown on failure.
+pub fn run_child(test: &str, envs: &[(&str, OsString)]) -> String {
+    let exe = std::env::current_exe().expect("test binary path");
+    let output = Command::new(exe)
+        .args([
+            test,
+            "--exact",
+            "--include-ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, test)
+        .envs(envs.iter().map(|(k, v)| (*k, v)))
+        .output()
+        .expect("spawn child test process");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "child run of {test} failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
+        output.status
+    );
+    assert!(
+        stdout.contains("1 passed"),
+        "child run of {test} did not run the test:\n{stdout}"
+    );
+    format!("{stdout}\n{stderr}")
+}
+
+/// A SoftHSM configuration and token directory in a temp dir.
+pub struct SoftHsmDir {
+    pub dir: tempfile::TempDir,
+    pub conf: PathBuf,
+}
+
+impl SoftHsmDir {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let tokens = dir.path().join("tokens");
+        std::fs::create_dir(&tokens).unwrap();
+        let conf = dir.path().join("softhsm2.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
+                tokens.display()
+            ),
+        )
+        .unwrap();
+        Self { dir, conf }
+    }
+
+    /// Environment for a child process using this token directory.
+    pub fn env(&self) -> Vec<(&'static str, OsString)> {
+        vec![
+            ("SOFTHSM2_CONF", self.conf.clone().into_os_string()),
+            ("CUSTOS_TEST_DIR", self.dir.path().as_os_str().to_owned()),
+        ]
+    }
+}
+
+/// In a child process: the test directory passed by the parent.
+pub fn child_dir() -> PathBuf {
+    PathBuf::from(std::env::var_os("CUSTOS_TEST_DIR").expect("CUSTOS_TEST_DIR set by parent"))
+}
+
+pub const TEST_TOKEN_LABEL: &str = "custos-test";
+pub const TEST_USER_PIN: &str = "user-pin-1234";
+pub const TEST_SO_PIN: &str = "so-pin-5678";
+
+pub fn pin(text: &str) -> Pin {
+    Pin::from_generated(zeroize::Zeroizing::new(text.to_owned()))
+}
+
+/// In a child process: initializes the test token in `dir`'s SoftHSM and
+/// returns a config for it, with the store in `dir`.
+pub fn init_test_token(dir: &Path) -> Config {
+    custos::hsm::init_token(
+        &module_path(),
+        TEST_TOKEN_LABEL,
+        &pin(TEST_SO_PIN),
+        &pin(TEST_USER_PIN),
+    )
+    .expect("initialize test token");
+    test_config(dir)
+}
+
+/// A config for the test token, writing its PIN file (0600) if missing.
+pub fn test_config(dir: &Path) -> Config {
+    let pin_file = dir.join("user.pin");
+    if !pin_file.exists() {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&pin_file)
+            .unwrap();
+        file.write_all(TEST_USER_PIN.as_bytes()).unwrap();
+    }
+    Config::parse(&config_text(
+        &module_path(),
+        TEST_TOKEN_LABEL,
+        &pin_file,
+        &dir.join("custos.db"),
+    ))
+    .unwrap()
+}
+
+/// A custosd config file's text.
+pub fn config_text(module: &Path, token_label: &str, pin_file: &Path, store: &Path) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[hsm]\nmodule = \"{}\"\ntoken_label = \"{token_label}\"\npin_file = \"{}\"\nsessions = 4\n\n[store]\npath = \"{}\"\n\n[bitcoin]\nnetwork = \"regtest\"\n",
+        module.display(),
+        pin_file.display(),
+        store.display()
+    )
+}
+
+/// `custosd --dev` running as a subprocess.
+pub struct DevServer {
+    pub child: Child,
+    pub data_dir: PathBuf,
+    pub ready: serde_json::Value,
+    pub endpoint: String,
+    stderr_path: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+}
+
+impl DevServer {
+    /// Starts `custosd --dev` on a fresh data directory.
+    pub fn start() -> Self {
+        let temp = tempfile::tempdir().unwrap();
+        let data_dir = temp.path().join("dev");
+        let mut server = Self::start_in(&data_dir, &[]);
+        server._temp = Some(temp);
+        server
+    }
+
+    /// Starts `custosd --dev` on `data_dir` (created or reused).
+    pub fn start_in(data_dir: &Path, extra_env: &[(&str, &str)]) -> Self {
+        let stderr_path = data_dir.with_extension("stderr.log");
+        let stderr = std::fs::File::create(&stderr_path).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_custosd"))
+            .args(["--dev", "--listen", "127.0.0.1:0", "--module"])
+            .arg(module_path())
+            .arg("--data-dir")
+            .arg(data_dir)
+            .envs(extra_env.iter().copied())
+            .env_remove("SOFTHSM2_CONF")
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn custosd --dev");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        let ready: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| {
+            let _ = child.kill();
+            panic!(
+                "custosd --dev did not print its ready line ({e}): {line:?}\nstderr:\n{}",
+                std::fs::read_to_string(&stderr_path).unwrap_or_default()
+            )
+        });
+        let endpoint = ready["endpoint"].as_str().unwrap().to_owned();
+        Self {
+            child,
+            data_dir: data_dir.to_path_buf(),
+            ready,
+            endpoint,
+            stderr_path,
+            _temp: None,
+        }
+    }
+
+    /// A path from the ready line, e.g. `"softhsm2_conf"`.
+    pub fn path(&self, key: &str) -> PathBuf {
+        PathBuf::from(self.ready[key].as_str().unwrap())
+    }
+
+    /// What the server logged so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    pub async fn channel(&self) -> tonic::transport::Channel {
+        tonic::transport::Endpoint::from_shared(self.endpoint.clone())
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect to custosd")
+    }
+
+    /// Sends SIGTERM and waits for the process to exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        terminate(&mut self.child)
+    }
+}
+
+impl Drop for DevServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// SIGTERM, then wait up to 10 s for the process to exit.
+pub fn terminate(child: &mut Child) -> std::process::ExitStatus {
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "custosd did not exit within 10 s of SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A tokio runtime for a synchronous test body.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
