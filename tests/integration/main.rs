@@ -6,6 +6,8 @@
 //! tests that use PKCS#11 in-process re-run themselves as a child process of
 //! this binary with the variable set (see `support::in_child`).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 mod signing_core;
