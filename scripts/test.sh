@@ -4,5 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/ensure-deps.sh
-cargo test --all-targets "$@"
-cargo test --doc
+cargo test --lib --tests "$@"

@@ -7,6 +7,7 @@
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -14,6 +15,8 @@ use crate::secret::PinSource;
 
 /// Default number of PKCS#11 sessions in the signing pool.
 pub const DEFAULT_SESSIONS: usize = 4;
+/// Default limit on one HSM call, including the wait for a free session.
+pub const DEFAULT_HSM_CALL_TIMEOUT_MS: u64 = 10_000;
 
 /// A validated configuration.
 #[derive(Debug, Clone)]
@@ -68,6 +71,9 @@ pub struct HsmConfig {
     pub pin: PinSource,
     /// Worker sessions in the pool (one more is held open to keep the login).
     pub sessions: NonZeroUsize,
+    /// Limit on one HSM call, including the wait for a free session; past it
+    /// the request fails closed with UNAVAILABLE.
+    pub call_timeout: Duration,
 }
 
 /// Store settings.
@@ -161,6 +167,7 @@ struct RawHsm {
     pin_file: Option<PathBuf>,
     pin_env: Option<String>,
     sessions: Option<usize>,
+    call_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -203,6 +210,10 @@ impl TryFrom<RawConfig> for Config {
         let sessions = NonZeroUsize::new(raw.hsm.sessions.unwrap_or(DEFAULT_SESSIONS))
             .filter(|n| n.get() <= 256)
             .ok_or_else(|| invalid("hsm.sessions must be between 1 and 256"))?;
+        let call_timeout_ms = raw.hsm.call_timeout_ms.unwrap_or(DEFAULT_HSM_CALL_TIMEOUT_MS);
+        if !(100..=600_000).contains(&call_timeout_ms) {
+            return Err(invalid("hsm.call_timeout_ms must be between 100 and 600000"));
+        }
         let bitcoin_network = parse_bitcoin_network(&raw.bitcoin.network)?;
         Ok(Config {
             server: ServerConfig {
@@ -214,6 +225,7 @@ impl TryFrom<RawConfig> for Config {
                 token,
                 pin,
                 sessions,
+                call_timeout: Duration::from_millis(call_timeout_ms),
             },
             store: StoreConfig { path: raw.store.path },
             chains: ChainConfig { bitcoin_network },

@@ -220,14 +220,16 @@ impl Wallets {
                 tracing::info!(wallet = %id.as_str(), key_id = %generated.id, "wallet created");
                 Ok(wallet)
             }
-            Err(StoreError::Conflict(_)) => {
-                // Lost a race for the same id: this key pair is an orphan.
-                if let Err(e) = self.hsm.destroy_key(&generated.id).await {
-                    tracing::warn!(key_id = %generated.id, error = %e, "could not destroy orphan key");
+            Err(e) => {
+                // The key pair is registered nowhere: remove it from the token.
+                if let Err(destroy) = self.hsm.destroy_key(&generated.id).await {
+                    tracing::warn!(key_id = %generated.id, error = %destroy, "could not destroy unregistered key");
                 }
-                Err(WalletError::AlreadyExists(id.as_str().to_owned()))
+                match e {
+                    StoreError::Conflict(_) => Err(WalletError::AlreadyExists(id.as_str().to_owned())),
+                    other => Err(other.into()),
+                }
             }
-            Err(e) => Err(e.into()),
         }
     }
 
@@ -275,6 +277,9 @@ impl Wallets {
         match signature::finalize(&raw, &digest, &wallet.public_key) {
             Ok(sig) => Ok(sig),
             Err(e) => {
+                // Whatever key produced this, it is not the wallet's: make the
+                // next attempt look the key up again instead of reusing it.
+                self.hsm.invalidate_handle(&wallet.key_id);
                 tracing::error!(wallet = %id.as_str(), error = %e, "HSM signature refused");
                 Err(e.into())
             }

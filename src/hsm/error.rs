@@ -68,6 +68,9 @@ pub enum HsmError {
     /// The blocking worker running a PKCS#11 call panicked or was cancelled.
     #[error("HSM worker task failed")]
     Worker,
+    /// A PKCS#11 call (or the wait for a free session) took longer than allowed.
+    #[error("HSM call did not complete within {0:?}")]
+    Timeout(std::time::Duration),
 }
 
 impl HsmError {

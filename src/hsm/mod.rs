@@ -5,14 +5,22 @@
 //! application out; SoftHSM issue #464), a fixed pool of worker sessions, and a
 //! cache of key handles and public keys so that no signature pays for a lookup.
 //!
-//! Every PKCS#11 call runs on tokio's blocking pool. A call that fails because
-//! the session or login was lost (`CKR_SESSION_HANDLE_INVALID`,
+//! Every PKCS#11 call runs on tokio's blocking pool, holding one of
+//! `sessions` permits until the call returns, and is abandoned (failing
+//! closed) after the configured timeout. A call that fails because the
+//! session or login was lost (`CKR_SESSION_HANDLE_INVALID`,
 //! `CKR_SESSION_CLOSED`, `CKR_USER_NOT_LOGGED_IN`, `CKR_DEVICE_REMOVED`,
-//! `CKR_TOKEN_NOT_PRESENT`) is retried once after reopening and logging in
-//! again; if the retry fails too, the call fails closed with
-//! [`HsmError::Unavailable`]. A stale key handle is re-resolved by CKA_ID, and
-//! the key found must have the public key cached for it, so a substituted key
-//! is never used.
+//! `CKR_TOKEN_NOT_PRESENT`) is retried once after the token is found again and
+//! a new anchor is logged in; if that fails too, the call fails closed with
+//! [`HsmError::Unavailable`]. Key generation is never retried automatically,
+//! so a lost reply cannot create a second key.
+//!
+//! Recovery starts a new *epoch*: sessions and key handles from an older
+//! epoch are discarded rather than reused. Handles are re-resolved by CKA_ID,
+//! and the public key found must equal the one cached for that id, or the key
+//! is refused. A private key planted under a wallet's id next to the genuine
+//! public key can still be asked to sign once; its signature then fails
+//! verification against the wallet's public key and is never released.
 
 mod error;
 mod keys;
@@ -20,7 +28,9 @@ mod token;
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::time::Duration;
 
 use cryptoki::context::Pkcs11;
 use cryptoki::mechanism::Mechanism;
@@ -90,7 +100,8 @@ pub struct LoadedKey {
 
 #[derive(Debug, Clone)]
 struct CachedKey {
-    private: ObjectHandle,
+    /// The private key handle and the epoch it was resolved in.
+    private: Option<(u64, ObjectHandle)>,
     public_key: Vec<u8>,
 }
 
@@ -101,6 +112,7 @@ struct CachedKey {
 pub struct Hsm {
     inner: Arc<Inner>,
     permits: Arc<Semaphore>,
+    call_timeout: Duration,
 }
 
 struct Inner {
@@ -108,18 +120,36 @@ struct Inner {
     selector: TokenSelector,
     pin: Pin,
     slot: Mutex<Slot>,
-    // Declared before `idle` so that on drop the workers close after it; while
-    // running, it is replaced only after a new anchor is logged in.
+    /// Incremented by every recovery; sessions and handles carry the epoch
+    /// they were opened or resolved in.
+    epoch: AtomicU64,
+    /// The login-holding session. Replaced only after a successor is logged in.
     anchor: Mutex<Option<Session>>,
-    idle: Mutex<Vec<Session>>,
+    idle: Mutex<Vec<PooledSession>>,
+    max_idle: usize,
     keys: RwLock<HashMap<KeyId, CachedKey>>,
+}
+
+struct PooledSession {
+    epoch: u64,
+    session: Session,
+}
+
+/// Whether a failed call may be re-run after recovery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    /// Idempotent: run again once after recovering the session.
+    Once,
+    /// Not idempotent (creates objects): recover the session for later calls,
+    /// but fail this one.
+    Never,
 }
 
 impl fmt::Debug for Hsm {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Hsm")
             .field("token", &self.inner.selector)
-            .field("sessions", &self.permits.available_permits())
+            .field("sessions_free", &self.permits.available_permits())
             .finish_non_exhaustive()
     }
 }
@@ -141,7 +171,7 @@ impl Hsm {
         token::login(&anchor, &pin)?;
         let sessions = config.sessions.get();
         let idle = (0..sessions)
-            .map(|_| open_session(&pkcs11, slot))
+            .map(|_| open_session(&pkcs11, slot).map(|session| PooledSession { epoch: 0, session }))
             .collect::<Result<Vec<_>, _>>()?;
         tracing::info!(slot = slot.id(), sessions, "HSM token opened and logged in");
         Ok(Self {
@@ -150,11 +180,14 @@ impl Hsm {
                 selector: config.token.clone(),
                 pin,
                 slot: Mutex::new(slot),
+                epoch: AtomicU64::new(0),
                 anchor: Mutex::new(Some(anchor)),
                 idle: Mutex::new(idle),
+                max_idle: sessions,
                 keys: RwLock::new(HashMap::new()),
             }),
             permits: Arc::new(Semaphore::new(sessions)),
+            call_timeout: config.call_timeout,
         })
     }
 
@@ -163,18 +196,24 @@ impl Hsm {
     ///
     /// The CKA_LABEL is `label_base` followed by `-` and the first 8 hex digits
     /// of the random CKA_ID, so a key orphaned by a crash never blocks a retry.
+    /// Not retried on session loss: the caller sees UNAVAILABLE and may retry.
     pub async fn generate_secp256k1(&self, label_base: &str) -> Result<GeneratedKey, HsmError> {
         let label_base = label_base.to_owned();
-        self.execute(move |inner, session| inner.generate_secp256k1(session, &label_base))
-            .await
+        self.execute(Retry::Never, move |inner, session| {
+            inner.generate_secp256k1(session, &label_base)
+        })
+        .await
     }
 
-    /// Destroys both objects of a key pair and forgets its cached handle.
+    /// Destroys every object with this CKA_ID and forgets the cached key.
+    /// Destroying a key that is already gone succeeds.
     pub async fn destroy_key(&self, id: &KeyId) -> Result<(), HsmError> {
         let id = id.clone();
-        self.execute(move |inner, session| {
-            let (private, public) = keys::find_pair(session, id.as_bytes())?;
-            for object in [private, public] {
+        self.execute(Retry::Once, move |inner, session| {
+            let objects = session
+                .find_objects(&[Attribute::Id(id.as_bytes().to_vec())])
+                .map_err(|e| HsmError::from_cryptoki("find key", e))?;
+            for object in objects {
                 session
                     .destroy_object(object)
                     .map_err(|e| HsmError::from_cryptoki("destroy key", e))?;
@@ -188,20 +227,31 @@ impl Hsm {
     /// Finds a key pair by CKA_ID, checks its attributes, and caches it.
     pub async fn load_key(&self, id: &KeyId) -> Result<LoadedKey, HsmError> {
         let id = id.clone();
-        self.execute(move |inner, session| inner.load_key(session, &id))
+        self.execute(Retry::Once, move |inner, session| inner.load_key(session, &id))
             .await
     }
 
     /// Signs a 32-byte digest with `CKM_ECDSA` and returns the token's raw
     /// `r || s`. The key must have been generated or loaded first.
     ///
-    /// This is deliberately crate-private in spirit: the only callers are the
-    /// wallet registry's signing path, which receives digests computed by
-    /// custos from transactions it parsed.
+    /// The only caller is the wallet registry's signing path, which verifies
+    /// the result before releasing it; digests come from custos's own parse
+    /// of a transaction, never from a client.
     pub async fn sign_ecdsa_prehash(&self, id: &KeyId, digest: [u8; 32]) -> Result<Vec<u8>, HsmError> {
         let id = id.clone();
-        self.execute(move |inner, session| inner.sign(session, &id, &digest))
-            .await
+        self.execute(Retry::Once, move |inner, session| {
+            inner.sign(session, &id, &digest)
+        })
+        .await
+    }
+
+    /// Forgets the private-key handle cached for `id`, so that the next use
+    /// resolves it again by CKA_ID. Called when a signature made with it
+    /// failed verification.
+    pub fn invalidate_handle(&self, id: &KeyId) {
+        if let Some(key) = write(&self.inner.keys).get_mut(id) {
+            key.private = None;
+        }
     }
 
     /// The public key cached for a key id, if it was generated or loaded.
@@ -209,81 +259,146 @@ impl Hsm {
         read(&self.inner.keys).get(id).map(|k| k.public_key.clone())
     }
 
-    /// The PKCS#11 slot in use (for diagnostics).
-    pub fn slot_id(&self) -> u64 {
-        lock(&self.inner.slot).id()
-    }
-
-    /// Runs `op` on a pooled session on the blocking pool, with one recovery
-    /// attempt on session loss.
-    async fn execute<T, F>(&self, op: F) -> Result<T, HsmError>
+    /// Runs `op` on a pooled session on the blocking pool. The permit travels
+    /// with the blocking task, so a caller that gives up (timeout, cancelled
+    /// request) never lets more than `sessions` calls run at once.
+    async fn execute<T, F>(&self, retry: Retry, op: F) -> Result<T, HsmError>
     where
         T: Send + 'static,
         F: Fn(&Inner, &Session) -> Result<T, HsmError> + Send + 'static,
     {
-        let _permit = self.permits.acquire().await.map_err(|_| HsmError::Worker)?;
-        let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || inner.execute_blocking(&op))
+        let work = async {
+            let permit = Arc::clone(&self.permits)
+                .acquire_owned()
+                .await
+                .map_err(|_| HsmError::Worker)?;
+            let inner = Arc::clone(&self.inner);
+            tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                inner.execute_blocking(retry, &op)
+            })
             .await
             .map_err(|_| HsmError::Worker)?
+        };
+        match tokio::time::timeout(self.call_timeout, work).await {
+            Ok(result) => result,
+            Err(_) => {
+                tracing::error!(
+                    timeout_ms = self.call_timeout.as_millis() as u64,
+                    "HSM call timed out; failing closed"
+                );
+                Err(HsmError::Unavailable(Box::new(HsmError::Timeout(
+                    self.call_timeout,
+                ))))
+            }
+        }
     }
 }
 
 impl Inner {
     fn execute_blocking<T>(
         &self,
+        retry: Retry,
         op: &dyn Fn(&Inner, &Session) -> Result<T, HsmError>,
     ) -> Result<T, HsmError> {
-        let first = self.take_session().and_then(|session| {
-            let result = op(self, &session).map_err(|e| reclassify_logged_out(&session, e));
-            if !matches!(&result, Err(e) if e.is_session_loss()) {
-                self.return_session(session);
+        let first = self.run_pooled(op);
+        let Err((lost, seen_epoch)) = first else {
+            return first.map_err(|(e, _)| e);
+        };
+        if !lost.is_session_loss() {
+            return Err(lost);
+        }
+        tracing::warn!(error = %lost, "HSM session lost; recovering");
+        if let Err(e) = self.recover(seen_epoch) {
+            tracing::error!(error = %e, "HSM recovery failed; failing closed");
+            return Err(HsmError::Unavailable(Box::new(e)));
+        }
+        if retry == Retry::Never {
+            return Err(HsmError::Unavailable(Box::new(lost)));
+        }
+        match self.run_pooled(op) {
+            Ok(value) => Ok(value),
+            Err((e, _)) if e.is_session_loss() => {
+                tracing::error!(error = %e, "HSM retry failed; failing closed");
+                Err(HsmError::Unavailable(Box::new(e)))
             }
-            result
-        });
-        match first {
-            Err(lost) if lost.is_session_loss() => {
-                tracing::warn!(error = %lost, "HSM session lost; reopening and retrying once");
-                let retry = self.recover().and_then(|()| {
-                    let session = self.take_session()?;
-                    let result = op(self, &session);
-                    self.return_session(session);
-                    result
-                });
-                retry.map_err(|e| {
-                    tracing::error!(error = %e, "HSM retry failed; failing closed");
-                    HsmError::Unavailable(Box::new(e))
-                })
-            }
-            other => other,
+            // The session works again; what failed now is a real answer
+            // (a missing or mismatched key, say) and is reported as such.
+            Err((e, _)) => Err(e),
         }
     }
 
-    fn take_session(&self) -> Result<Session, HsmError> {
-        if let Some(session) = lock(&self.idle).pop() {
-            return Ok(session);
+    /// Runs `op` on a session from the pool. On error, also returns the epoch
+    /// of the session used, so that recovery runs once per epoch.
+    fn run_pooled<T>(
+        &self,
+        op: &dyn Fn(&Inner, &Session) -> Result<T, HsmError>,
+    ) -> Result<T, (HsmError, u64)> {
+        let pooled = self
+            .take_session()
+            .map_err(|e| (e, self.epoch.load(Ordering::Acquire)))?;
+        let result = op(self, &pooled.session).map_err(|e| reclassify_logged_out(&pooled.session, e));
+        match result {
+            Ok(value) => {
+                self.return_session(pooled);
+                Ok(value)
+            }
+            Err(e) if e.is_session_loss() => Err((e, pooled.epoch)),
+            Err(e) => {
+                let epoch = pooled.epoch;
+                self.return_session(pooled);
+                Err((e, epoch))
+            }
         }
-        open_session(&self.pkcs11, *lock(&self.slot))
     }
 
-    fn return_session(&self, session: Session) {
-        lock(&self.idle).push(session);
+    fn take_session(&self) -> Result<PooledSession, HsmError> {
+        if let Some(pooled) = lock(&self.idle).pop() {
+            return Ok(pooled);
+        }
+        let epoch = self.epoch.load(Ordering::Acquire);
+        let slot = *lock(&self.slot);
+        Ok(PooledSession {
+            epoch,
+            session: open_session(&self.pkcs11, slot)?,
+        })
     }
 
-    /// Re-finds the token, opens and logs in a new anchor, then drops the old
-    /// anchor and every idle session. The new anchor is open before anything
-    /// is closed, so the token never loses its last session.
-    fn recover(&self) -> Result<(), HsmError> {
+    /// Returns a session to the pool, unless it predates the last recovery or
+    /// the pool is full (then it is closed; the anchor keeps the login).
+    fn return_session(&self, pooled: PooledSession) {
+        if pooled.epoch != self.epoch.load(Ordering::Acquire) {
+            return;
+        }
+        let mut idle = lock(&self.idle);
+        if idle.len() < self.max_idle {
+            idle.push(pooled);
+        }
+    }
+
+    /// Re-finds the token, opens and logs in a new anchor, then starts a new
+    /// epoch: idle sessions and cached handles from before are discarded.
+    /// The new anchor is open before anything is closed, so the token never
+    /// loses its last session. A failure seen in an epoch that another worker
+    /// already recovered from needs no second recovery.
+    fn recover(&self, seen_epoch: u64) -> Result<(), HsmError> {
         let mut anchor = lock(&self.anchor);
+        if self.epoch.load(Ordering::Acquire) != seen_epoch {
+            return Ok(());
+        }
         let slot = token::find_slot(&self.pkcs11, &self.selector)?;
         let fresh = open_session(&self.pkcs11, slot)?;
         token::login(&fresh, &self.pin)?;
         *lock(&self.slot) = slot;
+        let epoch = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
+        for key in write(&self.keys).values_mut() {
+            key.private = None;
+        }
         let stale_idle = std::mem::take(&mut *lock(&self.idle));
         let stale_anchor = anchor.replace(fresh);
         drop(stale_idle);
         drop(stale_anchor);
-        tracing::info!(slot = slot.id(), "HSM session recovered");
+        tracing::info!(slot = slot.id(), epoch, "HSM session recovered");
         Ok(())
     }
 
@@ -318,7 +433,8 @@ impl Inner {
                 tracing::error!(%label, error = %refusal, "generated key refused; destroying it");
                 for object in [private, public] {
                     if let Err(e) = session.destroy_object(object) {
-                        tracing::error!(%label, error = %HsmError::from_cryptoki("destroy refused key", e), "could not destroy refused key");
+                        let e = HsmError::from_cryptoki("destroy refused key", e);
+                        tracing::error!(%label, error = %e, "could not destroy refused key");
                     }
                 }
                 return Err(refusal);
@@ -328,7 +444,7 @@ impl Inner {
         write(&self.keys).insert(
             id.clone(),
             CachedKey {
-                private,
+                private: Some((self.epoch.load(Ordering::Acquire), private)),
                 public_key: public_key.clone(),
             },
         );
@@ -341,10 +457,7 @@ impl Inner {
     }
 
     fn load_key(&self, session: &Session, id: &KeyId) -> Result<LoadedKey, HsmError> {
-        let (private, public) = keys::find_pair(session, id.as_bytes())?;
-        let label = hex::encode(id.as_bytes());
-        let attributes = keys::read_back(session, &label, private)?;
-        let public_key = keys::read_ec_point(session, public)?;
+        let (private, attributes, public_key) = self.resolve(session, id)?;
         self.cache_checked(id, private, &public_key)?;
         Ok(LoadedKey {
             public_key,
@@ -352,20 +465,34 @@ impl Inner {
         })
     }
 
+    /// Finds a key pair by CKA_ID and checks it: attributes of the private
+    /// key, and the public key's point.
+    fn resolve(
+        &self,
+        session: &Session,
+        id: &KeyId,
+    ) -> Result<(ObjectHandle, KeyAttributes, Vec<u8>), HsmError> {
+        let (private, public) = keys::find_pair(session, id.as_bytes())?;
+        let attributes = keys::read_back(session, &id.to_string(), private)?;
+        let public_key = keys::read_ec_point(session, public)?;
+        Ok((private, attributes, public_key))
+    }
+
     /// Caches a handle, refusing one whose public key differs from the one
     /// already cached for this id.
     fn cache_checked(&self, id: &KeyId, private: ObjectHandle, public_key: &[u8]) -> Result<(), HsmError> {
+        let epoch = self.epoch.load(Ordering::Acquire);
         let mut keys = write(&self.keys);
-        if let Some(known) = keys.get(id) {
-            if known.public_key != public_key {
-                tracing::error!(key_id = %id, "key on token differs from the cached public key; refusing it");
-                return Err(HsmError::KeyMismatch(id.to_string()));
-            }
+        if let Some(known) = keys.get(id)
+            && known.public_key != public_key
+        {
+            tracing::error!(key_id = %id, "key on token differs from the cached public key; refusing it");
+            return Err(HsmError::KeyMismatch(id.to_string()));
         }
         keys.insert(
             id.clone(),
             CachedKey {
-                private,
+                private: Some((epoch, private)),
                 public_key: public_key.to_vec(),
             },
         );
@@ -373,22 +500,29 @@ impl Inner {
     }
 
     fn sign(&self, session: &Session, id: &KeyId, digest: &[u8; 32]) -> Result<Vec<u8>, HsmError> {
-        let handle = read(&self.keys)
+        let epoch = self.epoch.load(Ordering::Acquire);
+        let cached = read(&self.keys)
             .get(id)
             .map(|k| k.private)
             .ok_or_else(|| HsmError::KeyMissing(id.to_string()))?;
+        let handle = match cached {
+            Some((resolved_in, handle)) if resolved_in == epoch => handle,
+            _ => self.re_resolve(session, id)?,
+        };
         match sign_raw(session, handle, digest) {
             Err(e) if e.is_stale_handle() => {
                 tracing::warn!(key_id = %id, error = %e, "stale key handle; re-resolving by CKA_ID");
-                let (private, public) = keys::find_pair(session, id.as_bytes())?;
-                let label = id.to_string();
-                keys::read_back(session, &label, private)?;
-                let public_key = keys::read_ec_point(session, public)?;
-                self.cache_checked(id, private, &public_key)?;
-                sign_raw(session, private, digest)
+                let handle = self.re_resolve(session, id)?;
+                sign_raw(session, handle, digest)
             }
             other => other,
         }
+    }
+
+    fn re_resolve(&self, session: &Session, id: &KeyId) -> Result<ObjectHandle, HsmError> {
+        let (private, _, public_key) = self.resolve(session, id)?;
+        self.cache_checked(id, private, &public_key)?;
+        Ok(private)
     }
 }
 
