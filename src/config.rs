@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::chain::ethereum::{EthereumNetwork, Token};
 use crate::secret::PinSource;
 
 /// Default number of PKCS#11 sessions in the signing pool.
@@ -84,10 +85,12 @@ pub struct StoreConfig {
 }
 
 /// Chain parameters.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ChainConfig {
     /// The Bitcoin network addresses are derived for.
     pub bitcoin_network: bitcoin::Network,
+    /// The Ethereum chain id and its token registry.
+    pub ethereum: EthereumNetwork,
 }
 
 /// Why a configuration file was refused.
@@ -148,6 +151,33 @@ struct RawConfig {
     store: StoreRaw,
     #[serde(default)]
     bitcoin: RawBitcoin,
+    #[serde(default)]
+    ethereum: RawEthereum,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEthereum {
+    chain_id: u64,
+    #[serde(default)]
+    tokens: Vec<RawToken>,
+}
+
+impl Default for RawEthereum {
+    fn default() -> Self {
+        Self {
+            chain_id: 1,
+            tokens: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawToken {
+    symbol: String,
+    contract: String,
+    decimals: u8,
 }
 
 #[derive(Debug, Deserialize)]
@@ -228,9 +258,61 @@ impl TryFrom<RawConfig> for Config {
                 call_timeout: Duration::from_millis(call_timeout_ms),
             },
             store: StoreConfig { path: raw.store.path },
-            chains: ChainConfig { bitcoin_network },
+            chains: ChainConfig {
+                bitcoin_network,
+                ethereum: parse_ethereum(raw.ethereum)?,
+            },
         })
     }
+}
+
+fn parse_ethereum(raw: RawEthereum) -> Result<EthereumNetwork, ConfigError> {
+    let invalid = |m: String| ConfigError::Invalid(m);
+    if raw.chain_id == 0 {
+        return Err(invalid("ethereum.chain_id must not be 0".into()));
+    }
+    let mut tokens: Vec<Token> = Vec::with_capacity(raw.tokens.len());
+    for (index, token) in raw.tokens.into_iter().enumerate() {
+        let contract = alloy_primitives::Address::parse_checksummed(&token.contract, None).map_err(|_| {
+            invalid(format!(
+                "ethereum.tokens[{index}].contract {:?} is not an EIP-55 checksummed address",
+                token.contract
+            ))
+        })?;
+        let symbol_ok = !token.symbol.is_empty()
+            && token.symbol.len() <= 16
+            && token
+                .symbol
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '.');
+        if !symbol_ok {
+            return Err(invalid(format!(
+                "ethereum.tokens[{index}].symbol must be 1 to 16 ASCII letters, digits or '.'"
+            )));
+        }
+        if token.decimals > 36 {
+            return Err(invalid(format!(
+                "ethereum.tokens[{index}].decimals must be at most 36"
+            )));
+        }
+        if tokens
+            .iter()
+            .any(|t| t.contract == contract || t.symbol == token.symbol)
+        {
+            return Err(invalid(format!(
+                "ethereum.tokens[{index}] repeats a contract or symbol"
+            )));
+        }
+        tokens.push(Token {
+            symbol: token.symbol,
+            contract,
+            decimals: token.decimals,
+        });
+    }
+    Ok(EthereumNetwork {
+        chain_id: raw.chain_id,
+        tokens,
+    })
 }
 
 /// Parses a Bitcoin network name as used in config and on the command line.
@@ -276,6 +358,14 @@ mod tests {
 
         [bitcoin]
         network = "regtest"
+
+        [ethereum]
+        chain_id = 11155111
+
+        [[ethereum.tokens]]
+        symbol = "USDC"
+        contract = "0x1c7D4B196Cb0C7B01d743Fbc6116a902379C7238"
+        decimals = 6
     "#;
 
     #[test]
@@ -285,6 +375,21 @@ mod tests {
         assert_eq!(config.hsm.sessions.get(), 2);
         assert_eq!(config.server.log_format, LogFormat::Json);
         assert_eq!(config.chains.bitcoin_network, bitcoin::Network::Regtest);
+        assert_eq!(config.chains.ethereum.chain_id, 11155111);
+        assert_eq!(config.chains.ethereum.tokens[0].decimals, 6);
+    }
+
+    #[test]
+    fn token_registry_is_strict() {
+        let lower = VALID.replace(
+            "0x1c7D4B196Cb0C7B01d743Fbc6116a902379C7238",
+            "0x1c7d4b196cb0c7b01d743fbc6116a902379c7238",
+        );
+        assert!(Config::parse(&lower).unwrap_err().to_string().contains("EIP-55"));
+        let twice = format!(
+            "{VALID}\n[[ethereum.tokens]]\nsymbol = \"USDC2\"\ncontract = \"0x1c7D4B196Cb0C7B01d743Fbc6116a902379C7238\"\ndecimals = 6\n"
+        );
+        assert!(Config::parse(&twice).unwrap_err().to_string().contains("repeats"));
     }
 
     #[test]

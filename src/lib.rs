@@ -11,6 +11,7 @@
 //! | [`config`] | the TOML configuration, parsed into validated types (unknown fields rejected) |
 //! | [`dev`] | `custosd --dev`: a fresh SoftHSM token, config and store under one directory |
 //! | [`hsm`] | cryptoki: token discovery, login, session pool, key generation with read-back, raw signing |
+//! | [`chain`] | parsing unsigned Ethereum and Bitcoin transactions into intents and digests; assembling signed transactions |
 //! | [`signature`] | secp256k1 post-processing of HSM output: low-S, recovery id, verification |
 //! | [`address`] | Ethereum (EIP-55) and Bitcoin (P2WPKH) addresses from a public key |
 //! | [`wallet`] | the wallet registry: creating HSM keys, caching them, signing digests with them |
@@ -22,6 +23,7 @@
 
 pub mod address;
 pub mod api;
+pub mod chain;
 pub mod config;
 pub mod dev;
 pub mod hsm;

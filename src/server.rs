@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::api::WalletApi;
-use crate::config::Config;
+use crate::config::{ChainConfig, Config};
 use crate::hsm::{Hsm, HsmError};
 use crate::proto::wallet_service_server::WalletServiceServer;
 use crate::secret::{Pin, SecretError};
@@ -60,6 +60,8 @@ pub struct App {
     pub wallets: Arc<Wallets>,
     /// The HSM (shared with the registry).
     pub hsm: Hsm,
+    /// Chain parameters: the networks and token registry transactions are parsed against.
+    pub chains: ChainConfig,
 }
 
 impl App {
@@ -79,6 +81,7 @@ impl App {
         Ok(Self {
             wallets: Arc::new(wallets),
             hsm,
+            chains: config.chains.clone(),
         })
     }
 }

@@ -14,6 +14,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use k256::ecdsa::VerifyingKey;
 
 use crate::address;
+use crate::chain::bitcoin as bitcoin_chain;
+use crate::chain::ethereum;
 use crate::hsm::{Hsm, HsmError, KeyAttributes, KeyId};
 use crate::signature::{self, RecoverableSignature, SignatureError};
 use crate::store::{Store, StoreError, WalletRecord};
@@ -137,6 +139,9 @@ pub enum WalletError {
     /// The HSM's signature was not released.
     #[error(transparent)]
     Signature(#[from] SignatureError),
+    /// The transaction does not spend from this wallet.
+    #[error("the transaction's sender is not wallet {0}")]
+    WrongSender(String),
     /// A blocking task failed.
     #[error("background task failed")]
     Worker,
@@ -264,15 +269,7 @@ impl Wallets {
         id: &WalletId,
         digest: [u8; 32],
     ) -> Result<RecoverableSignature, WalletError> {
-        let wallet = self
-            .signable
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(id)
-            .cloned()
-            .ok_or_else(|| {
-                WalletError::KeyUnusable(id.as_str().to_owned(), "not loaded from the token".into())
-            })?;
+        let wallet = self.signable(id)?;
         let raw = self.hsm.sign_ecdsa_prehash(&wallet.key_id, digest).await?;
         match signature::finalize(&raw, &digest, &wallet.public_key) {
             Ok(sig) => Ok(sig),
@@ -284,6 +281,63 @@ impl Wallets {
                 Err(e.into())
             }
         }
+    }
+
+    /// Signs a parsed Ethereum transaction with the wallet's key and returns
+    /// the broadcastable transaction. The digest is the transaction's own
+    /// signing hash; the sender recovered from the result must be the wallet.
+    pub async fn sign_ethereum(
+        &self,
+        id: &WalletId,
+        parsed: &ethereum::ParsedEthereumTx,
+    ) -> Result<ethereum::SignedEthereumTx, WalletError> {
+        let wallet = self.signable(id)?;
+        if parsed.intent().from != wallet.ethereum_address {
+            return Err(WalletError::WrongSender(id.as_str().to_owned()));
+        }
+        let signature = self.sign_digest(id, parsed.signing_hash()).await?;
+        let recovered = VerifyingKey::recover_from_prehash(
+            &parsed.signing_hash(),
+            signature.signature(),
+            signature.recovery_id(),
+        )
+        .map_err(|_| SignatureError::Unrecoverable)?;
+        let sender = address::ethereum_address(&recovered);
+        if sender != address::ethereum_address(&wallet.public_key) {
+            return Err(SignatureError::Unrecoverable.into());
+        }
+        Ok(ethereum::assemble(parsed, &signature, sender))
+    }
+
+    /// Signs every input of a parsed PSBT with the wallet's key and returns
+    /// the finalized transaction.
+    pub async fn sign_bitcoin(
+        &self,
+        id: &WalletId,
+        parsed: &bitcoin_chain::ParsedBitcoinTx,
+    ) -> Result<bitcoin_chain::SignedBitcoinTx, WalletError> {
+        let wallet = self.signable(id)?;
+        if parsed.intent().from != wallet.bitcoin_address {
+            return Err(WalletError::WrongSender(id.as_str().to_owned()));
+        }
+        let mut signatures = Vec::with_capacity(parsed.sighashes().len());
+        for sighash in parsed.sighashes() {
+            signatures.push(self.sign_digest(id, *sighash).await?);
+        }
+        let key = address::bitcoin_public_key(&wallet.public_key);
+        bitcoin_chain::assemble(parsed, &signatures, &key).map_err(|_| SignatureError::Malformed(64).into())
+    }
+
+    /// A wallet whose key was loaded from the token and checked, ready to sign.
+    pub fn signable(&self, id: &WalletId) -> Result<Arc<Wallet>, WalletError> {
+        self.signable
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| {
+                WalletError::KeyUnusable(id.as_str().to_owned(), "not loaded from the token".into())
+            })
     }
 
     fn cache(&self, wallet: Wallet) {

@@ -1,0 +1,37 @@
+//! Chains: turning a chain's unsigned transaction into an [`Intent`] plus the
+//! digests the HSM must sign, and turning signatures back into a broadcastable
+//! transaction. Each chain uses its ecosystem's own library (alloy for
+//! Ethereum, rust-bitcoin for Bitcoin); custos writes no RLP or sighash code.
+//!
+//! Everything here is pure: no I/O, no HSM. The digests are computed from the
+//! same parsed transaction the intent describes, so what approvers see is what
+//! gets signed.
+
+pub mod bitcoin;
+pub mod ethereum;
+pub mod intent;
+
+pub use intent::{Asset, Destination, FeeTerms, Intent, Network};
+
+/// Why an unsigned transaction was refused: the field and the rule.
+///
+/// `field` is a path into the request's transaction, e.g. `data`,
+/// `inputs[2].witness_utxo` or `chain_id`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct TxRefusal {
+    /// Where in the transaction.
+    pub field: String,
+    /// The rule it broke, in words an operator can act on.
+    pub reason: String,
+}
+
+impl TxRefusal {
+    /// A refusal of `field`.
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
