@@ -3,7 +3,10 @@
 use std::{env, path::PathBuf};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/custos/v1/wallet.proto"];
+    let protos = [
+        "proto/custos/v1/wallet.proto",
+        "proto/custos/v1/transaction.proto",
+    ];
     println!("cargo:rerun-if-changed=proto");
 
     let descriptors = protox::compile(protos, ["proto"])?;

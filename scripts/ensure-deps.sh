@@ -22,6 +22,13 @@ if [ ! -f "$module" ] || ! command -v softhsm2-util >/dev/null; then
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq softhsm2 >/dev/null
 fi
 
+if ! command -v python3 >/dev/null; then
+    # The intent-format test runs an independent Python implementation.
+    echo "ensure-deps: installing python3 ..." >&2
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 >/dev/null
+fi
+
 if ! command -v cargo >/dev/null; then
     echo "ensure-deps: cargo not found; custos needs a Rust toolchain >= 1.85 (https://rustup.rs)" >&2
     exit 1

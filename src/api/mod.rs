@@ -10,6 +10,7 @@
 //! with one field violation per refused field. Internal details (PKCS#11
 //! return codes, SQLite messages) go to the log, never to the client.
 
+pub mod transaction;
 mod wallet;
 
 use std::collections::HashMap;
@@ -41,9 +42,6 @@ pub mod reason {
     pub const HSM_FAULT: &str = "HSM_FAULT";
     /// The transaction spends from an address that is not the wallet's.
     pub const WRONG_SENDER: &str = "WRONG_SENDER";
-    /// The transaction is malformed or of a kind custos does not sign; see
-    /// the `BadRequest` details for the field and the reason.
-    pub const UNSUPPORTED_TRANSACTION: &str = "UNSUPPORTED_TRANSACTION";
     /// Anything else; details are in the server log.
     pub const INTERNAL: &str = "INTERNAL";
 }
@@ -78,26 +76,6 @@ impl From<FieldViolation> for Status {
             details,
         )
     }
-}
-
-impl From<crate::chain::TxRefusal> for FieldViolation {
-    fn from(refusal: crate::chain::TxRefusal) -> Self {
-        FieldViolation::new(format!("transaction.{}", refusal.field), refusal.reason)
-    }
-}
-
-/// A refused transaction: INVALID_ARGUMENT with reason
-/// `UNSUPPORTED_TRANSACTION` and a `BadRequest` naming the field.
-pub fn transaction_refused(refusal: crate::chain::TxRefusal) -> Status {
-    let violation = FieldViolation::from(refusal);
-    let mut details = ErrorDetails::new();
-    details.set_error_info(reason::UNSUPPORTED_TRANSACTION, ERROR_DOMAIN, HashMap::new());
-    details.add_bad_request_violation(violation.field.clone(), violation.description.clone());
-    Status::with_error_details(
-        Code::InvalidArgument,
-        format!("{}: {}", violation.field, violation.description),
-        details,
-    )
 }
 
 /// A status with a code, a safe message and an `ErrorInfo` reason.

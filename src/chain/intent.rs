@@ -284,3 +284,144 @@ mod tests {
         assert_ne!(a.canonical_bytes(), b.canonical_bytes());
     }
 }
+
+/// The published test vectors (tests/vectors/intent.json): the intents of
+/// real parsed transactions, their canonical encodings and intent hashes.
+#[cfg(test)]
+mod vectors {
+    use alloy_primitives::Address;
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::chain::bitcoin::tests::{psbt, wallet_key};
+    use crate::chain::{bitcoin as btc, ethereum};
+
+    const PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vectors/intent.json");
+
+    fn eip155_example() -> Intent {
+        let raw = hex::decode(
+            "ec098504a817c800825208943535353535353535353535353535353535353535880de0b6b3a764000080018080",
+        )
+        .unwrap();
+        let from: Address = "0x9d8A62f656a8d1615C1294fd71e9CFb3E4855A4F".parse().unwrap();
+        let network = ethereum::EthereumNetwork {
+            chain_id: 1,
+            tokens: vec![],
+        };
+        ethereum::parse(ethereum::decode_unsigned(&raw).unwrap(), &network, from)
+            .unwrap()
+            .intent()
+            .clone()
+    }
+
+    fn erc20_max_amount() -> Intent {
+        let usdc: Address = "0x1c7D4B196Cb0C7B01d743Fbc6116a902379C7238".parse().unwrap();
+        let network = ethereum::EthereumNetwork {
+            chain_id: 11155111,
+            tokens: vec![ethereum::Token {
+                symbol: "USDC".into(),
+                contract: usdc,
+                decimals: 6,
+            }],
+        };
+        let mut data =
+            hex::decode("a9059cbb0000000000000000000000003535353535353535353535353535353535353535").unwrap();
+        data.extend([0xff; 32]);
+        let fields = ethereum::EthereumFields {
+            tx_type: ethereum::EthereumTxType::Eip1559,
+            chain_id: 11155111,
+            nonce: 42,
+            gas_limit: 65_000,
+            gas_price: 0,
+            max_fee_per_gas: 30_000_000_000,
+            max_priority_fee_per_gas: 1_500_000_000,
+            to: Some(usdc),
+            value: U256::ZERO,
+            data,
+        };
+        let from: Address = "0x7E5F4552091A69125d5DfCb7b8C2659029395Bdf".parse().unwrap();
+        let tx = ethereum::UnsignedEthereumTx::try_from(fields).unwrap();
+        ethereum::parse(tx, &network, from).unwrap().intent().clone()
+    }
+
+    fn bitcoin_with_change() -> Intent {
+        let other: ::bitcoin::CompressedPublicKey =
+            "025476c2e83188368da1ff3e292e7acafcdb3566bb0ad253f62fc70f07aeee6357"
+                .parse()
+                .unwrap();
+        let pay = ::bitcoin::ScriptBuf::new_p2wpkh(&other.wpubkey_hash());
+        let own = ::bitcoin::ScriptBuf::new_p2wpkh(&wallet_key().wpubkey_hash());
+        let p = psbt(&wallet_key(), &[50_000, 70_000], &[(pay, 100_000), (own, 19_000)]);
+        btc::parse(p, ::bitcoin::Network::Regtest, &wallet_key())
+            .unwrap()
+            .intent()
+            .clone()
+    }
+
+    fn to_json(name: &str, intent: &Intent) -> Value {
+        let fee = match &intent.fee {
+            FeeTerms::Ethereum {
+                nonce,
+                gas_limit,
+                max_fee_per_gas,
+                max_priority_fee_per_gas,
+                max_total_fee,
+            } => json!({
+                "kind": "ethereum",
+                "nonce": nonce,
+                "gas_limit": gas_limit,
+                "max_fee_per_gas": max_fee_per_gas.to_string(),
+                "max_priority_fee_per_gas": max_priority_fee_per_gas.to_string(),
+                "max_total_fee": max_total_fee.to_string(),
+            }),
+            FeeTerms::Bitcoin { change, fee, vsize } => json!({
+                "kind": "bitcoin",
+                "change": change.to_string(),
+                "fee": fee.to_string(),
+                "vsize": vsize,
+            }),
+        };
+        json!({
+            "name": name,
+            "intent": {
+                "network": intent.network.caip2(),
+                "asset": {
+                    "symbol": intent.asset.symbol,
+                    "contract": intent.asset.contract.clone().unwrap_or_default(),
+                    "decimals": intent.asset.decimals,
+                },
+                "from": intent.from,
+                "destinations": intent.destinations.iter().map(|d| json!({"to": d.to, "amount": d.amount.to_string()})).collect::<Vec<_>>(),
+                "fee": fee,
+                "transaction_id": hex::encode(intent.transaction_id),
+            },
+            "canonical_hex": hex::encode(intent.canonical_bytes()),
+            "intent_hash": hex::encode(intent.hash()),
+        })
+    }
+
+    fn computed() -> Value {
+        json!({
+            "format": "custos intent v1; see docs/approval-format.md",
+            "vectors": [
+                to_json("ethereum-native-eip155-example", &eip155_example()),
+                to_json("ethereum-erc20-max-amount", &erc20_max_amount()),
+                to_json("bitcoin-regtest-with-change", &bitcoin_with_change()),
+            ]
+        })
+    }
+
+    /// The committed vectors equal what the code computes today. Set
+    /// CUSTOS_WRITE_VECTORS=1 to rewrite them after a deliberate format change
+    /// (which must also bump the domain separator).
+    #[test]
+    fn committed_vectors_match() {
+        let computed = computed();
+        if std::env::var_os("CUSTOS_WRITE_VECTORS").is_some() {
+            std::fs::write(PATH, serde_json::to_string_pretty(&computed).unwrap() + "\n").unwrap();
+        }
+        let committed: Value = serde_json::from_str(&std::fs::read_to_string(PATH).unwrap()).unwrap();
+        assert_eq!(committed, computed);
+        assert_eq!(committed["vectors"].as_array().unwrap().len(), 3);
+    }
+}

@@ -13,6 +13,16 @@ pub mod intent;
 
 pub use intent::{Asset, Destination, FeeTerms, Intent, Network};
 
+/// An unsigned transaction of a supported chain, decoded but not yet parsed
+/// against a wallet.
+#[derive(Debug, Clone, PartialEq)]
+pub enum UnsignedTx {
+    /// Ethereum.
+    Ethereum(ethereum::UnsignedEthereumTx),
+    /// Bitcoin, as a PSBT.
+    Bitcoin(::bitcoin::psbt::Psbt),
+}
+
 /// Why an unsigned transaction was refused: the field and the rule.
 ///
 /// `field` is a path into the request's transaction, e.g. `data`,

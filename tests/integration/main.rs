@@ -10,4 +10,6 @@
 
 mod support;
 
+mod formats;
 mod signing_core;
+mod transactions;

@@ -1,0 +1,261 @@
+//! Conversion of `custos.v1.UnsignedTransaction` into [`UnsignedTx`].
+//!
+//! Field paths in violations are relative to the request, so a caller sees
+//! e.g. `transaction.ethereum.fields.max_fee_per_gas`. Refusals raised later by
+//! the chain parsers use the same prefix (see [`refused`]).
+
+use alloy_primitives::{Address, U256};
+
+use super::FieldViolation;
+use crate::chain::ethereum::{self, EthereumFields, EthereumTxType};
+use crate::chain::{TxRefusal, UnsignedTx, bitcoin};
+use crate::proto::{self, ethereum_transaction_fields::Type};
+
+/// Longest decimal accepted for an amount: 2^256 - 1 has 78 digits.
+const MAX_DECIMAL_DIGITS: usize = 78;
+
+/// Which chain a refusal came from, for its field path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChainKind {
+    /// `transaction.ethereum`.
+    Ethereum,
+    /// `transaction.bitcoin`.
+    Bitcoin,
+}
+
+/// A chain parser's refusal as a violation of the request field it concerns.
+pub fn refused(chain: ChainKind, refusal: TxRefusal) -> FieldViolation {
+    let prefix = match chain {
+        ChainKind::Ethereum => "transaction.ethereum",
+        ChainKind::Bitcoin => "transaction.bitcoin",
+    };
+    FieldViolation::new(format!("{prefix}.{}", refusal.field), refusal.reason)
+}
+
+/// Converts the request's `transaction` field.
+pub fn unsigned_tx(transaction: Option<proto::UnsignedTransaction>) -> Result<UnsignedTx, FieldViolation> {
+    let kind = transaction
+        .and_then(|t| t.kind)
+        .ok_or_else(|| FieldViolation::new("transaction", "is required: set ethereum or bitcoin"))?;
+    match kind {
+        proto::unsigned_transaction::Kind::Ethereum(eth) => {
+            let encoding = eth
+                .encoding
+                .ok_or_else(|| FieldViolation::new("transaction.ethereum", "is empty: set rlp or fields"))?;
+            let tx = match encoding {
+                proto::ethereum_transaction::Encoding::Rlp(bytes) => {
+                    ethereum::decode_unsigned(&bytes).map_err(|r| refused(ChainKind::Ethereum, r))?
+                }
+                proto::ethereum_transaction::Encoding::Fields(fields) => {
+                    let fields = ethereum_fields(fields)?;
+                    ethereum::UnsignedEthereumTx::try_from(fields).map_err(field_refusal)?
+                }
+            };
+            Ok(UnsignedTx::Ethereum(tx))
+        }
+        proto::unsigned_transaction::Kind::Bitcoin(btc) => {
+            let psbt = bitcoin::decode_psbt(&btc.psbt).map_err(|r| refused(ChainKind::Bitcoin, r))?;
+            Ok(UnsignedTx::Bitcoin(psbt))
+        }
+    }
+}
+
+fn field_refusal(refusal: TxRefusal) -> FieldViolation {
+    FieldViolation::new(
+        format!("transaction.ethereum.fields.{}", refusal.field),
+        refusal.reason,
+    )
+}
+
+fn ethereum_fields(f: proto::EthereumTransactionFields) -> Result<EthereumFields, FieldViolation> {
+    let path = |name: &str| format!("transaction.ethereum.fields.{name}");
+    let tx_type = match Type::try_from(f.r#type) {
+        Ok(Type::Legacy) => EthereumTxType::Legacy,
+        Ok(Type::Eip1559) => EthereumTxType::Eip1559,
+        _ => {
+            return Err(FieldViolation::new(
+                path("type"),
+                "must be TYPE_LEGACY or TYPE_EIP1559",
+            ));
+        }
+    };
+    let wei_u128 = |name: &str, text: &str| -> Result<u128, FieldViolation> {
+        let value = decimal(text).map_err(|reason| FieldViolation::new(path(name), reason))?;
+        u128::try_from(value).map_err(|_| FieldViolation::new(path(name), "exceeds 2^128 - 1 wei"))
+    };
+    let to = if f.to.is_empty() {
+        None
+    } else {
+        Some(address(&f.to).map_err(|reason| FieldViolation::new(path("to"), reason))?)
+    };
+    Ok(EthereumFields {
+        tx_type,
+        chain_id: f.chain_id,
+        nonce: f.nonce,
+        gas_limit: f.gas_limit,
+        gas_price: wei_u128("gas_price", &f.gas_price)?,
+        max_fee_per_gas: wei_u128("max_fee_per_gas", &f.max_fee_per_gas)?,
+        max_priority_fee_per_gas: wei_u128("max_priority_fee_per_gas", &f.max_priority_fee_per_gas)?,
+        to,
+        value: decimal(&f.value).map_err(|reason| FieldViolation::new(path("value"), reason))?,
+        data: f.data,
+    })
+}
+
+/// A decimal amount: digits only, no sign, no leading zeros, below 2^256.
+/// The empty string is 0.
+pub fn decimal(text: &str) -> Result<U256, &'static str> {
+    if text.is_empty() {
+        return Ok(U256::ZERO);
+    }
+    if !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err("must be a decimal integer of base units (digits only)");
+    }
+    if text.len() > 1 && text.starts_with('0') {
+        return Err("must not have leading zeros");
+    }
+    if text.len() > MAX_DECIMAL_DIGITS {
+        return Err("exceeds 2^256 - 1");
+    }
+    U256::from_str_radix(text, 10).map_err(|_| "exceeds 2^256 - 1")
+}
+
+/// A 0x-prefixed address; mixed-case input must carry a valid EIP-55 checksum.
+pub fn address(text: &str) -> Result<Address, &'static str> {
+    let hex_part = text.strip_prefix("0x").ok_or("must start with 0x")?;
+    if hex_part.len() != 40 || !hex_part.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err("must be 0x followed by 40 hex digits");
+    }
+    let mixed =
+        hex_part.bytes().any(|b| b.is_ascii_uppercase()) && hex_part.bytes().any(|b| b.is_ascii_lowercase());
+    if mixed {
+        Address::parse_checksummed(text, None).map_err(|_| "has an invalid EIP-55 checksum")
+    } else {
+        text.parse().map_err(|_| "is not a valid address")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields() -> proto::EthereumTransactionFields {
+        proto::EthereumTransactionFields {
+            r#type: Type::Eip1559 as i32,
+            chain_id: 1,
+            nonce: 1,
+            gas_limit: 21_000,
+            gas_price: String::new(),
+            max_fee_per_gas: "30000000000".into(),
+            max_priority_fee_per_gas: "1000000000".into(),
+            to: "0x3535353535353535353535353535353535353535".into(),
+            value: "1000000000000000000".into(),
+            data: vec![],
+        }
+    }
+
+    fn convert(f: proto::EthereumTransactionFields) -> Result<UnsignedTx, FieldViolation> {
+        unsigned_tx(Some(proto::UnsignedTransaction {
+            kind: Some(proto::unsigned_transaction::Kind::Ethereum(
+                proto::EthereumTransaction {
+                    encoding: Some(proto::ethereum_transaction::Encoding::Fields(f)),
+                },
+            )),
+        }))
+    }
+
+    #[test]
+    fn fields_convert() {
+        let UnsignedTx::Ethereum(ethereum::UnsignedEthereumTx::Eip1559(tx)) = convert(fields()).unwrap()
+        else {
+            panic!("wrong kind")
+        };
+        assert_eq!(tx.value, U256::from(10u64).pow(U256::from(18u64)));
+        assert_eq!(tx.max_fee_per_gas, 30_000_000_000);
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        type Mutation = Box<dyn Fn(&mut proto::EthereumTransactionFields)>;
+        let cases: Vec<(Mutation, &str)> = vec![
+            (Box::new(|f| f.r#type = 0), "transaction.ethereum.fields.type"),
+            (
+                Box::new(|f| f.value = "1.5".into()),
+                "transaction.ethereum.fields.value",
+            ),
+            (
+                Box::new(|f| f.value = "-1".into()),
+                "transaction.ethereum.fields.value",
+            ),
+            (
+                Box::new(|f| f.value = "01".into()),
+                "transaction.ethereum.fields.value",
+            ),
+            (
+                Box::new(|f| f.value = "1".repeat(79)),
+                "transaction.ethereum.fields.value",
+            ),
+            (
+                Box::new(|f| f.max_fee_per_gas = "340282366920938463463374607431768211456".into()),
+                "transaction.ethereum.fields.max_fee_per_gas",
+            ),
+            (
+                Box::new(|f| f.to = "3535353535353535353535353535353535353535".into()),
+                "transaction.ethereum.fields.to",
+            ),
+            (
+                Box::new(|f| f.to = "0x9D8A62f656a8d1615C1294fd71e9CFb3E4855A4F".into()),
+                "transaction.ethereum.fields.to",
+            ),
+            (
+                Box::new(|f| f.gas_price = "1".into()),
+                "transaction.ethereum.fields.gas_price",
+            ),
+        ];
+        for (mutate, field) in cases {
+            let mut f = fields();
+            mutate(&mut f);
+            assert_eq!(convert(f).unwrap_err().field, field);
+        }
+    }
+
+    #[test]
+    fn decimal_bounds() {
+        assert_eq!(decimal("0").unwrap(), U256::ZERO);
+        assert_eq!(decimal(&U256::MAX.to_string()).unwrap(), U256::MAX);
+        assert!(
+            decimal("115792089237316195423570985008687907853269984665640564039457584007913129639936")
+                .is_err()
+        );
+        assert!(decimal(" 1").is_err());
+    }
+
+    #[test]
+    fn missing_and_malformed_transactions_are_named() {
+        assert_eq!(unsigned_tx(None).unwrap_err().field, "transaction");
+        let empty_eth = Some(proto::UnsignedTransaction {
+            kind: Some(proto::unsigned_transaction::Kind::Ethereum(
+                proto::EthereumTransaction { encoding: None },
+            )),
+        });
+        assert_eq!(unsigned_tx(empty_eth).unwrap_err().field, "transaction.ethereum");
+        let rlp = Some(proto::UnsignedTransaction {
+            kind: Some(proto::unsigned_transaction::Kind::Ethereum(
+                proto::EthereumTransaction {
+                    encoding: Some(proto::ethereum_transaction::Encoding::Rlp(vec![0x01, 0xc0])),
+                },
+            )),
+        });
+        let v = unsigned_tx(rlp).unwrap_err();
+        assert_eq!(v.field, "transaction.ethereum.rlp");
+        assert!(v.description.contains("EIP-2930"));
+        let psbt = Some(proto::UnsignedTransaction {
+            kind: Some(proto::unsigned_transaction::Kind::Bitcoin(
+                proto::BitcoinTransaction {
+                    psbt: b"nope".to_vec(),
+                },
+            )),
+        });
+        assert_eq!(unsigned_tx(psbt).unwrap_err().field, "transaction.bitcoin.psbt");
+    }
+}
