@@ -21,6 +21,9 @@
 //!
 //! See `docs/ARCHITECTURE.md` for the invariants each module upholds.
 
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
 pub mod address;
 pub mod api;
 pub mod chain;

@@ -1,6 +1,9 @@
 //! `custos`: the command-line client for admins (and, in later releases,
 //! approvers and auditors).
 
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
 use std::io::Write;
 use std::process::ExitCode;
 

@@ -4,6 +4,9 @@
 //! `custosd --dev` creates a SoftHSM token, config and store on the fly and
 //! serves in plaintext on loopback (see `custos::dev`).
 
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;

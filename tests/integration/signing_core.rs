@@ -743,3 +743,60 @@ fn token_script_yields_a_servable_config() {
     assert!(support::terminate(&mut child).success());
     assert!(dir.join("custos.db").exists());
 }
+
+/// custosd finds its token by serial number as well as by label, and reads
+/// its PIN from an environment variable as well as from a file.
+#[test]
+fn token_by_serial_and_pin_from_environment() {
+    let mut server = DevServer::start();
+    let conf = server.path("softhsm2_conf");
+    let pin = std::fs::read_to_string(server.path("user_pin_file")).unwrap();
+    assert!(server.stop().success());
+    let serial = {
+        let out = Command::new("softhsm2-util")
+            .arg("--show-slots")
+            .env("SOFTHSM2_CONF", &conf)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let line = text
+            .lines()
+            .map(str::trim)
+            .find(|l| l.starts_with("Serial number:") && l.len() > "Serial number:".len() + 1)
+            .unwrap_or_else(|| panic!("no serial in:\n{text}"))
+            .to_owned();
+        line["Serial number:".len()..].trim().to_owned()
+    };
+
+    let work = tempfile::tempdir().unwrap();
+    let store = work.path().join("serial.db");
+    let config = work.path().join("serial.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[hsm]\nmodule = \"{}\"\ntoken_serial = \"{serial}\"\npin_env = \"CUSTOS_TEST_HSM_PIN\"\n[store]\npath = \"{}\"\n",
+            support::module_path().display(),
+            store.display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_custosd"))
+        .arg("--config")
+        .arg(&config)
+        .env("SOFTHSM2_CONF", &conf)
+        .env("CUSTOS_TEST_HSM_PIN", pin.trim())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    while !seen.contains("custosd serving") {
+        let mut line = String::new();
+        let read = std::io::BufRead::read_line(&mut stderr, &mut line).unwrap();
+        assert!(read > 0, "custosd exited before serving:\n{seen}");
+        seen.push_str(&line);
+    }
+    assert!(!seen.contains(pin.trim()), "PIN in the log");
+    assert!(support::terminate(&mut child).success());
+    assert!(store.exists());
+}
