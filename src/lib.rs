@@ -7,6 +7,7 @@
 //! | module | owns |
 //! |---|---|
 //! | [`api`] | the only code that knows prost types: `TryFrom` conversions, gRPC services, the error-to-`Status` mapping |
+//! | [`policy`] | the withdrawal policy language, its hash, and the pure decision core `evaluate` |
 //! | [`server`] | `server::run(listener, shutdown)`: wiring, health, reflection, graceful shutdown |
 //! | [`config`] | the TOML configuration, parsed into validated types (unknown fields rejected) |
 //! | [`dev`] | `custosd --dev`: a fresh SoftHSM token, config and store under one directory |
@@ -30,6 +31,7 @@ pub mod chain;
 pub mod config;
 pub mod dev;
 pub mod hsm;
+pub mod policy;
 pub mod secret;
 pub mod server;
 pub mod signature;
