@@ -6,6 +6,7 @@
 //!
 //! | module | owns |
 //! |---|---|
+//! | [`approval`] | approval messages: canonical encoding, strict parsing, low-S signature verification |
 //! | [`api`] | the only code that knows prost types: `TryFrom` conversions, gRPC services, the error-to-`Status` mapping |
 //! | [`policy`] | the withdrawal policy language, its hash, and the pure decision core `evaluate` |
 //! | [`server`] | `server::run(listener, shutdown)`: wiring, health, reflection, graceful shutdown |
@@ -27,6 +28,7 @@
 
 pub mod address;
 pub mod api;
+pub mod approval;
 pub mod chain;
 pub mod config;
 pub mod dev;

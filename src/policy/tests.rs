@@ -522,9 +522,16 @@ fn published_example_and_hash_vector() {
         std::fs::write(example, document()).unwrap();
     }
     let bytes = std::fs::read(example).unwrap();
-    assert_eq!(bytes, document().as_bytes(), "docs/policy-example.toml differs from the fixture");
+    assert_eq!(
+        bytes,
+        document().as_bytes(),
+        "docs/policy-example.toml differs from the fixture"
+    );
     let p = Policy::parse(&bytes).unwrap();
     let spec = include_str!("../../docs/policy.md");
     let published = format!("`{}`", hex::encode(p.hash));
-    assert!(spec.contains(&published), "docs/policy.md must publish the example's hash {published}");
+    assert!(
+        spec.contains(&published),
+        "docs/policy.md must publish the example's hash {published}"
+    );
 }
