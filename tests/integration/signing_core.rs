@@ -14,11 +14,10 @@ use tonic_types::StatusExt;
 use custos::api;
 use custos::hsm::{HsmError, KeyId};
 use custos::proto::{self, wallet_service_client::WalletServiceClient};
-use custos::server::App;
 use custos::signature::is_low_s;
 use custos::wallet::{DisplayName, WalletError, WalletId};
 
-use crate::support::{self, DevServer, SoftHsmDir};
+use crate::support::{self, DevServer};
 
 fn create_request(id: &str) -> proto::CreateWalletRequest {
     proto::CreateWalletRequest {
@@ -75,12 +74,7 @@ fn child_reads_wallet_key_from_token() {
             cryptoki::context::CInitializeFlags::OS_LOCKING_OK,
         ))
         .unwrap();
-    let slot = pkcs11
-        .get_slots_with_initialized_token()
-        .unwrap()
-        .into_iter()
-        .find(|s| pkcs11.get_token_info(*s).unwrap().label() == custos::dev::DEV_TOKEN_LABEL)
-        .expect("dev token visible to a second process");
+    let slot = support::slot_with_label(&pkcs11, custos::dev::DEV_TOKEN_LABEL);
     let session = pkcs11.open_ro_session(slot).unwrap();
     let user_pin = std::fs::read_to_string(env("CUSTOS_TEST_PIN_FILE")).unwrap();
     session
@@ -164,68 +158,63 @@ fn child_reads_wallet_key_from_token() {
 /// low-S, verifies with k256, and recovers to the wallet's addresses.
 #[test]
 fn thousand_signatures_are_low_s_verified_and_recover_to_the_wallet() {
-    const NAME: &str = "signing_core::thousand_signatures_are_low_s_verified_and_recover_to_the_wallet";
-    if !support::is_child(NAME) {
-        let hsm_dir = SoftHsmDir::new();
-        support::run_child(NAME, &hsm_dir.env());
-        return;
-    }
-    let dir = support::child_dir();
-    let config = support::init_test_token(&dir);
-    support::runtime().block_on(async {
-        let app = App::open(&config).await.unwrap();
-        let id = WalletId::parse("signer").unwrap();
-        let wallet = app
-            .wallets
-            .create(id.clone(), DisplayName::default())
-            .await
-            .unwrap();
-
-        // The token really does return high-S about half the time, so the
-        // normalisation below is exercised, not assumed.
-        let mut raw_high_s = 0;
-        for i in 0u32..200 {
-            let digest = digest_for(i + 1_000_000);
-            let raw = app.hsm.sign_ecdsa_prehash(&wallet.key_id, digest).await.unwrap();
-            let sig = k256::ecdsa::Signature::from_slice(&raw).unwrap();
-            raw_high_s += usize::from(!is_low_s(&sig));
-        }
-        assert!(
-            (40..=160).contains(&raw_high_s),
-            "raw high-S count {raw_high_s} of 200"
-        );
-
-        let mut tasks = tokio::task::JoinSet::new();
-        for i in 0u32..1000 {
-            let wallets = app.wallets.clone();
-            let id = id.clone();
-            tasks.spawn(async move {
-                let digest = digest_for(i);
-                (digest, wallets.sign_digest(&id, digest).await.unwrap())
-            });
-        }
-        let mut checked = 0;
-        while let Some(joined) = tasks.join_next().await {
-            let (digest, sig) = joined.unwrap();
-            assert!(is_low_s(sig.signature()), "high-S released");
-            wallet
-                .public_key
-                .verify_prehash(&digest, sig.signature())
+    support::with_app_in_child(
+        "signing_core::thousand_signatures_are_low_s_verified_and_recover_to_the_wallet",
+        |app, _dir| async move {
+            let id = WalletId::parse("signer").unwrap();
+            let wallet = app
+                .wallets
+                .create(id.clone(), DisplayName::default())
+                .await
                 .unwrap();
-            let recovered =
-                VerifyingKey::recover_from_prehash(&digest, sig.signature(), sig.recovery_id()).unwrap();
-            assert_eq!(
-                custos::address::ethereum_address_checksummed(&recovered),
-                wallet.ethereum_address
+
+            // The token really does return high-S about half the time, so the
+            // normalisation below is exercised, not assumed.
+            let mut raw_high_s = 0;
+            for i in 0u32..200 {
+                let digest = digest_for(i + 1_000_000);
+                let raw = app.hsm.sign_ecdsa_prehash(&wallet.key_id, digest).await.unwrap();
+                let sig = k256::ecdsa::Signature::from_slice(&raw).unwrap();
+                raw_high_s += usize::from(!is_low_s(&sig));
+            }
+            assert!(
+                (40..=160).contains(&raw_high_s),
+                "raw high-S count {raw_high_s} of 200"
             );
-            assert_eq!(
-                custos::address::bitcoin_p2wpkh_address(&recovered, bitcoin::Network::Regtest).to_string(),
-                wallet.bitcoin_address
-            );
-            checked += 1;
-        }
-        assert_eq!(checked, 1000);
-    });
+
+            let mut tasks = tokio::task::JoinSet::new();
+            for i in 0u32..1000 {
+                let wallets = app.wallets.clone();
+                let id = id.clone();
+                tasks.spawn(async move {
+                    let digest = digest_for(i);
+                    (digest, wallets.sign_digest(&id, digest).await.unwrap())
+                });
+            }
+            let mut checked = 0;
+            while let Some(joined) = tasks.join_next().await {
+                let (digest, sig) = joined.unwrap();
+                assert!(is_low_s(sig.signature()), "high-S released");
+                wallet
+                    .public_key
+                    .verify_prehash(&digest, sig.signature())
+                    .unwrap();
+                let recovered =
+                    VerifyingKey::recover_from_prehash(&digest, sig.signature(), sig.recovery_id()).unwrap();
+                assert_eq!(
+                    custos::address::ethereum_address_checksummed(&recovered),
+                    wallet.ethereum_address
+                );
+                assert_eq!(
+                    custos::address::bitcoin_p2wpkh_address(&recovered, bitcoin::Network::Regtest)
+                        .to_string(),
+                    wallet.bitcoin_address
+                );
+                checked += 1;
+            }
+            assert_eq!(checked, 1000);
+        },
+    );
 }
 
 fn digest_for(i: u32) -> [u8; 32] {
@@ -237,63 +226,29 @@ fn digest_for(i: u32) -> [u8; 32] {
 /// naming the attribute.
 #[test]
 fn extractable_key_on_token_is_refused() {
-    const NAME: &str = "signing_core::extractable_key_on_token_is_refused";
-    if !support::is_child(NAME) {
-        let hsm_dir = SoftHsmDir::new();
-        support::run_child(NAME, &hsm_dir.env());
-        return;
-    }
-    let dir = support::child_dir();
-    let config = support::init_test_token(&dir);
-    support::runtime().block_on(async {
-        let app = App::open(&config).await.unwrap();
-        // Plant a weak key pair (exportable, not sensitive) through a side session.
-        let pkcs11 = Pkcs11::new(support::module_path()).unwrap();
-        let slot = pkcs11
-            .get_slots_with_initialized_token()
-            .unwrap()
-            .into_iter()
-            .find(|s| pkcs11.get_token_info(*s).unwrap().label() == support::TEST_TOKEN_LABEL)
-            .unwrap();
-        let session = pkcs11.open_rw_session(slot).unwrap();
-        let id = vec![0xAB; 16];
-        let common = |private: bool| {
-            let mut t = vec![
-                Attribute::Token(true),
-                Attribute::Id(id.clone()),
-                Attribute::Label(b"weak".to_vec()),
-            ];
-            if private {
-                t.extend([
-                    Attribute::Private(true),
-                    Attribute::Sensitive(false),
-                    Attribute::Extractable(true),
-                    Attribute::Sign(true),
-                ]);
-            } else {
-                t.push(Attribute::EcParams(custos::hsm::SECP256K1_EC_PARAMS.to_vec()));
-            }
-            t
-        };
-        session
-            .generate_key_pair(
-                &cryptoki::mechanism::Mechanism::EccKeyPairGen,
-                &common(false),
-                &common(true),
-            )
-            .unwrap();
-        let err = app.hsm.load_key(&KeyId::from_bytes(id)).await.unwrap_err();
-        assert!(
-            matches!(
-                err,
-                HsmError::KeyRefused {
-                    attribute: "CKA_SENSITIVE",
-                    ..
-                }
-            ),
-            "weak key not refused: {err}"
-        );
-    });
+    support::with_app_in_child(
+        "signing_core::extractable_key_on_token_is_refused",
+        |app, _dir| async move {
+            // Plant a weak key pair (exportable, not sensitive) through a side session.
+            let pkcs11 = Pkcs11::new(support::module_path()).unwrap();
+            let session = pkcs11
+                .open_rw_session(support::slot_with_label(&pkcs11, support::TEST_TOKEN_LABEL))
+                .unwrap();
+            let id = vec![0xAB; 16];
+            support::plant_key_pair(&session, &id, b"weak", true);
+            let err = app.hsm.load_key(&KeyId::from_bytes(id)).await.unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    HsmError::KeyRefused {
+                        attribute: "CKA_SENSITIVE",
+                        ..
+                    }
+                ),
+                "weak key not refused: {err}"
+            );
+        },
+    );
 }
 
 /// Startup with a wrong module path, a missing token or a wrong PIN exits
@@ -368,143 +323,120 @@ fn startup_failures_exit_clearly_and_create_nothing() {
 /// closed; a substituted key under the same id and label is never used.
 #[test]
 fn session_loss_recovers_or_fails_closed_and_never_uses_a_wrong_key() {
-    const NAME: &str = "signing_core::session_loss_recovers_or_fails_closed_and_never_uses_a_wrong_key";
-    if !support::is_child(NAME) {
-        let hsm_dir = SoftHsmDir::new();
-        support::run_child(NAME, &hsm_dir.env());
-        return;
-    }
-    let dir = support::child_dir();
-    let config = support::init_test_token(&dir);
-    support::runtime().block_on(async {
-        let app = App::open(&config).await.unwrap();
-        let id = WalletId::parse("w").unwrap();
-        let wallet = app
-            .wallets
-            .create(id.clone(), DisplayName::default())
-            .await
-            .unwrap();
-        let digest = digest_for(1);
-        app.wallets.sign_digest(&id, digest).await.unwrap();
+    support::with_app_in_child(
+        "signing_core::session_loss_recovers_or_fails_closed_and_never_uses_a_wrong_key",
+        |app, dir| async move {
+            let id = WalletId::parse("w").unwrap();
+            let wallet = app
+                .wallets
+                .create(id.clone(), DisplayName::default())
+                .await
+                .unwrap();
+            let digest = digest_for(1);
+            app.wallets.sign_digest(&id, digest).await.unwrap();
 
-        // 1. Another session of this application logs out: every session loses
-        //    its login. The next signature recovers by logging in again.
-        let pkcs11 = Pkcs11::new(support::module_path()).unwrap();
-        let slot = pkcs11
-            .get_slots_with_initialized_token()
-            .unwrap()
-            .into_iter()
-            .find(|s| pkcs11.get_token_info(*s).unwrap().label() == support::TEST_TOKEN_LABEL)
-            .unwrap();
-        pkcs11.open_ro_session(slot).unwrap().logout().unwrap();
-        let sig = app.wallets.sign_digest(&id, digest_for(2)).await.unwrap();
-        wallet
-            .public_key
-            .verify_prehash(&digest_for(2), sig.signature())
-            .unwrap();
+            // 1. Another session of this application logs out: every session loses
+            //    its login. The next signature recovers by logging in again.
+            let pkcs11 = Pkcs11::new(support::module_path()).unwrap();
+            let slot = support::slot_with_label(&pkcs11, support::TEST_TOKEN_LABEL);
+            pkcs11.open_ro_session(slot).unwrap().logout().unwrap();
+            let sig = app.wallets.sign_digest(&id, digest_for(2)).await.unwrap();
+            wallet
+                .public_key
+                .verify_prehash(&digest_for(2), sig.signature())
+                .unwrap();
 
-        // 2. Another process re-initializes the token (same label and PINs):
-        //    the wallet key is gone and signing fails closed.
-        let softhsm = |args: &[&str]| {
-            let out = Command::new("softhsm2-util")
-                .args(args)
-                .output()
-                .expect("softhsm2-util");
+            // 2. Another process re-initializes the token (same label and PINs):
+            //    the wallet key is gone and signing fails closed.
+            let softhsm = |args: &[&str]| {
+                let out = Command::new("softhsm2-util")
+                    .args(args)
+                    .output()
+                    .expect("softhsm2-util");
+                assert!(
+                    out.status.success(),
+                    "softhsm2-util {args:?}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            };
+            softhsm(&[
+                "--init-token",
+                "--token",
+                support::TEST_TOKEN_LABEL,
+                "--label",
+                support::TEST_TOKEN_LABEL,
+                "--so-pin",
+                support::TEST_SO_PIN,
+                "--pin",
+                support::TEST_USER_PIN,
+            ]);
+            let err = app.wallets.sign_digest(&id, digest_for(3)).await.unwrap_err();
+            let status = api::to_status(&err);
             assert!(
-                out.status.success(),
-                "softhsm2-util {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
+                matches!(status.code(), Code::Unavailable | Code::FailedPrecondition),
+                "after re-initialization: {err} -> {status:?}"
             );
-        };
-        softhsm(&[
-            "--init-token",
-            "--token",
-            support::TEST_TOKEN_LABEL,
-            "--label",
-            support::TEST_TOKEN_LABEL,
-            "--so-pin",
-            support::TEST_SO_PIN,
-            "--pin",
-            support::TEST_USER_PIN,
-        ]);
-        let err = app.wallets.sign_digest(&id, digest_for(3)).await.unwrap_err();
-        let status = api::to_status(&err);
-        assert!(
-            matches!(status.code(), Code::Unavailable | Code::FailedPrecondition),
-            "after re-initialization: {err} -> {status:?}"
-        );
 
-        // 3. An attacker plants a different key under the wallet's CKA_ID and
-        //    label. custos must refuse it rather than sign with it.
-        let attacker = k256::ecdsa::SigningKey::from_slice(&[0x5A; 32]).unwrap();
-        let pem = k256::pkcs8::EncodePrivateKey::to_pkcs8_pem(&attacker, Default::default()).unwrap();
-        let pem_path = dir.join("attacker.pem");
-        std::fs::write(&pem_path, pem.as_bytes()).unwrap();
-        softhsm(&[
-            "--import",
-            pem_path.to_str().unwrap(),
-            "--token",
-            support::TEST_TOKEN_LABEL,
-            "--label",
-            &wallet.key_label,
-            "--id",
-            &wallet.key_id.to_string(),
-            "--pin",
-            support::TEST_USER_PIN,
-        ]);
-        let refusal = |err: &WalletError| {
-            matches!(
-                err,
-                WalletError::Hsm(
-                    HsmError::KeyMismatch(_) | HsmError::KeyMissing(_) | HsmError::KeyRefused { .. }
-                ) | WalletError::Signature(_)
-            ) || matches!(err, WalletError::Hsm(HsmError::Unavailable(inner)) if matches!(**inner, HsmError::KeyMismatch(_) | HsmError::KeyMissing(_) | HsmError::KeyRefused { .. }))
-        };
-        for attempt in 0..3 {
-            match app.wallets.sign_digest(&id, digest_for(4 + attempt)).await {
-                Ok(sig) => panic!("signed with an imported key: {sig:?}"),
-                Err(err) => assert!(refusal(&err), "unexpected error {err}"),
+            // 3. An attacker plants a different key under the wallet's CKA_ID and
+            //    label. custos must refuse it rather than sign with it.
+            let attacker = k256::ecdsa::SigningKey::from_slice(&[0x5A; 32]).unwrap();
+            let pem = k256::pkcs8::EncodePrivateKey::to_pkcs8_pem(&attacker, Default::default()).unwrap();
+            let pem_path = dir.join("attacker.pem");
+            std::fs::write(&pem_path, pem.as_bytes()).unwrap();
+            softhsm(&[
+                "--import",
+                pem_path.to_str().unwrap(),
+                "--token",
+                support::TEST_TOKEN_LABEL,
+                "--label",
+                &wallet.key_label,
+                "--id",
+                &wallet.key_id.to_string(),
+                "--pin",
+                support::TEST_USER_PIN,
+            ]);
+            let refusal = |err: &WalletError| {
+                matches!(
+                    err,
+                    WalletError::Hsm(
+                        HsmError::KeyMismatch(_) | HsmError::KeyMissing(_) | HsmError::KeyRefused { .. }
+                    ) | WalletError::Signature(_)
+                ) || matches!(err, WalletError::Hsm(HsmError::Unavailable(inner)) if matches!(**inner, HsmError::KeyMismatch(_) | HsmError::KeyMissing(_) | HsmError::KeyRefused { .. }))
+            };
+            for attempt in 0..3 {
+                match app.wallets.sign_digest(&id, digest_for(4 + attempt)).await {
+                    Ok(sig) => panic!("signed with an imported key: {sig:?}"),
+                    Err(err) => assert!(refusal(&err), "unexpected error {err}"),
+                }
             }
-        }
 
-        // 4. A key generated inside the token under the wallet's id and label
-        //    passes every attribute check, but is not the wallet's key: refused.
-        let side = pkcs11.open_rw_session(slot).unwrap();
-        for object in side.find_objects(&[Attribute::Id(wallet.key_id.as_bytes().to_vec())]).unwrap() {
-            side.destroy_object(object).unwrap();
-        }
-        let template = |private: bool| {
-            let mut t = vec![
-                Attribute::Token(true),
-                Attribute::Id(wallet.key_id.as_bytes().to_vec()),
-                Attribute::Label(wallet.key_label.as_bytes().to_vec()),
-            ];
-            if private {
-                t.extend([
-                    Attribute::Private(true),
-                    Attribute::Sensitive(true),
-                    Attribute::Extractable(false),
-                    Attribute::Derive(false),
-                    Attribute::Sign(true),
-                ]);
-            } else {
-                t.push(Attribute::EcParams(custos::hsm::SECP256K1_EC_PARAMS.to_vec()));
+            // 4. A key generated inside the token under the wallet's id and label
+            //    passes every attribute check, but is not the wallet's key: refused.
+            let side = pkcs11.open_rw_session(slot).unwrap();
+            for object in side
+                .find_objects(&[Attribute::Id(wallet.key_id.as_bytes().to_vec())])
+                .unwrap()
+            {
+                side.destroy_object(object).unwrap();
             }
-            t
-        };
-        side.generate_key_pair(&cryptoki::mechanism::Mechanism::EccKeyPairGen, &template(false), &template(true))
-            .unwrap();
-        for attempt in 0..3 {
-            match app.wallets.sign_digest(&id, digest_for(10 + attempt)).await {
-                Ok(sig) => panic!("signed with a substituted key: {sig:?}"),
-                Err(err) => assert!(
-                    matches!(&err, WalletError::Hsm(HsmError::KeyMismatch(_)))
-                        || matches!(&err, WalletError::Hsm(HsmError::Unavailable(inner)) if matches!(**inner, HsmError::KeyMismatch(_))),
-                    "substituted key not refused as a mismatch: {err}"
-                ),
+            support::plant_key_pair(
+                &side,
+                wallet.key_id.as_bytes(),
+                wallet.key_label.as_bytes(),
+                false,
+            );
+            for attempt in 0..3 {
+                match app.wallets.sign_digest(&id, digest_for(10 + attempt)).await {
+                    Ok(sig) => panic!("signed with a substituted key: {sig:?}"),
+                    Err(err) => assert!(
+                        matches!(&err, WalletError::Hsm(HsmError::KeyMismatch(_)))
+                            || matches!(&err, WalletError::Hsm(HsmError::Unavailable(inner)) if matches!(**inner, HsmError::KeyMismatch(_))),
+                        "substituted key not refused as a mismatch: {err}"
+                    ),
+                }
             }
-        }
-    });
+        },
+    );
 }
 
 /// Health reports SERVING and reflection lists every service.

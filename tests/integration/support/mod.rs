@@ -262,3 +262,59 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .build()
         .unwrap()
 }
+
+/// Runs a test body in a child process of this binary, on a fresh SoftHSM
+/// token, with the library's `App` opened on it. `name` is the test's path
+/// in this binary; the parent process only spawns the child and checks it.
+pub fn with_app_in_child<F, Fut>(name: &str, body: F)
+where
+    F: FnOnce(custos::server::App, PathBuf) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    if !is_child(name) {
+        let hsm_dir = SoftHsmDir::new();
+        run_child(name, &hsm_dir.env());
+        return;
+    }
+    let dir = child_dir();
+    let config = init_test_token(&dir);
+    runtime().block_on(async {
+        let app = custos::server::App::open(&config).await.unwrap();
+        body(app, dir).await;
+    });
+}
+
+/// The slot holding the initialized token with this label.
+pub fn slot_with_label(pkcs11: &cryptoki::context::Pkcs11, label: &str) -> cryptoki::slot::Slot {
+    pkcs11
+        .get_slots_with_initialized_token()
+        .unwrap()
+        .into_iter()
+        .find(|s| pkcs11.get_token_info(*s).unwrap().label() == label)
+        .unwrap_or_else(|| panic!("no token labelled {label}"))
+}
+
+/// Generates a secp256k1 key pair on the token behind custos's back, as an
+/// attacker or careless operator could. `weak` makes the private key
+/// exportable and not sensitive.
+pub fn plant_key_pair(session: &cryptoki::session::Session, id: &[u8], label: &[u8], weak: bool) {
+    use cryptoki::object::Attribute;
+    let common = [
+        Attribute::Token(true),
+        Attribute::Id(id.to_vec()),
+        Attribute::Label(label.to_vec()),
+    ];
+    let mut public = common.to_vec();
+    public.push(Attribute::EcParams(custos::hsm::SECP256K1_EC_PARAMS.to_vec()));
+    let mut private = common.to_vec();
+    private.extend([
+        Attribute::Private(true),
+        Attribute::Sensitive(!weak),
+        Attribute::Extractable(weak),
+        Attribute::Derive(false),
+        Attribute::Sign(true),
+    ]);
+    session
+        .generate_key_pair(&cryptoki::mechanism::Mechanism::EccKeyPairGen, &public, &private)
+        .unwrap();
+}
