@@ -3,16 +3,23 @@
 //! BIP-143 sighashes computed by rust-bitcoin.
 //!
 //! Every input must carry its `witness_utxo` paying to the wallet's own
-//! script and request SIGHASH_ALL (or nothing, which means ALL). Outputs to the
-//! wallet's script are change; all others are destinations. The fee is
-//! `sum(inputs) - sum(outputs)` and must not be negative. Anything custos does
-//! not understand (unknown or proprietary keys, scripts on a P2WPKH input,
-//! existing signatures, non-address outputs) is refused.
+//! script, and its `non_witness_utxo` (the previous transaction) whose txid
+//! and output must match: a BIP-143 signature commits only to its own input's
+//! amount, so without the previous transactions a caller could understate
+//! amounts across two PSBTs with the same txid and combine the signatures
+//! into a transaction paying a hidden fee (the 2020 segwit fee attack).
+//! Inputs request SIGHASH_ALL (or nothing, which means ALL). Outputs to the
+//! wallet's script are change; all others are destinations and must be
+//! P2PKH, P2SH, P2WPKH, P2WSH or P2TR. The fee is `sum(inputs) -
+//! sum(outputs)` and must not be negative. Anything custos does not
+//! understand (unknown or proprietary keys, taproot fields, hash preimages,
+//! scripts on a P2WPKH input, existing signatures, other output scripts,
+//! amounts above 21M BTC, trailing bytes) is refused.
 
 use ::bitcoin::hashes::Hash;
 use ::bitcoin::psbt::{Psbt, PsbtSighashType};
 use ::bitcoin::sighash::{EcdsaSighashType, SighashCache};
-use ::bitcoin::{Address, Amount, CompressedPublicKey, ScriptBuf, Transaction, Witness};
+use ::bitcoin::{Address, AddressType, Amount, CompressedPublicKey, ScriptBuf, Transaction, Witness};
 use alloy_primitives::U256;
 
 use super::{Asset, Destination, FeeTerms, Intent, Network, TxRefusal};
@@ -30,7 +37,16 @@ const SEGWIT_MARKER_WEIGHT: u64 = 2;
 
 /// Decodes a PSBT from its binary serialization.
 pub fn decode_psbt(bytes: &[u8]) -> Result<Psbt, TxRefusal> {
-    Psbt::deserialize(bytes).map_err(|e| TxRefusal::new("psbt", format!("malformed PSBT: {e}")))
+    let mut rest = bytes;
+    let psbt = Psbt::deserialize_from_reader(&mut rest)
+        .map_err(|e| TxRefusal::new("psbt", format!("malformed PSBT: {e}")))?;
+    if !rest.is_empty() {
+        return Err(TxRefusal::new(
+            "psbt",
+            "malformed PSBT: trailing bytes after the last map",
+        ));
+    }
+    Ok(psbt)
 }
 
 /// A PSBT custos understands, with its intent and per-input sighashes.
@@ -86,6 +102,12 @@ pub fn parse(
         ));
     }
     let tx = psbt.unsigned_tx;
+    if tx.input.len() != psbt.inputs.len() || tx.output.len() != psbt.outputs.len() {
+        return Err(TxRefusal::new(
+            "psbt",
+            "the number of input or output maps does not match the transaction",
+        ));
+    }
     if tx.input.is_empty() {
         return Err(TxRefusal::new("inputs", "the transaction has no inputs"));
     }
@@ -111,18 +133,44 @@ pub fn parse(
                 format!("does not pay to this wallet's P2WPKH script ({from})"),
             ));
         }
-        if let Some(previous) = &input.non_witness_utxo {
-            let matches = previous.compute_txid() == txin.previous_output.txid
-                && usize::try_from(txin.previous_output.vout)
-                    .ok()
-                    .and_then(|vout| previous.output.get(vout))
-                    == Some(utxo);
-            if !matches {
-                return Err(TxRefusal::new(
-                    field("non_witness_utxo"),
-                    "does not match the outpoint and witness_utxo",
-                ));
-            }
+        let previous = input.non_witness_utxo.as_ref().ok_or_else(|| {
+            TxRefusal::new(
+                field("non_witness_utxo"),
+                "is missing; every input needs its previous transaction so that its amount is proven",
+            )
+        })?;
+        let proven = previous.compute_txid() == txin.previous_output.txid
+            && usize::try_from(txin.previous_output.vout)
+                .ok()
+                .and_then(|vout| previous.output.get(vout))
+                == Some(utxo);
+        if !proven {
+            return Err(TxRefusal::new(
+                field("non_witness_utxo"),
+                "does not match the outpoint and witness_utxo",
+            ));
+        }
+        if utxo.value > Amount::MAX_MONEY {
+            return Err(TxRefusal::new(
+                field("witness_utxo.amount"),
+                "exceeds 21,000,000 BTC",
+            ));
+        }
+        let taproot_or_preimages = input.tap_key_sig.is_some()
+            || !input.tap_script_sigs.is_empty()
+            || !input.tap_scripts.is_empty()
+            || !input.tap_key_origins.is_empty()
+            || input.tap_internal_key.is_some()
+            || input.tap_merkle_root.is_some()
+            || !input.ripemd160_preimages.is_empty()
+            || !input.sha256_preimages.is_empty()
+            || !input.hash160_preimages.is_empty()
+            || !input.hash256_preimages.is_empty();
+        if taproot_or_preimages {
+            return Err(TxRefusal::new(
+                field("taproot"),
+                "taproot fields and hash preimages are refused on a P2WPKH input",
+            ));
         }
         match input.sighash_type {
             None => {}
@@ -165,6 +213,21 @@ pub fn parse(
     let mut change = Amount::ZERO;
     let mut destinations = Vec::new();
     for (index, (txout, output)) in tx.output.iter().zip(&psbt.outputs).enumerate() {
+        if output.tap_internal_key.is_some()
+            || output.tap_tree.is_some()
+            || !output.tap_key_origins.is_empty()
+        {
+            return Err(TxRefusal::new(
+                format!("outputs[{index}].taproot"),
+                "taproot output fields are refused",
+            ));
+        }
+        if txout.value > Amount::MAX_MONEY {
+            return Err(TxRefusal::new(
+                format!("outputs[{index}].amount"),
+                "exceeds 21,000,000 BTC",
+            ));
+        }
         if !output.unknown.is_empty() || !output.proprietary.is_empty() {
             return Err(TxRefusal::new(
                 format!("outputs[{index}].unknown"),
@@ -178,12 +241,26 @@ pub fn parse(
             change += txout.value;
             continue;
         }
-        let to = Address::from_script(&txout.script_pubkey, network).map_err(|_| {
-            TxRefusal::new(
-                format!("outputs[{index}].script_pubkey"),
-                "is not a standard address script",
-            )
-        })?;
+        let to = Address::from_script(&txout.script_pubkey, network)
+            .ok()
+            .filter(|a| {
+                matches!(
+                    a.address_type(),
+                    Some(
+                        AddressType::P2pkh
+                            | AddressType::P2sh
+                            | AddressType::P2wpkh
+                            | AddressType::P2wsh
+                            | AddressType::P2tr
+                    )
+                )
+            })
+            .ok_or_else(|| {
+                TxRefusal::new(
+                    format!("outputs[{index}].script_pubkey"),
+                    "is not a P2PKH, P2SH, P2WPKH, P2WSH or P2TR address script",
+                )
+            })?;
         destinations.push(Destination {
             to: to.to_string(),
             amount: U256::from(txout.value.to_sat()),
@@ -277,7 +354,7 @@ pub fn assemble(
 #[cfg(test)]
 pub(crate) mod tests {
     use ::bitcoin::psbt::Input;
-    use ::bitcoin::{OutPoint, Sequence, TxIn, TxOut, Txid, absolute, transaction};
+    use ::bitcoin::{OutPoint, Sequence, TxIn, TxOut, absolute, transaction};
     use proptest::prelude::*;
 
     use super::*;
@@ -304,13 +381,32 @@ pub(crate) mod tests {
     /// `outputs` (script, satoshi).
     pub(crate) fn psbt(key: &CompressedPublicKey, inputs: &[u64], outputs: &[(ScriptBuf, u64)]) -> Psbt {
         let script = ScriptBuf::new_p2wpkh(&key.wpubkey_hash());
+        // One previous transaction per input, paying the input's amount to
+        // the wallet at output `i`, so that the outpoint and amount are proven.
+        let previous: Vec<Transaction> = inputs
+            .iter()
+            .enumerate()
+            .map(|(i, sat)| Transaction {
+                version: transaction::Version::TWO,
+                lock_time: absolute::LockTime::from_consensus(i as u32),
+                input: vec![],
+                output: (0..=i)
+                    .map(|j| TxOut {
+                        value: Amount::from_sat(if j == i { *sat } else { 1 }),
+                        script_pubkey: script.clone(),
+                    })
+                    .collect(),
+            })
+            .collect();
         let tx = Transaction {
             version: transaction::Version::TWO,
             lock_time: absolute::LockTime::ZERO,
-            input: (0..inputs.len())
-                .map(|i| TxIn {
+            input: previous
+                .iter()
+                .enumerate()
+                .map(|(i, prev)| TxIn {
                     previous_output: OutPoint {
-                        txid: Txid::from_byte_array([i as u8 + 1; 32]),
+                        txid: prev.compute_txid(),
                         vout: i as u32,
                     },
                     sequence: Sequence::ENABLE_RBF_NO_LOCKTIME,
@@ -326,12 +422,10 @@ pub(crate) mod tests {
                 .collect(),
         };
         let mut psbt = Psbt::from_unsigned_tx(tx).unwrap();
-        for (input, sat) in psbt.inputs.iter_mut().zip(inputs) {
+        for (i, input) in psbt.inputs.iter_mut().enumerate() {
             *input = Input {
-                witness_utxo: Some(TxOut {
-                    value: Amount::from_sat(*sat),
-                    script_pubkey: script.clone(),
-                }),
+                witness_utxo: Some(previous[i].output[i].clone()),
+                non_witness_utxo: Some(previous[i].clone()),
                 ..Default::default()
             };
         }
@@ -430,17 +524,47 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn non_witness_utxo_must_match() {
+    fn previous_transactions_are_required_and_must_match() {
         let mut p = psbt(&wallet_key(), &[50_000], &[(other_script(), 40_000)]);
-        let previous = Transaction {
-            version: transaction::Version::TWO,
-            lock_time: absolute::LockTime::ZERO,
-            input: vec![],
-            output: vec![p.inputs[0].witness_utxo.clone().unwrap()],
-        };
-        p.inputs[0].non_witness_utxo = Some(previous);
-        // The outpoint names another txid.
+        p.inputs[0].non_witness_utxo = None;
+        let r = refuse(p);
+        assert_eq!(r.field, "inputs[0].non_witness_utxo");
+        assert!(r.reason.contains("is missing"), "{r}");
+
+        // Understating the amount in witness_utxo is caught by the previous transaction.
+        let mut p = psbt(&wallet_key(), &[50_000], &[(other_script(), 40_000)]);
+        p.inputs[0].witness_utxo.as_mut().unwrap().value = Amount::from_sat(45_000);
         assert_eq!(refuse(p).field, "inputs[0].non_witness_utxo");
+
+        // A previous transaction other than the one the outpoint names.
+        let mut p = psbt(&wallet_key(), &[50_000, 60_000], &[(other_script(), 40_000)]);
+        p.inputs[0].non_witness_utxo = p.inputs[1].non_witness_utxo.clone();
+        assert_eq!(refuse(p).field, "inputs[0].non_witness_utxo");
+    }
+
+    #[test]
+    fn taproot_fields_odd_outputs_and_trailing_bytes_are_refused() {
+        let mut p = psbt(&wallet_key(), &[50_000], &[(other_script(), 40_000)]);
+        p.inputs[0]
+            .sha256_preimages
+            .insert(::bitcoin::hashes::sha256::Hash::hash(b"x"), b"x".to_vec());
+        assert_eq!(refuse(p).field, "inputs[0].taproot");
+
+        // Pay-to-anchor and future witness versions are spendable by anyone
+        // or unknown: not destinations custos signs for.
+        for script in [
+            "51024e73",
+            "5220000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f",
+        ] {
+            let mut p = psbt(&wallet_key(), &[50_000], &[(other_script(), 40_000)]);
+            p.unsigned_tx.output[0].script_pubkey = ScriptBuf::from_hex(script).unwrap();
+            let r = refuse(p);
+            assert_eq!(r.field, "outputs[0].script_pubkey", "{script}");
+        }
+
+        let mut bytes = psbt(&wallet_key(), &[50_000], &[(other_script(), 40_000)]).serialize();
+        bytes.push(0);
+        assert!(decode_psbt(&bytes).unwrap_err().reason.contains("trailing"));
     }
 
     #[test]

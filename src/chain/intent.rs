@@ -423,5 +423,16 @@ mod vectors {
         let committed: Value = serde_json::from_str(&std::fs::read_to_string(PATH).unwrap()).unwrap();
         assert_eq!(committed, computed);
         assert_eq!(committed["vectors"].as_array().unwrap().len(), 3);
+        let spec = include_str!("../../docs/approval-format.md");
+        for vector in committed["vectors"].as_array().unwrap() {
+            for key in ["canonical_hex", "intent_hash"] {
+                let value = vector[key].as_str().unwrap();
+                assert!(
+                    spec.contains(value),
+                    "docs/approval-format.md lacks {key} of {}",
+                    vector["name"]
+                );
+            }
+        }
     }
 }

@@ -9,7 +9,7 @@ use alloy_primitives::{Address, U256};
 use alloy_sol_types::{SolCall, sol};
 use bitcoin::hashes::Hash;
 use bitcoin::psbt::{Input, Psbt};
-use bitcoin::{Amount, OutPoint, ScriptBuf, Sequence, Transaction, TxIn, TxOut, Txid, absolute, transaction};
+use bitcoin::{Amount, OutPoint, ScriptBuf, Sequence, Transaction, TxIn, TxOut, absolute, transaction};
 use k256::sha2::{Digest, Sha256};
 
 use custos::chain::ethereum::{
@@ -189,14 +189,35 @@ fn bitcoin_psbts_with_one_to_five_inputs_pass_bitcoin_core_verification() {
                             script_pubkey: own.clone(),
                         });
                     }
+                    // Each input spends output `vout` of its own previous
+                    // transaction, which the PSBT carries to prove the amount.
+                    let previous: Vec<(Transaction, u32)> = amounts
+                        .iter()
+                        .map(|amount| {
+                            let vout = rng.below(4) as u32;
+                            let prev = Transaction {
+                                version: transaction::Version::TWO,
+                                lock_time: absolute::LockTime::from_consensus(rng.below(500_000) as u32),
+                                input: vec![],
+                                output: (0..=vout)
+                                    .map(|j| TxOut {
+                                        value: Amount::from_sat(if j == vout { *amount } else { 546 }),
+                                        script_pubkey: if j == vout { own.clone() } else { p2wpkh(42) },
+                                    })
+                                    .collect(),
+                            };
+                            (prev, vout)
+                        })
+                        .collect();
                     let tx = Transaction {
                         version: transaction::Version::TWO,
                         lock_time: absolute::LockTime::ZERO,
-                        input: (0..inputs)
-                            .map(|_| TxIn {
+                        input: previous
+                            .iter()
+                            .map(|(prev, vout)| TxIn {
                                 previous_output: OutPoint {
-                                    txid: Txid::from_byte_array(rng.bytes32()),
-                                    vout: rng.below(4) as u32,
+                                    txid: prev.compute_txid(),
+                                    vout: *vout,
                                 },
                                 sequence: Sequence::ENABLE_RBF_NO_LOCKTIME,
                                 ..Default::default()
@@ -205,12 +226,10 @@ fn bitcoin_psbts_with_one_to_five_inputs_pass_bitcoin_core_verification() {
                         output: outputs,
                     };
                     let mut psbt = Psbt::from_unsigned_tx(tx).unwrap();
-                    for (input, amount) in psbt.inputs.iter_mut().zip(&amounts) {
+                    for (input, (prev, vout)) in psbt.inputs.iter_mut().zip(&previous) {
                         *input = Input {
-                            witness_utxo: Some(TxOut {
-                                value: Amount::from_sat(*amount),
-                                script_pubkey: own.clone(),
-                            }),
+                            witness_utxo: Some(prev.output[*vout as usize].clone()),
+                            non_witness_utxo: Some(prev.clone()),
                             ..Default::default()
                         };
                     }
