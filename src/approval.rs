@@ -13,7 +13,8 @@ use k256::ecdsa::signature::hazmat::PrehashVerifier;
 use k256::ecdsa::{Signature, VerifyingKey};
 use k256::sha2::{Digest, Sha256};
 
-use crate::policy::{Approval, Vote};
+use crate::policy::document::PublicKey;
+use crate::policy::{Approval, Policy, Vote};
 
 /// Domain separator that starts every approval message.
 pub const APPROVAL_DOMAIN: &[u8; 18] = b"custos/approval/v1";
@@ -54,6 +55,12 @@ pub enum ApprovalError {
     /// The signature does not verify under the approver's key.
     #[error("signature does not verify under the approver's key")]
     InvalidSignature,
+    /// The message names another custos deployment.
+    #[error("approval is for service {0:?}, not this one")]
+    WrongService(String),
+    /// The approver is not on the policy's roster.
+    #[error("approver {0:?} is not on the policy roster")]
+    UnknownApprover(String),
 }
 
 impl ApprovalMessage {
@@ -115,9 +122,39 @@ impl ApprovalMessage {
         Sha256::digest(self.encode()).into()
     }
 
-    /// Verifies `signature` (64-byte `r || s`, low-S) under `key`.
+    /// Verifies `signature` (64-byte `r || s`, low-S) under `key`. A message
+    /// built in code must also be one that [`ApprovalMessage::parse`] accepts,
+    /// so that what is verified always has one unambiguous encoding.
     pub fn verify(&self, signature: &[u8], key: &VerifyingKey) -> Result<(), ApprovalError> {
+        if Self::parse(&self.encode()).as_ref() != Ok(self) {
+            return Err(ApprovalError::Malformed(
+                "ids must be 1 to 128 bytes without control characters",
+            ));
+        }
         verify_prehash(&self.digest(), signature, key)
+    }
+
+    /// Parses a submitted approval and verifies it for this deployment: the
+    /// service id must be `service_id`, and the signature must verify under
+    /// the key the policy's roster lists for the named approver. Returns the
+    /// approval as the policy core counts it.
+    pub fn verify_submitted(
+        message: &[u8],
+        signature: &[u8],
+        service_id: &str,
+        policy: &Policy,
+    ) -> Result<(Self, Approval), ApprovalError> {
+        let parsed = Self::parse(message)?;
+        if parsed.service_id != service_id {
+            return Err(ApprovalError::WrongService(parsed.service_id));
+        }
+        let approver = policy
+            .approver(&parsed.approver)
+            .ok_or_else(|| ApprovalError::UnknownApprover(parsed.approver.clone()))?;
+        let PublicKey::Secp256k1(key) = &approver.key;
+        parsed.verify(signature, key)?;
+        let approval = parsed.to_approval();
+        Ok((parsed, approval))
     }
 
     /// The policy core's view of this approval.
@@ -300,6 +337,23 @@ mod tests {
             let err = ApprovalMessage::parse(bytes).unwrap_err().to_string();
             assert!(err.contains(expected), "{expected}: {err}");
         }
+    }
+
+    #[test]
+    fn messages_built_in_code_must_be_canonical() {
+        let mut m = message();
+        let sig = sign(&m);
+        m.approver = "x".repeat(200);
+        assert!(matches!(
+            m.verify(&sig, approver_key().verifying_key()),
+            Err(ApprovalError::Malformed(_))
+        ));
+        let mut m = message();
+        m.withdrawal_id = "a\nb".into();
+        assert!(matches!(
+            m.verify(&sig, approver_key().verifying_key()),
+            Err(ApprovalError::Malformed(_))
+        ));
     }
 
     proptest! {

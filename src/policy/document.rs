@@ -391,6 +391,29 @@ fn identifier(kind: &str, id: &str) -> Result<(), PolicyError> {
     }
 }
 
+fn known_symbol(assets: &[RegisteredAsset], symbol: &str) -> bool {
+    matches!(symbol, "ETH" | "BTC") || assets.iter().any(|a| a.symbol == symbol)
+}
+
+/// A CAIP-2 chain id of a supported namespace: `eip155:<decimal>` or
+/// `bip122:<32 lower-case hex digits>`.
+fn caip2(key: &str, text: &str) -> Result<(), PolicyError> {
+    let ok = match text.split_once(':') {
+        Some(("eip155", id)) => {
+            !id.is_empty() && !id.starts_with('0') && id.bytes().all(|b| b.is_ascii_digit())
+        }
+        Some(("bip122", id)) => id.len() == 32 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')),
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "{key} {text:?} is not a CAIP-2 id (eip155:<chain id> or bip122:<genesis prefix>)"
+        )))
+    }
+}
+
 fn build(raw: RawPolicy, hash: [u8; 32]) -> Result<Policy, PolicyError> {
     if raw.version == 0 {
         return Err(invalid("version must be at least 1"));
@@ -429,6 +452,17 @@ fn build(raw: RawPolicy, hash: [u8; 32]) -> Result<Policy, PolicyError> {
             },
         );
     }
+    // One key, one person: a key listed twice would let one holder fill two
+    // quorum seats.
+    let mut seen_keys = Vec::new();
+    for (id, key) in admins.iter().chain(approvers.iter().map(|(id, a)| (id, &a.key))) {
+        if seen_keys.contains(&key) {
+            return Err(invalid(format!(
+                "the key of {id:?} is listed more than once in the roster"
+            )));
+        }
+        seen_keys.push(key);
+    }
     for officer in &raw.admins.security_officers {
         if !approvers.contains_key(officer) && !admins.contains_key(officer) {
             return Err(invalid(format!(
@@ -439,6 +473,7 @@ fn build(raw: RawPolicy, hash: [u8; 32]) -> Result<Policy, PolicyError> {
     let mut wallets = BTreeMap::new();
     for (id, wallet) in raw.wallets {
         identifier("wallet", &id)?;
+        caip2(&format!("wallets.{id}.network"), &wallet.network)?;
         wallets.insert(
             id,
             PolicyWallet {
@@ -450,6 +485,7 @@ fn build(raw: RawPolicy, hash: [u8; 32]) -> Result<Policy, PolicyError> {
     let mut assets: Vec<RegisteredAsset> = Vec::new();
     for (index, asset) in raw.assets.into_iter().enumerate() {
         identifier("asset", &asset.symbol)?;
+        caip2(&format!("assets[{index}].network"), &asset.network)?;
         if matches!(asset.symbol.as_str(), "ETH" | "BTC") {
             return Err(invalid(format!(
                 "assets[{index}]: ETH and BTC are native and need no entry"
@@ -493,6 +529,12 @@ fn build(raw: RawPolicy, hash: [u8; 32]) -> Result<Policy, PolicyError> {
             return Err(invalid(format!(
                 "{key}.wallet {:?} is not a wallet of this policy",
                 limit.wallet
+            )));
+        }
+        if !known_symbol(&assets, &limit.asset) {
+            return Err(invalid(format!(
+                "{key}.asset {:?} is neither ETH, BTC nor a registered asset",
+                limit.asset
             )));
         }
         if limits
@@ -559,6 +601,11 @@ fn build(raw: RawPolicy, hash: [u8; 32]) -> Result<Policy, PolicyError> {
         if let Some(unknown) = rule.wallets.iter().flatten().find(|w| !wallets.contains_key(*w)) {
             return Err(invalid(format!(
                 "{key}.wallets: {unknown:?} is not a wallet of this policy"
+            )));
+        }
+        if let Some(unknown) = rule.assets.iter().flatten().find(|a| !known_symbol(&assets, a)) {
+            return Err(invalid(format!(
+                "{key}.assets: {unknown:?} is neither ETH, BTC nor a registered asset"
             )));
         }
         if let Some(list) = &rule.allowlist

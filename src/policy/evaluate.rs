@@ -46,12 +46,14 @@ pub struct Usage {
 }
 
 impl Usage {
-    /// Amount and count of entries in the window `(now - seconds, now]`.
+    /// Amount and count of entries after `now - seconds`. Entries stamped
+    /// after `now` (a clock that stepped back) count too, so that a clock
+    /// change can never free up a limit.
     pub fn within(&self, now: u64, seconds: u64) -> (U256, u64) {
         let start = now.saturating_sub(seconds);
         self.entries
             .iter()
-            .filter(|(at, _)| *at > start && *at <= now)
+            .filter(|(at, _)| *at > start)
             .fold((U256::ZERO, 0), |(sum, n), (_, a)| {
                 (sum.saturating_add(*a), n + 1)
             })

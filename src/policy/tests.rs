@@ -201,6 +201,20 @@ fn bad_documents_are_refused_by_key() {
             document().replace("wallets = [\"hot\"]", "wallets = [\"cold\"]"),
             "cold",
         ),
+        (document().replace(&key(2), &key(1)), "more than once"),
+        (document().replace(&key(101), &key(4)), "more than once"),
+        (
+            document().replace("assets = [\"ETH\"]", "assets = [\"EHT\"]"),
+            "EHT",
+        ),
+        (document().replace("asset = \"ETH\"", "asset = \"WBTC\""), "WBTC"),
+        (
+            document().replace(
+                "network = \"eip155:1\"\nkey_label",
+                "network = \"mainnet\"\nkey_label",
+            ),
+            "CAIP-2",
+        ),
     ];
     for (text, expected) in cases {
         let err = Policy::parse(text.as_bytes()).unwrap_err().to_string();
@@ -364,6 +378,14 @@ fn limits_caps_and_coverage_fail_closed() {
             limit: 5,
             used: 5
         })
+    ));
+    // A clock that stepped back does not free the window.
+    let future = Usage {
+        entries: vec![(NOW + 600, ether(149) + U256::from(1u8))],
+    };
+    assert!(matches!(
+        evaluate(&p, &w, &future, &[], NOW).outcome,
+        Outcome::Deny(DenyReason::WindowAmount { seconds: 3600, .. })
     ));
     // Outside the window no longer counts.
     let old = Usage {
@@ -534,4 +556,49 @@ fn published_example_and_hash_vector() {
         spec.contains(&published),
         "docs/policy.md must publish the example's hash {published}"
     );
+}
+
+/// A submitted approval counts only for this deployment, and only under the
+/// roster key of the approver it names.
+#[test]
+fn submitted_approvals_are_bound_to_service_and_roster() {
+    use crate::approval::{ApprovalError, ApprovalMessage};
+
+    let p = policy();
+    // Test-only stand-in for alice's own key (seed 1 in the fixture).
+    let alice = k256::ecdsa::SigningKey::from_slice(&[1; 32]).unwrap();
+    let sign = |m: &ApprovalMessage| {
+        let (sig, _) = alice.sign_prehash_recoverable(&m.digest());
+        sig.normalize_s().to_bytes().to_vec()
+    };
+    let message = ApprovalMessage {
+        service_id: "custos-test".into(),
+        withdrawal_id: "w-1".into(),
+        intent_hash: [5; 32],
+        policy_hash: p.hash,
+        vote: Vote::Approve,
+        expires_at: NOW + 60,
+        approver: "alice".into(),
+    };
+    let (_, approval) =
+        ApprovalMessage::verify_submitted(&message.encode(), &sign(&message), "custos-test", &p).unwrap();
+    assert_eq!(approval.approver, "alice");
+    assert_eq!(approval.policy_hash, p.hash);
+
+    let err = ApprovalMessage::verify_submitted(&message.encode(), &sign(&message), "custos-prod", &p);
+    assert_eq!(
+        err.unwrap_err(),
+        ApprovalError::WrongService("custos-test".into())
+    );
+
+    let mut eve = message.clone();
+    eve.approver = "eve".into();
+    let err = ApprovalMessage::verify_submitted(&eve.encode(), &sign(&eve), "custos-test", &p);
+    assert_eq!(err.unwrap_err(), ApprovalError::UnknownApprover("eve".into()));
+
+    // Alice's key cannot speak for bob.
+    let mut bob = message.clone();
+    bob.approver = "bob".into();
+    let err = ApprovalMessage::verify_submitted(&bob.encode(), &sign(&bob), "custos-test", &p);
+    assert_eq!(err.unwrap_err(), ApprovalError::InvalidSignature);
 }
