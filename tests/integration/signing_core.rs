@@ -299,12 +299,9 @@ fn startup_failures_exit_clearly_and_create_nothing() {
         let store = work.path().join(format!("{name}.db"));
         let config = work.path().join(format!("{name}.toml"));
         std::fs::write(&config, support::config_text(module, label, pin_file, &store)).unwrap();
-        let output = Command::new(env!("CARGO_BIN_EXE_custosd"))
-            .arg("--config")
-            .arg(&config)
-            .env("SOFTHSM2_CONF", &conf)
-            .output()
-            .unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_custosd"));
+        command.arg("--config").arg(&config).env("SOFTHSM2_CONF", &conf);
+        let output = support::output_within(command, std::time::Duration::from_secs(60));
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(!output.status.success(), "{name}: custosd started");
         assert!(

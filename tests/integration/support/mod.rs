@@ -33,7 +33,8 @@ pub fn is_child(test: &str) -> bool {
 /// asserts it passed. The child's output is shown on failure.
 pub fn run_child(test: &str, envs: &[(&str, OsString)]) -> String {
     let exe = std::env::current_exe().expect("test binary path");
-    let output = Command::new(exe)
+    let mut command = Command::new(exe);
+    command
         .args([
             test,
             "--exact",
@@ -42,9 +43,8 @@ pub fn run_child(test: &str, envs: &[(&str, OsString)]) -> String {
             "--test-threads=1",
         ])
         .env(CHILD_ENV, test)
-        .envs(envs.iter().map(|(k, v)| (*k, v)))
-        .output()
-        .expect("spawn child test process");
+        .envs(envs.iter().map(|(k, v)| (*k, v)));
+    let output = output_within(command, CHILD_TIMEOUT);
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -57,6 +57,51 @@ pub fn run_child(test: &str, envs: &[(&str, OsString)]) -> String {
         "child run of {test} did not run the test:\n{stdout}"
     );
     format!("{stdout}\n{stderr}")
+}
+
+/// How long a child test process may run before it is killed and failed.
+const CHILD_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Runs `command` to completion with captured output, killing it (and
+/// failing the test) if it runs longer than `limit`, so that a hung HSM call
+/// can never hang the suite.
+pub fn output_within(mut command: Command, limit: Duration) -> std::process::Output {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn child process");
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out_reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut stdout, &mut buf)
+            .map(|_| buf)
+            .unwrap_or_default()
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut stderr, &mut buf)
+            .map(|_| buf)
+            .unwrap_or_default()
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("child process ran longer than {limit:?} and was killed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::process::Output {
+        status,
+        stdout: out_reader.join().unwrap(),
+        stderr: err_reader.join().unwrap(),
+    }
 }
 
 /// A SoftHSM configuration and token directory in a temp dir.
@@ -184,8 +229,18 @@ impl DevServer {
             .spawn()
             .expect("spawn custosd --dev");
         let stdout = child.stdout.take().unwrap();
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).unwrap();
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = sender.send(line);
+        });
+        let line = receiver
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| {
+                let _ = child.kill();
+                panic!("custosd --dev printed no ready line within 60 s");
+            });
         let ready: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| {
             let _ = child.kill();
             panic!(
