@@ -8,6 +8,7 @@
 //! |---|---|
 //! | [`approval`] | approval messages: canonical encoding, strict parsing, low-S signature verification |
 //! | [`api`] | the only code that knows prost types: `TryFrom` conversions, gRPC services, the error-to-`Status` mapping |
+//! | [`lifecycle`] | the withdrawal state machine: the only legal transitions between states |
 //! | [`policy`] | the withdrawal policy language, its hash, and the pure decision core `evaluate` |
 //! | [`server`] | `server::run(listener, shutdown)`: wiring, health, reflection, graceful shutdown |
 //! | [`config`] | the TOML configuration, parsed into validated types (unknown fields rejected) |
@@ -33,6 +34,7 @@ pub mod chain;
 pub mod config;
 pub mod dev;
 pub mod hsm;
+pub mod lifecycle;
 pub mod policy;
 pub mod secret;
 pub mod server;
