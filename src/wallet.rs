@@ -296,6 +296,11 @@ impl Wallets {
             return Err(WalletError::WrongSender(id.as_str().to_owned()));
         }
         let signature = self.sign_digest(id, parsed.signing_hash()).await?;
+        // Ethereum's v carries only the y parity. An r that overflowed the
+        // group order (probability about 2^-128) cannot be expressed: refuse.
+        if signature.recovery_id().is_x_reduced() {
+            return Err(SignatureError::Unrecoverable.into());
+        }
         let recovered = VerifyingKey::recover_from_prehash(
             &parsed.signing_hash(),
             signature.signature(),
