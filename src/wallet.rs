@@ -15,7 +15,7 @@ use k256::ecdsa::VerifyingKey;
 
 use crate::address;
 use crate::chain::bitcoin as bitcoin_chain;
-use crate::chain::ethereum;
+use crate::chain::{SigningDigest, ethereum};
 use crate::hsm::{Hsm, HsmError, KeyAttributes, KeyId};
 use crate::signature::{self, RecoverableSignature, SignatureError};
 use crate::store::{Store, StoreError, WalletRecord};
@@ -267,11 +267,11 @@ impl Wallets {
     pub async fn sign_digest(
         &self,
         id: &WalletId,
-        digest: [u8; 32],
+        digest: SigningDigest,
     ) -> Result<RecoverableSignature, WalletError> {
         let wallet = self.signable(id)?;
-        let raw = self.hsm.sign_ecdsa_prehash(&wallet.key_id, digest).await?;
-        match signature::finalize(&raw, &digest, &wallet.public_key) {
+        let raw = self.hsm.sign_ecdsa_prehash(&wallet.key_id, &digest).await?;
+        match signature::finalize(&raw, digest.as_bytes(), &wallet.public_key) {
             Ok(sig) => Ok(sig),
             Err(e) => {
                 // Whatever key produced this, it is not the wallet's: make the
@@ -295,7 +295,7 @@ impl Wallets {
         if parsed.intent().from != wallet.ethereum_address {
             return Err(WalletError::WrongSender(id.as_str().to_owned()));
         }
-        let signature = self.sign_digest(id, parsed.signing_hash()).await?;
+        let signature = self.sign_digest(id, parsed.signing_digest()).await?;
         // Ethereum's v carries only the y parity. An r that overflowed the
         // group order (probability about 2^-128) cannot be expressed: refuse.
         if signature.recovery_id().is_x_reduced() {

@@ -22,7 +22,7 @@ use ::bitcoin::sighash::{EcdsaSighashType, SighashCache};
 use ::bitcoin::{Address, AddressType, Amount, CompressedPublicKey, ScriptBuf, Transaction, Witness};
 use alloy_primitives::U256;
 
-use super::{Asset, Destination, FeeTerms, Intent, Network, TxRefusal};
+use super::{Asset, Destination, FeeTerms, Intent, Network, SigningDigest, TxRefusal};
 use crate::signature::RecoverableSignature;
 
 /// Decimals of bitcoin's base unit, the satoshi.
@@ -54,7 +54,7 @@ pub fn decode_psbt(bytes: &[u8]) -> Result<Psbt, TxRefusal> {
 pub struct ParsedBitcoinTx {
     tx: Transaction,
     intent: Intent,
-    sighashes: Vec<[u8; 32]>,
+    sighashes: Vec<SigningDigest>,
 }
 
 impl ParsedBitcoinTx {
@@ -64,7 +64,7 @@ impl ParsedBitcoinTx {
     }
 
     /// The BIP-143 sighash of each input, in input order: what the HSM signs.
-    pub fn sighashes(&self) -> &[[u8; 32]] {
+    pub fn sighashes(&self) -> &[SigningDigest] {
         &self.sighashes
     }
 
@@ -277,7 +277,9 @@ pub fn parse(
     let sighashes = amounts
         .iter()
         .enumerate()
-        .map(|(index, amount)| p2wpkh_sighash_all(&mut cache, index, &wallet_script, *amount))
+        .map(|(index, amount)| {
+            p2wpkh_sighash_all(&mut cache, index, &wallet_script, *amount).map(SigningDigest::computed)
+        })
         .collect::<Result<Vec<_>, _>>()?;
 
     let inputs = tx.input.len() as u64;

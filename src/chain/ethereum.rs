@@ -14,7 +14,7 @@ use alloy_primitives::{Address, B256, Bytes, Signature, TxKind, U256};
 use alloy_rlp::Decodable;
 use alloy_sol_types::{SolCall, sol};
 
-use super::{Asset, Destination, FeeTerms, Intent, Network, TxRefusal};
+use super::{Asset, Destination, FeeTerms, Intent, Network, SigningDigest, TxRefusal};
 use crate::signature::RecoverableSignature;
 
 sol! {
@@ -205,9 +205,14 @@ impl ParsedEthereumTx {
         &self.intent
     }
 
-    /// The digest the HSM signs: keccak-256 of the unsigned payload.
+    /// Keccak-256 of the unsigned payload.
     pub fn signing_hash(&self) -> [u8; 32] {
         self.signing_hash.0
+    }
+
+    /// The signing hash as the digest the HSM signs.
+    pub fn signing_digest(&self) -> SigningDigest {
+        SigningDigest::computed(self.signing_hash.0)
     }
 
     /// The unsigned transaction.
@@ -383,7 +388,7 @@ fn erc20_transfer(
 /// Attaches a verified signature and encodes the broadcastable transaction.
 ///
 /// `signature` must come from [`crate::wallet::Wallets::sign_digest`] over
-/// [`ParsedEthereumTx::signing_hash`], which verified it against the wallet key.
+/// [`ParsedEthereumTx::signing_digest`], which verified it against the wallet key.
 pub fn assemble(
     parsed: &ParsedEthereumTx,
     signature: &RecoverableSignature,

@@ -13,6 +13,32 @@ pub mod intent;
 
 pub use intent::{Asset, Destination, FeeTerms, Intent, Network};
 
+/// A digest that custos computed from a transaction it parsed: an Ethereum
+/// signing hash or a BIP-143 sighash. It is the only thing the HSM signs.
+///
+/// Only the chain parsers in this module can create one, so no hash supplied
+/// by a caller can reach `C_Sign`: invariant 2 is a property of the types.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SigningDigest([u8; 32]);
+
+impl SigningDigest {
+    /// Wraps a digest computed by a chain parser.
+    pub(crate) fn computed(digest: [u8; 32]) -> Self {
+        Self(digest)
+    }
+
+    /// The 32 bytes.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SigningDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SigningDigest({})", hex::encode(self.0))
+    }
+}
+
 /// An unsigned transaction of a supported chain, decoded but not yet parsed
 /// against a wallet.
 #[derive(Debug, Clone, PartialEq)]

@@ -45,6 +45,7 @@ pub use keys::{
 };
 pub use token::init_token;
 
+use crate::chain::SigningDigest;
 use crate::config::{HsmConfig, TokenSelector};
 use crate::secret::Pin;
 
@@ -237,8 +238,9 @@ impl Hsm {
     /// The only caller is the wallet registry's signing path, which verifies
     /// the result before releasing it; digests come from custos's own parse
     /// of a transaction, never from a client.
-    pub async fn sign_ecdsa_prehash(&self, id: &KeyId, digest: [u8; 32]) -> Result<Vec<u8>, HsmError> {
+    pub async fn sign_ecdsa_prehash(&self, id: &KeyId, digest: &SigningDigest) -> Result<Vec<u8>, HsmError> {
         let id = id.clone();
+        let digest = *digest.as_bytes();
         self.execute(Retry::Once, move |inner, session| {
             inner.sign(session, &id, &digest)
         })

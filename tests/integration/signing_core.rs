@@ -12,6 +12,8 @@ use tonic::Code;
 use tonic_types::StatusExt;
 
 use custos::api;
+use custos::chain::SigningDigest;
+use custos::chain::ethereum::{self, EthereumFields, EthereumNetwork, EthereumTxType, UnsignedEthereumTx};
 use custos::hsm::{HsmError, KeyId};
 use custos::proto::{self, wallet_service_client::WalletServiceClient};
 use custos::signature::is_low_s;
@@ -172,8 +174,8 @@ fn thousand_signatures_are_low_s_verified_and_recover_to_the_wallet() {
             // normalisation below is exercised, not assumed.
             let mut raw_high_s = 0;
             for i in 0u32..200 {
-                let digest = digest_for(i + 1_000_000);
-                let raw = app.hsm.sign_ecdsa_prehash(&wallet.key_id, digest).await.unwrap();
+                let digest = transfer_digest(&wallet.ethereum_address, u64::from(i) + 1_000_000);
+                let raw = app.hsm.sign_ecdsa_prehash(&wallet.key_id, &digest).await.unwrap();
                 let sig = k256::ecdsa::Signature::from_slice(&raw).unwrap();
                 raw_high_s += usize::from(!is_low_s(&sig));
             }
@@ -186,8 +188,9 @@ fn thousand_signatures_are_low_s_verified_and_recover_to_the_wallet() {
             for i in 0u32..1000 {
                 let wallets = app.wallets.clone();
                 let id = id.clone();
+                let address = wallet.ethereum_address.clone();
                 tasks.spawn(async move {
-                    let digest = digest_for(i);
+                    let digest = transfer_digest(&address, u64::from(i));
                     (digest, wallets.sign_digest(&id, digest).await.unwrap())
                 });
             }
@@ -197,10 +200,11 @@ fn thousand_signatures_are_low_s_verified_and_recover_to_the_wallet() {
                 assert!(is_low_s(sig.signature()), "high-S released");
                 wallet
                     .public_key
-                    .verify_prehash(&digest, sig.signature())
+                    .verify_prehash(digest.as_bytes(), sig.signature())
                     .unwrap();
                 let recovered =
-                    VerifyingKey::recover_from_prehash(&digest, sig.signature(), sig.recovery_id()).unwrap();
+                    VerifyingKey::recover_from_prehash(digest.as_bytes(), sig.signature(), sig.recovery_id())
+                        .unwrap();
                 assert_eq!(
                     custos::address::ethereum_address_checksummed(&recovered),
                     wallet.ethereum_address
@@ -217,9 +221,29 @@ fn thousand_signatures_are_low_s_verified_and_recover_to_the_wallet() {
     );
 }
 
-fn digest_for(i: u32) -> [u8; 32] {
-    use k256::sha2::{Digest, Sha256};
-    Sha256::digest(i.to_be_bytes()).into()
+/// The signing digest of an ETH transfer from `from` with this nonce. Parsing
+/// a transaction is the only way to obtain something the HSM will sign.
+fn transfer_digest(from: &str, nonce: u64) -> SigningDigest {
+    let fields = EthereumFields {
+        tx_type: EthereumTxType::Legacy,
+        chain_id: 1,
+        nonce,
+        gas_limit: 21_000,
+        gas_price: 1_000_000_000,
+        max_fee_per_gas: 0,
+        max_priority_fee_per_gas: 0,
+        to: Some("0x3535353535353535353535353535353535353535".parse().unwrap()),
+        value: alloy_primitives::U256::from(nonce + 1),
+        data: vec![],
+    };
+    let network = EthereumNetwork {
+        chain_id: 1,
+        tokens: vec![],
+    };
+    let tx = UnsignedEthereumTx::try_from(fields).unwrap();
+    ethereum::parse(tx, &network, from.parse().unwrap())
+        .unwrap()
+        .signing_digest()
 }
 
 /// A key on the token whose attributes allow export is refused when loaded,
@@ -329,7 +353,7 @@ fn session_loss_recovers_or_fails_closed_and_never_uses_a_wrong_key() {
                 .create(id.clone(), DisplayName::default())
                 .await
                 .unwrap();
-            let digest = digest_for(1);
+            let digest = transfer_digest(&wallet.ethereum_address, 1);
             app.wallets.sign_digest(&id, digest).await.unwrap();
 
             // 1. Another session of this application logs out: every session loses
@@ -337,10 +361,17 @@ fn session_loss_recovers_or_fails_closed_and_never_uses_a_wrong_key() {
             let pkcs11 = Pkcs11::new(support::module_path()).unwrap();
             let slot = support::slot_with_label(&pkcs11, support::TEST_TOKEN_LABEL);
             pkcs11.open_ro_session(slot).unwrap().logout().unwrap();
-            let sig = app.wallets.sign_digest(&id, digest_for(2)).await.unwrap();
+            let sig = app
+                .wallets
+                .sign_digest(&id, transfer_digest(&wallet.ethereum_address, 2))
+                .await
+                .unwrap();
             wallet
                 .public_key
-                .verify_prehash(&digest_for(2), sig.signature())
+                .verify_prehash(
+                    transfer_digest(&wallet.ethereum_address, 2).as_bytes(),
+                    sig.signature(),
+                )
                 .unwrap();
 
             // 2. Another process re-initializes the token (same label and PINs):
@@ -367,7 +398,11 @@ fn session_loss_recovers_or_fails_closed_and_never_uses_a_wrong_key() {
                 "--pin",
                 support::TEST_USER_PIN,
             ]);
-            let err = app.wallets.sign_digest(&id, digest_for(3)).await.unwrap_err();
+            let err = app
+                .wallets
+                .sign_digest(&id, transfer_digest(&wallet.ethereum_address, 3))
+                .await
+                .unwrap_err();
             let status = api::to_status(&err);
             assert!(
                 matches!(status.code(), Code::Unavailable | Code::FailedPrecondition),
@@ -401,7 +436,11 @@ fn session_loss_recovers_or_fails_closed_and_never_uses_a_wrong_key() {
                 ) || matches!(err, WalletError::Hsm(HsmError::Unavailable(inner)) if matches!(**inner, HsmError::KeyMismatch(_) | HsmError::KeyMissing(_) | HsmError::KeyRefused { .. }))
             };
             for attempt in 0..3 {
-                match app.wallets.sign_digest(&id, digest_for(4 + attempt)).await {
+                match app
+                    .wallets
+                    .sign_digest(&id, transfer_digest(&wallet.ethereum_address, 4 + attempt))
+                    .await
+                {
                     Ok(sig) => panic!("signed with an imported key: {sig:?}"),
                     Err(err) => assert!(refusal(&err), "unexpected error {err}"),
                 }
@@ -423,7 +462,11 @@ fn session_loss_recovers_or_fails_closed_and_never_uses_a_wrong_key() {
                 false,
             );
             for attempt in 0..3 {
-                match app.wallets.sign_digest(&id, digest_for(10 + attempt)).await {
+                match app
+                    .wallets
+                    .sign_digest(&id, transfer_digest(&wallet.ethereum_address, 10 + attempt))
+                    .await
+                {
                     Ok(sig) => panic!("signed with a substituted key: {sig:?}"),
                     Err(err) => assert!(
                         matches!(&err, WalletError::Hsm(HsmError::KeyMismatch(_)))
