@@ -11,6 +11,10 @@ use clap::{Parser, Subcommand};
 use tonic::transport::{Channel, Endpoint};
 use tonic_types::StatusExt;
 
+use custos::api::transaction;
+use custos::chain::ethereum::{self, EthereumNetwork, Token};
+use custos::chain::{FeeTerms, Intent, bitcoin as btc};
+use custos::config::parse_bitcoin_network;
 use custos::proto::{self, wallet_service_client::WalletServiceClient};
 
 /// The custos command-line client.
@@ -37,6 +41,42 @@ enum Command {
     /// Create and inspect wallets (admin).
     #[command(subcommand)]
     Wallet(WalletCommand),
+    /// Decode an unsigned transaction locally and print its intent and intent
+    /// hash, exactly as custos derives them. Needs no server: approvers use it
+    /// to check what they are asked to approve.
+    #[command(subcommand)]
+    Intent(IntentCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum IntentCommand {
+    /// An unsigned Ethereum transaction (EIP-1559 or legacy EIP-155).
+    Ethereum {
+        /// The canonical unsigned encoding, hex (0x optional).
+        #[arg(long)]
+        rlp: String,
+        /// The wallet's network (EIP-155 chain id).
+        #[arg(long)]
+        chain_id: u64,
+        /// The wallet's address.
+        #[arg(long)]
+        from: String,
+        /// A registered token, as SYMBOL:CONTRACT:DECIMALS (repeatable).
+        #[arg(long = "token", value_name = "SYMBOL:CONTRACT:DECIMALS")]
+        tokens: Vec<String>,
+    },
+    /// An unsigned Bitcoin PSBT spending a P2WPKH wallet.
+    Bitcoin {
+        /// The PSBT, base64 (as Bitcoin Core prints it) or hex.
+        #[arg(long)]
+        psbt: String,
+        /// bitcoin, testnet, signet or regtest.
+        #[arg(long)]
+        network: String,
+        /// The wallet's compressed public key, hex.
+        #[arg(long)]
+        wallet_public_key: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -76,13 +116,20 @@ fn fail(message: &str) -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<(), String> {
-    let channel = connect(&cli.server).await?;
+    match cli.command {
+        Command::Intent(command) => print_intent(&decode_intent(&command)?, cli.json),
+        Command::Wallet(command) => wallet(command, &cli.server, cli.json).await,
+    }
+}
+
+async fn wallet(command: WalletCommand, server: &str, json: bool) -> Result<(), String> {
+    let channel = connect(server).await?;
     let mut wallets = WalletServiceClient::new(channel);
-    let shown: Vec<proto::Wallet> = match cli.command {
-        Command::Wallet(WalletCommand::Create {
+    let shown: Vec<proto::Wallet> = match command {
+        WalletCommand::Create {
             wallet_id,
             display_name,
-        }) => {
+        } => {
             let request = proto::CreateWalletRequest {
                 wallet_id,
                 wallet: Some(proto::Wallet {
@@ -98,13 +145,13 @@ async fn run(cli: Cli) -> Result<(), String> {
                     .into_inner(),
             ]
         }
-        Command::Wallet(WalletCommand::Get { wallet_id }) => {
+        WalletCommand::Get { wallet_id } => {
             let request = proto::GetWalletRequest {
                 name: format!("wallets/{wallet_id}"),
             };
             vec![wallets.get_wallet(request).await.map_err(describe)?.into_inner()]
         }
-        Command::Wallet(WalletCommand::List) => {
+        WalletCommand::List => {
             let mut all = Vec::new();
             let mut page_token = String::new();
             loop {
@@ -124,7 +171,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             }
         }
     };
-    print_wallets(&shown, cli.json)
+    print_wallets(&shown, json)
 }
 
 async fn connect(server: &str) -> Result<Channel, String> {
@@ -199,4 +246,101 @@ fn wallet_json(w: &proto::Wallet) -> serde_json::Value {
         },
         "create_time": w.create_time.map(|t| t.seconds),
     })
+}
+
+fn decode_intent(command: &IntentCommand) -> Result<Intent, String> {
+    match command {
+        IntentCommand::Ethereum {
+            rlp,
+            chain_id,
+            from,
+            tokens,
+        } => {
+            let bytes =
+                hex::decode(rlp.trim().trim_start_matches("0x")).map_err(|e| format!("--rlp: {e}"))?;
+            let from = transaction::address(from).map_err(|e| format!("--from {e}"))?;
+            let tokens = tokens.iter().map(|t| token(t)).collect::<Result<Vec<_>, _>>()?;
+            let network = EthereumNetwork {
+                chain_id: *chain_id,
+                tokens,
+            };
+            let tx = ethereum::decode_unsigned(&bytes).map_err(|e| e.to_string())?;
+            Ok(ethereum::parse(tx, &network, from)
+                .map_err(|e| e.to_string())?
+                .intent()
+                .clone())
+        }
+        IntentCommand::Bitcoin {
+            psbt,
+            network,
+            wallet_public_key,
+        } => {
+            let network = parse_bitcoin_network(network).map_err(|e| e.to_string())?;
+            let key: ::bitcoin::CompressedPublicKey = wallet_public_key
+                .parse()
+                .map_err(|e| format!("--wallet-public-key: {e}"))?;
+            let text = psbt.trim();
+            let parsed = match hex::decode(text) {
+                Ok(bytes) => btc::decode_psbt(&bytes).map_err(|e| e.to_string())?,
+                Err(_) => text
+                    .parse::<::bitcoin::psbt::Psbt>()
+                    .map_err(|e| format!("--psbt is neither hex nor a base64 PSBT: {e}"))?,
+            };
+            Ok(btc::parse(parsed, network, &key)
+                .map_err(|e| e.to_string())?
+                .intent()
+                .clone())
+        }
+    }
+}
+
+fn token(text: &str) -> Result<Token, String> {
+    let mut parts = text.splitn(3, ':');
+    let (Some(symbol), Some(contract), Some(decimals)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(format!("--token {text:?}: expected SYMBOL:CONTRACT:DECIMALS"));
+    };
+    Ok(Token {
+        symbol: symbol.to_owned(),
+        contract: transaction::address(contract).map_err(|e| format!("--token contract {e}"))?,
+        decimals: decimals
+            .parse()
+            .map_err(|_| format!("--token {text:?}: decimals must be 0-255"))?,
+    })
+}
+
+fn print_intent(intent: &Intent, json: bool) -> Result<(), String> {
+    let mut out = std::io::stdout().lock();
+    let hash = hex::encode(intent.hash());
+    let result = if json {
+        let mut value = intent.to_json();
+        value["intent_hash"] = serde_json::Value::String(hash);
+        writeln!(out, "{value}")
+    } else {
+        let mut text = format!(
+            "network:      {}\nasset:        {}{}\nfrom:         {}\n",
+            intent.network.caip2(),
+            intent.asset.symbol,
+            intent
+                .asset
+                .contract
+                .as_ref()
+                .map(|c| format!(" ({c}, {} decimals)", intent.asset.decimals))
+                .unwrap_or_default(),
+            intent.from,
+        );
+        for d in &intent.destinations {
+            text.push_str(&format!("pay:          {} base units to {}\n", d.amount, d.to));
+        }
+        match &intent.fee {
+            FeeTerms::Ethereum { nonce, gas_limit, max_fee_per_gas, max_total_fee, .. } => text.push_str(&format!(
+                "fee:          at most {max_total_fee} wei ({gas_limit} gas x {max_fee_per_gas} wei), nonce {nonce}\n"
+            )),
+            FeeTerms::Bitcoin { change, fee, vsize } => text.push_str(&format!(
+                "fee:          {fee} sat (at most {vsize} vbytes); change back to the wallet: {change} sat\n"
+            )),
+        }
+        text.push_str(&format!("intent hash:  {hash}\n"));
+        write!(out, "{text}")
+    };
+    result.map_err(|e| format!("writing output: {e}"))
 }

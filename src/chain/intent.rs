@@ -163,6 +163,49 @@ impl Intent {
         Sha256::digest(self.canonical_bytes()).into()
     }
 
+    /// The intent as JSON, in the field layout of tests/vectors/intent.json
+    /// (amounts as decimal strings, hashes as hex).
+    pub fn to_json(&self) -> serde_json::Value {
+        let fee = match &self.fee {
+            FeeTerms::Ethereum {
+                nonce,
+                gas_limit,
+                max_fee_per_gas,
+                max_priority_fee_per_gas,
+                max_total_fee,
+            } => serde_json::json!({
+                "kind": "ethereum",
+                "nonce": nonce,
+                "gas_limit": gas_limit,
+                "max_fee_per_gas": max_fee_per_gas.to_string(),
+                "max_priority_fee_per_gas": max_priority_fee_per_gas.to_string(),
+                "max_total_fee": max_total_fee.to_string(),
+            }),
+            FeeTerms::Bitcoin { change, fee, vsize } => serde_json::json!({
+                "kind": "bitcoin",
+                "change": change.to_string(),
+                "fee": fee.to_string(),
+                "vsize": vsize,
+            }),
+        };
+        serde_json::json!({
+            "network": self.network.caip2(),
+            "asset": {
+                "symbol": self.asset.symbol,
+                "contract": self.asset.contract.clone().unwrap_or_default(),
+                "decimals": self.asset.decimals,
+            },
+            "from": self.from,
+            "destinations": self
+                .destinations
+                .iter()
+                .map(|d| serde_json::json!({"to": d.to, "amount": d.amount.to_string()}))
+                .collect::<Vec<_>>(),
+            "fee": fee,
+            "transaction_id": hex::encode(self.transaction_id),
+        })
+    }
+
     /// Total amount to destinations, in base units (saturating at 2^256-1,
     /// which no real transaction reaches).
     pub fn total_amount(&self) -> U256 {
@@ -359,42 +402,9 @@ mod vectors {
     }
 
     fn to_json(name: &str, intent: &Intent) -> Value {
-        let fee = match &intent.fee {
-            FeeTerms::Ethereum {
-                nonce,
-                gas_limit,
-                max_fee_per_gas,
-                max_priority_fee_per_gas,
-                max_total_fee,
-            } => json!({
-                "kind": "ethereum",
-                "nonce": nonce,
-                "gas_limit": gas_limit,
-                "max_fee_per_gas": max_fee_per_gas.to_string(),
-                "max_priority_fee_per_gas": max_priority_fee_per_gas.to_string(),
-                "max_total_fee": max_total_fee.to_string(),
-            }),
-            FeeTerms::Bitcoin { change, fee, vsize } => json!({
-                "kind": "bitcoin",
-                "change": change.to_string(),
-                "fee": fee.to_string(),
-                "vsize": vsize,
-            }),
-        };
         json!({
             "name": name,
-            "intent": {
-                "network": intent.network.caip2(),
-                "asset": {
-                    "symbol": intent.asset.symbol,
-                    "contract": intent.asset.contract.clone().unwrap_or_default(),
-                    "decimals": intent.asset.decimals,
-                },
-                "from": intent.from,
-                "destinations": intent.destinations.iter().map(|d| json!({"to": d.to, "amount": d.amount.to_string()})).collect::<Vec<_>>(),
-                "fee": fee,
-                "transaction_id": hex::encode(intent.transaction_id),
-            },
+            "intent": intent.to_json(),
             "canonical_hex": hex::encode(intent.canonical_bytes()),
             "intent_hash": hex::encode(intent.hash()),
         })

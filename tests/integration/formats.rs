@@ -136,3 +136,46 @@ fn approval_signed_by_independent_implementation_is_accepted_and_every_field_bin
         )
         .unwrap();
 }
+
+/// `custos intent` decodes a transaction locally, without a server, and
+/// prints the intent hash published for it; a refused transaction exits
+/// non-zero with the field and the reason.
+#[test]
+fn cli_intent_reproduces_the_published_vector() {
+    let vectors: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vectors/intent.json")).unwrap(),
+    )
+    .unwrap();
+    let expected = &vectors["vectors"][0];
+    let args = |rlp: &str| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_custos"));
+        command.args([
+            "--json",
+            "intent",
+            "ethereum",
+            "--rlp",
+            rlp,
+            "--chain-id",
+            "1",
+            "--from",
+            "0x9d8A62f656a8d1615C1294fd71e9CFb3E4855A4F",
+        ]);
+        command.output().unwrap()
+    };
+    let output =
+        args("0xec098504a817c800825208943535353535353535353535353535353535353535880de0b6b3a764000080018080");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let printed: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(printed["intent_hash"], expected["intent_hash"]);
+    assert_eq!(printed["destinations"], expected["intent"]["destinations"]);
+
+    let refused = args("01c0");
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("rlp: EIP-2930 transactions (type 1) are refused")
+    );
+}
