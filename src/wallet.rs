@@ -285,7 +285,8 @@ impl Wallets {
 
     /// Signs a parsed Ethereum transaction with the wallet's key and returns
     /// the broadcastable transaction. The digest is the transaction's own
-    /// signing hash; the sender recovered from the result must be the wallet.
+    /// signing hash; the signature recovers to the wallet (checked by
+    /// [`signature::finalize`]).
     pub async fn sign_ethereum(
         &self,
         id: &WalletId,
@@ -301,16 +302,9 @@ impl Wallets {
         if signature.recovery_id().is_x_reduced() {
             return Err(SignatureError::Unrecoverable.into());
         }
-        let recovered = VerifyingKey::recover_from_prehash(
-            &parsed.signing_hash(),
-            signature.signature(),
-            signature.recovery_id(),
-        )
-        .map_err(|_| SignatureError::Unrecoverable)?;
-        let sender = address::ethereum_address(&recovered);
-        if sender != address::ethereum_address(&wallet.public_key) {
-            return Err(SignatureError::Unrecoverable.into());
-        }
+        // `finalize` found this recovery id by recovering the wallet's own
+        // key from the signature, so the sender is the wallet's address.
+        let sender = address::ethereum_address(&wallet.public_key);
         Ok(ethereum::assemble(parsed, &signature, sender))
     }
 

@@ -256,11 +256,6 @@ impl Hsm {
         }
     }
 
-    /// The public key cached for a key id, if it was generated or loaded.
-    pub fn cached_public_key(&self, id: &KeyId) -> Option<Vec<u8>> {
-        read(&self.inner.keys).get(id).map(|k| k.public_key.clone())
-    }
-
     /// Runs `op` on a pooled session on the blocking pool. The permit travels
     /// with the blocking task, so a caller that gives up (timeout, cancelled
     /// request) never lets more than `sessions` calls run at once.
