@@ -6,6 +6,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "proto/custos/v1/wallet.proto",
         "proto/custos/v1/transaction.proto",
+        "proto/custos/v1/withdrawal.proto",
+        "proto/custos/v1/policy.proto",
     ];
     println!("cargo:rerun-if-changed=proto");
 

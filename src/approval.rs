@@ -184,7 +184,7 @@ pub fn verify_prehash(prehash: &[u8; 32], signature: &[u8], key: &VerifyingKey) 
         .map_err(|_| ApprovalError::InvalidSignature)
 }
 
-fn put_str(out: &mut Vec<u8>, text: &str) {
+pub(crate) fn put_str(out: &mut Vec<u8>, text: &str) {
     // Ids are bounded by MAX_ID_BYTES when parsed; a longer one produced
     // locally would fail to parse, never encode ambiguously.
     let len = u16::try_from(text.len()).unwrap_or(u16::MAX);
@@ -192,7 +192,7 @@ fn put_str(out: &mut Vec<u8>, text: &str) {
     out.extend_from_slice(text.as_bytes());
 }
 
-fn take<const N: usize>(rest: &mut &[u8]) -> Result<[u8; N], ApprovalError> {
+pub(crate) fn take<const N: usize>(rest: &mut &[u8]) -> Result<[u8; N], ApprovalError> {
     if rest.len() < N {
         return Err(ApprovalError::Malformed("truncated"));
     }
@@ -203,7 +203,7 @@ fn take<const N: usize>(rest: &mut &[u8]) -> Result<[u8; N], ApprovalError> {
     Ok(out)
 }
 
-fn take_str(rest: &mut &[u8]) -> Result<String, ApprovalError> {
+pub(crate) fn take_str(rest: &mut &[u8]) -> Result<String, ApprovalError> {
     let len = usize::from(u16::from_be_bytes(take::<2>(rest)?));
     if len == 0 || len > MAX_ID_BYTES {
         return Err(ApprovalError::Malformed("ids must be 1 to 128 bytes"));

@@ -30,6 +30,22 @@ pub struct Config {
     pub store: StoreConfig,
     /// Chain parameters used to derive addresses.
     pub chains: ChainConfig,
+    /// This deployment's identity in signed messages.
+    pub service_id: String,
+    /// The genesis policy and the admin keys pinned for it, if configured.
+    pub policy: Option<PolicyConfig>,
+}
+
+/// Default `service.id`.
+pub const DEFAULT_SERVICE_ID: &str = "custos";
+
+/// The genesis policy: set at initialisation, its admins pinned here.
+#[derive(Debug, Clone)]
+pub struct PolicyConfig {
+    /// The genesis policy document.
+    pub genesis_file: PathBuf,
+    /// SEC1 compressed secp256k1 admin keys the genesis policy must list, exactly.
+    pub admin_keys: std::collections::BTreeSet<Vec<u8>>,
 }
 
 /// Listener and log settings.
@@ -153,6 +169,22 @@ struct RawConfig {
     bitcoin: RawBitcoin,
     #[serde(default)]
     ethereum: RawEthereum,
+    #[serde(default)]
+    service: RawService,
+    policy: Option<RawPolicyConfig>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicyConfig {
+    genesis_file: PathBuf,
+    admin_keys: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -245,7 +277,16 @@ impl TryFrom<RawConfig> for Config {
             return Err(invalid("hsm.call_timeout_ms must be between 100 and 600000"));
         }
         let bitcoin_network = parse_bitcoin_network(&raw.bitcoin.network)?;
+        let service_id = raw.service.id.unwrap_or_else(|| DEFAULT_SERVICE_ID.to_owned());
+        if !crate::policy::document::is_identifier(&service_id) {
+            return Err(invalid(
+                "service.id must be 1 to 64 characters of [A-Za-z0-9-_.:/]",
+            ));
+        }
+        let policy = raw.policy.map(parse_policy_config).transpose()?;
         Ok(Config {
+            service_id,
+            policy,
             server: ServerConfig {
                 listen: raw.server.listen,
                 log_format: raw.server.log_format,
@@ -264,6 +305,35 @@ impl TryFrom<RawConfig> for Config {
             },
         })
     }
+}
+
+fn parse_policy_config(raw: RawPolicyConfig) -> Result<PolicyConfig, ConfigError> {
+    let mut admin_keys = std::collections::BTreeSet::new();
+    for (index, key) in raw.admin_keys.iter().enumerate() {
+        let sec1 = key
+            .strip_prefix("secp256k1:")
+            .and_then(|h| hex::decode(h).ok())
+            .filter(|b| b.len() == 33 && k256::ecdsa::VerifyingKey::from_sec1_bytes(b).is_ok())
+            .ok_or_else(|| {
+                ConfigError::Invalid(format!(
+                    "policy.admin_keys[{index}] must be \"secp256k1:<33-byte compressed key, hex>\""
+                ))
+            })?;
+        if !admin_keys.insert(sec1) {
+            return Err(ConfigError::Invalid(format!(
+                "policy.admin_keys[{index}] is listed twice"
+            )));
+        }
+    }
+    if admin_keys.is_empty() {
+        return Err(ConfigError::Invalid(
+            "policy.admin_keys must pin at least one key".into(),
+        ));
+    }
+    Ok(PolicyConfig {
+        genesis_file: raw.genesis_file,
+        admin_keys,
+    })
 }
 
 fn parse_ethereum(raw: RawEthereum) -> Result<EthereumNetwork, ConfigError> {

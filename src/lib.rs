@@ -8,6 +8,8 @@
 //! |---|---|
 //! | [`approval`] | approval messages: canonical encoding, strict parsing, low-S signature verification |
 //! | [`api`] | the only code that knows prost types: `TryFrom` conversions, gRPC services, the error-to-`Status` mapping |
+//! | [`custody`] | the custody engine: withdrawals, votes, signing, and policy governance over the store and HSM |
+//! | [`governance`] | governance messages (policy activation, freeze, unfreeze) and allowlist time anchoring |
 //! | [`lifecycle`] | the withdrawal state machine: the only legal transitions between states |
 //! | [`policy`] | the withdrawal policy language, its hash, and the pure decision core `evaluate` |
 //! | [`server`] | `server::run(listener, shutdown)`: wiring, health, reflection, graceful shutdown |
@@ -32,7 +34,9 @@ pub mod api;
 pub mod approval;
 pub mod chain;
 pub mod config;
+pub mod custody;
 pub mod dev;
+pub mod governance;
 pub mod hsm;
 pub mod lifecycle;
 pub mod policy;

@@ -5,6 +5,7 @@
 //!   (created) ────┼── Allow ──► APPROVED ── Signed ──► SIGNED
 //!                 └── Pending ► PENDING_APPROVAL ── QuorumMet ──► APPROVED
 //!                                 │  Reject ──► REJECTED
+//!                                 │  Deny ──► DENIED   (re-evaluated at quorum)
 //!                                 │  WindowElapsed ──► EXPIRED
 //!                                 └  Cancel ──► CANCELLED   (also from APPROVED)
 //! ```
@@ -54,6 +55,9 @@ pub enum Event {
     QuorumMet,
     /// A member of a required group rejected.
     Reject,
+    /// Re-evaluation when the quorum was met denied it (a limit filled up,
+    /// or the policy changed, in the meantime).
+    Deny,
     /// The approval window passed.
     WindowElapsed,
     /// The initiator cancelled.
@@ -87,6 +91,7 @@ impl State {
         match (self, event) {
             (State::PendingApproval, Event::QuorumMet) => Ok(State::Approved),
             (State::PendingApproval, Event::Reject) => Ok(State::Rejected),
+            (State::PendingApproval, Event::Deny) => Ok(State::Denied),
             (State::PendingApproval, Event::WindowElapsed) => Ok(State::Expired),
             (State::PendingApproval | State::Approved, Event::Cancel) => Ok(State::Cancelled),
             (State::Approved, Event::Signed) => Ok(State::Signed),
@@ -143,9 +148,10 @@ mod tests {
 
     use super::*;
 
-    const EVENTS: [Event; 5] = [
+    const EVENTS: [Event; 6] = [
         Event::QuorumMet,
         Event::Reject,
+        Event::Deny,
         Event::WindowElapsed,
         Event::Cancel,
         Event::Signed,
@@ -156,6 +162,7 @@ mod tests {
         let allowed = [
             (State::PendingApproval, Event::QuorumMet, State::Approved),
             (State::PendingApproval, Event::Reject, State::Rejected),
+            (State::PendingApproval, Event::Deny, State::Denied),
             (State::PendingApproval, Event::WindowElapsed, State::Expired),
             (State::PendingApproval, Event::Cancel, State::Cancelled),
             (State::Approved, Event::Cancel, State::Cancelled),
@@ -189,7 +196,7 @@ mod tests {
         #[test]
         fn signed_at_most_once_and_terminal_states_stick(
             first in 0usize..3,
-            events in proptest::collection::vec(0usize..5, 0..20),
+            events in proptest::collection::vec(0usize..6, 0..20),
         ) {
             let decision = [FirstDecision::Allow, FirstDecision::Pending, FirstDecision::Deny][first];
             let mut state = State::initial(decision);

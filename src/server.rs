@@ -11,10 +11,15 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
-use crate::api::WalletApi;
+use crate::api::{ApprovalApi, PolicyApi, WalletApi, WithdrawalApi};
 use crate::config::{ChainConfig, Config};
+use crate::custody::governance::Genesis;
+use crate::custody::{Custody, CustodyError};
 use crate::hsm::{Hsm, HsmError};
+use crate::proto::approval_service_server::ApprovalServiceServer;
+use crate::proto::policy_service_server::PolicyServiceServer;
 use crate::proto::wallet_service_server::WalletServiceServer;
+use crate::proto::withdrawal_service_server::WithdrawalServiceServer;
 use crate::secret::{Pin, SecretError};
 use crate::store::{Store, StoreError};
 use crate::wallet::{WalletError, Wallets};
@@ -45,6 +50,17 @@ pub enum ServerError {
     /// Wallets could not be loaded.
     #[error("wallets: {0}")]
     Wallets(#[from] WalletError),
+    /// The genesis policy file could not be read.
+    #[error("policy.genesis_file {path}: {source}")]
+    Genesis {
+        /// The file.
+        path: String,
+        /// The failure.
+        source: std::io::Error,
+    },
+    /// The policy state could not be initialised or failed verification.
+    #[error("policy: {0}")]
+    Policy(#[from] CustodyError),
     /// gRPC reflection could not be built from the descriptors.
     #[error("reflection: {0}")]
     Reflection(String),
@@ -62,7 +78,13 @@ pub struct App {
     pub hsm: Hsm,
     /// Chain parameters: the networks and token registry transactions are parsed against.
     pub chains: ChainConfig,
+    /// The custody engine: withdrawals, votes, governance.
+    pub custody: Arc<Custody>,
 }
+
+/// How often the background task expires ended approval windows and retries
+/// signing of APPROVED withdrawals.
+const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl App {
     /// Opens the HSM, then the store, then loads the wallets.
@@ -77,11 +99,31 @@ impl App {
                 path: config.store.path.display().to_string(),
                 source,
             })?;
-        let wallets = Wallets::open(hsm.clone(), Arc::new(store), config.chains.bitcoin_network).await?;
+        let store = Arc::new(store);
+        let wallets =
+            Arc::new(Wallets::open(hsm.clone(), Arc::clone(&store), config.chains.bitcoin_network).await?);
+        let custody = Custody::new(
+            store,
+            Arc::clone(&wallets),
+            config.chains.clone(),
+            config.service_id.clone(),
+        );
+        let genesis = match &config.policy {
+            None => None,
+            Some(policy) => Some(Genesis {
+                document: std::fs::read(&policy.genesis_file).map_err(|source| ServerError::Genesis {
+                    path: policy.genesis_file.display().to_string(),
+                    source,
+                })?,
+                pinned_admin_keys: policy.admin_keys.clone(),
+            }),
+        };
+        custody.initialise(genesis).await?;
         Ok(Self {
-            wallets: Arc::new(wallets),
+            wallets,
             hsm,
             chains: config.chains.clone(),
+            custody: Arc::new(custody),
         })
     }
 }
@@ -96,6 +138,20 @@ pub async fn run(
     let wallet_service = WalletServiceServer::new(WalletApi::new(Arc::clone(&app.wallets)))
         .max_decoding_message_size(MAX_REQUEST_BYTES)
         .max_encoding_message_size(MAX_RESPONSE_BYTES);
+
+    let withdrawal_service = WithdrawalServiceServer::new(WithdrawalApi::new(Arc::clone(&app.custody)))
+        .max_decoding_message_size(MAX_REQUEST_BYTES)
+        .max_encoding_message_size(MAX_RESPONSE_BYTES);
+    let approval_service = ApprovalServiceServer::new(ApprovalApi::new(Arc::clone(&app.custody)))
+        .max_decoding_message_size(MAX_REQUEST_BYTES)
+        .max_encoding_message_size(MAX_RESPONSE_BYTES);
+    let policy_service = PolicyServiceServer::new(PolicyApi::new(Arc::clone(&app.custody)))
+        .max_decoding_message_size(MAX_REQUEST_BYTES)
+        .max_encoding_message_size(MAX_RESPONSE_BYTES);
+
+    // Withdrawals a crash or outage left APPROVED are signed now, and ended
+    // approval windows expire, before and while serving.
+    let sweeper = tokio::spawn(sweep(Arc::clone(&app.custody)));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -118,6 +174,9 @@ pub async fn run(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(wallet_service)
+        .add_service(withdrawal_service)
+        .add_service(approval_service)
+        .add_service(policy_service)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
             shutdown.await;
             tracing::info!("shutdown requested; draining in-flight requests");
@@ -126,8 +185,24 @@ pub async fn run(
                 .await;
         })
         .await;
+    sweeper.abort();
     tracing::info!("custosd stopped");
     Ok(result?)
+}
+
+/// Expires ended approval windows and signs APPROVED withdrawals, forever.
+async fn sweep(custody: Arc<Custody>) {
+    let mut interval = tokio::time::interval(SWEEP_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        if let Err(e) = custody.expire_due().await {
+            tracing::warn!(error = %e, "expiring withdrawals failed; will retry");
+        }
+        if let Err(e) = custody.resume().await {
+            tracing::warn!(error = %e, "resuming approved withdrawals failed; will retry");
+        }
+    }
 }
 
 /// Installs SIGTERM and SIGINT handlers now, and returns a future that

@@ -327,6 +327,12 @@ impl Wallets {
         bitcoin_chain::assemble(parsed, &signatures, &key).map_err(|_| SignatureError::Malformed(64).into())
     }
 
+    /// Whether a wallet with this id is registered, whatever its key's state.
+    /// Blocking (one indexed read).
+    pub fn exists(&self, id: &WalletId) -> Result<bool, WalletError> {
+        Ok(self.store.wallet(id.as_str())?.is_some())
+    }
+
     /// A wallet whose key was loaded from the token and checked, ready to sign.
     pub fn signable(&self, id: &WalletId) -> Result<Arc<Wallet>, WalletError> {
         self.signable

@@ -10,16 +10,21 @@
 //! with one field violation per refused field. Internal details (PKCS#11
 //! return codes, SQLite messages) go to the log, never to the client.
 
+mod policy;
 pub mod transaction;
 mod wallet;
+mod withdrawal;
 
 use std::collections::HashMap;
 
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
+pub use policy::PolicyApi;
 pub use wallet::WalletApi;
+pub use withdrawal::{ApprovalApi, WithdrawalApi};
 
+use crate::custody::CustodyError;
 use crate::hsm::HsmError;
 use crate::wallet::WalletError;
 
@@ -44,6 +49,16 @@ pub mod reason {
     pub const WRONG_SENDER: &str = "WRONG_SENDER";
     /// Anything else; details are in the server log.
     pub const INTERNAL: &str = "INTERNAL";
+    /// The named withdrawal or policy does not exist.
+    pub const NOT_FOUND: &str = "NOT_FOUND";
+    /// The request id was used with a different body, or a vote or proposal exists.
+    pub const ALREADY_EXISTS: &str = "ALREADY_EXISTS";
+    /// A submitted signature or signed message was refused.
+    pub const BAD_SIGNATURE: &str = "BAD_SIGNATURE";
+    /// The signer may not do this (initiator voting, too few admins).
+    pub const NOT_AUTHORIZED: &str = "NOT_AUTHORIZED";
+    /// The stored state contradicts itself; custos failed closed.
+    pub const INCONSISTENT_STATE: &str = "INCONSISTENT_STATE";
 }
 
 /// A refused request field: the field path and the rule it broke.
@@ -76,6 +91,30 @@ impl From<FieldViolation> for Status {
             details,
         )
     }
+}
+
+/// Default and maximum `page_size` of every List RPC.
+const DEFAULT_PAGE_SIZE: usize = 100;
+const MAX_PAGE_SIZE: usize = 1000;
+
+/// Parses a List request's `page_size` and `page_token` into (cursor, limit).
+/// Tokens are the sequence number of the last item of the previous page.
+pub fn paging(page_size: i32, page_token: &str) -> Result<(i64, usize), FieldViolation> {
+    let limit = match usize::try_from(page_size) {
+        Ok(0) => DEFAULT_PAGE_SIZE,
+        Ok(n) if n <= MAX_PAGE_SIZE => n,
+        _ => return Err(FieldViolation::new("page_size", "must be between 0 and 1000")),
+    };
+    let after = if page_token.is_empty() {
+        0
+    } else {
+        page_token
+            .parse::<i64>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| FieldViolation::new("page_token", "is not a token from a previous response"))?
+    };
+    Ok((after, limit))
 }
 
 /// A status with a code, a safe message and an `ErrorInfo` reason.
@@ -132,6 +171,63 @@ pub fn to_status(error: &WalletError) -> Status {
                 Code::Internal,
                 reason::INTERNAL,
                 "internal error; see the server log",
+            )
+        }
+    }
+}
+
+/// Maps a custody-engine error to the status sent to the client. Refusals
+/// of the client's own input are described in full; server-side failures are
+/// logged here and reach the client as a code and a generic message.
+/// Precondition failures carry their stable code as the `ErrorInfo` reason.
+pub fn custody_status(error: &CustodyError) -> Status {
+    match error {
+        CustodyError::InvalidArgument { field, reason } => {
+            FieldViolation::new(field.clone(), reason.clone()).into()
+        }
+        CustodyError::Transaction(refusal) => {
+            FieldViolation::new(format!("transaction.{}", refusal.field), refusal.reason.clone()).into()
+        }
+        CustodyError::NotFound(what) => {
+            status(Code::NotFound, reason::NOT_FOUND, format!("{what} not found"))
+        }
+        CustodyError::AlreadyExists(message) => {
+            status(Code::AlreadyExists, reason::ALREADY_EXISTS, message.clone())
+        }
+        CustodyError::FailedPrecondition { code, message } => {
+            let details =
+                ErrorDetails::with_error_info(code.to_ascii_uppercase(), ERROR_DOMAIN, HashMap::new());
+            Status::with_error_details(Code::FailedPrecondition, message.clone(), details)
+        }
+        CustodyError::PermissionDenied(message) => {
+            status(Code::PermissionDenied, reason::NOT_AUTHORIZED, message.clone())
+        }
+        CustodyError::Signature(e) => status(Code::InvalidArgument, reason::BAD_SIGNATURE, e.to_string()),
+        CustodyError::Governance(e) => {
+            use crate::governance::GovernanceError as G;
+            match e {
+                G::NotAuthorized(..) => status(Code::PermissionDenied, reason::NOT_AUTHORIZED, e.to_string()),
+                G::WrongSequence { .. } | G::Expired(_) => {
+                    status(Code::FailedPrecondition, reason::BAD_SIGNATURE, e.to_string())
+                }
+                _ => status(Code::InvalidArgument, reason::BAD_SIGNATURE, e.to_string()),
+            }
+        }
+        CustodyError::Wallet(e) => to_status(e),
+        CustodyError::Inconsistent(_) => {
+            tracing::error!(error = %error, "request refused: inconsistent state");
+            status(
+                Code::Internal,
+                reason::INCONSISTENT_STATE,
+                "custos refused to act on inconsistent stored state; see the server log",
+            )
+        }
+        CustodyError::Store(_) | CustodyError::Worker => {
+            tracing::error!(error = %error, "internal error");
+            status(
+                Code::Unavailable,
+                reason::INTERNAL,
+                "the store is unavailable; nothing was signed",
             )
         }
     }

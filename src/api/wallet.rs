@@ -8,10 +8,6 @@ use super::{FieldViolation, to_status};
 use crate::proto::{self, wallet_service_server::WalletService};
 use crate::wallet::{DisplayName, Wallet, WalletId, Wallets};
 
-/// Default and maximum `page_size` of ListWallets.
-const DEFAULT_PAGE_SIZE: usize = 100;
-const MAX_PAGE_SIZE: usize = 1000;
-
 /// A parsed CreateWallet request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CreateWallet {
@@ -58,21 +54,7 @@ impl TryFrom<proto::ListWalletsRequest> for ListWallets {
     type Error = FieldViolation;
 
     fn try_from(request: proto::ListWalletsRequest) -> Result<Self, FieldViolation> {
-        let limit = match usize::try_from(request.page_size) {
-            Ok(0) => DEFAULT_PAGE_SIZE,
-            Ok(n) if n <= MAX_PAGE_SIZE => n,
-            _ => return Err(FieldViolation::new("page_size", "must be between 0 and 1000")),
-        };
-        let after = if request.page_token.is_empty() {
-            0
-        } else {
-            request
-                .page_token
-                .parse::<i64>()
-                .ok()
-                .filter(|n| *n > 0)
-                .ok_or_else(|| FieldViolation::new("page_token", "is not a token from a previous response"))?
-        };
+        let (after, limit) = super::paging(request.page_size, &request.page_token)?;
         Ok(Self { after, limit })
     }
 }

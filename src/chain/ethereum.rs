@@ -182,7 +182,9 @@ pub fn decode_unsigned(bytes: &[u8]) -> Result<UnsignedEthereumTx, TxRefusal> {
     Ok(tx)
 }
 
-fn signing_payload(tx: &UnsignedEthereumTx) -> Vec<u8> {
+/// The canonical unsigned encoding [`decode_unsigned`] accepts: what custos
+/// stores and hands approvers.
+pub fn signing_payload(tx: &UnsignedEthereumTx) -> Vec<u8> {
     let mut out = Vec::new();
     match tx {
         UnsignedEthereumTx::Legacy(t) => t.encode_for_signing(&mut out),

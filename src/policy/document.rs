@@ -376,13 +376,18 @@ fn public_key(key: &str, text: &str) -> Result<PublicKey, PolicyError> {
         .map_err(|_| invalid(format!("{key}: not a point on secp256k1")))
 }
 
-fn identifier(kind: &str, id: &str) -> Result<(), PolicyError> {
-    let ok = !id.is_empty()
+/// Whether `id` is a valid roster, group, rule or initiator id: 1 to 64 of
+/// `[A-Za-z0-9-_.:/]`.
+pub fn is_identifier(id: &str) -> bool {
+    !id.is_empty()
         && id.len() <= 64
         && id
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'/'));
-    if ok {
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'/'))
+}
+
+fn identifier(kind: &str, id: &str) -> Result<(), PolicyError> {
+    if is_identifier(id) {
         Ok(())
     } else {
         Err(invalid(format!(

@@ -29,6 +29,8 @@ pub struct Withdrawal<'a> {
     pub id: &'a str,
     /// Wallet id.
     pub wallet: &'a str,
+    /// CKA_LABEL of the wallet's HSM key, which the policy binds.
+    pub key_label: &'a str,
     /// The intent parsed from the transaction.
     pub intent: &'a Intent,
     /// The intent's hash.
@@ -92,6 +94,13 @@ pub struct Approval {
 pub enum DenyReason {
     /// The wallet is not governed by this policy.
     UnknownWallet(String),
+    /// The wallet's HSM key is not the one the policy binds.
+    WalletKeyMismatch {
+        /// Wallet.
+        wallet: String,
+        /// The label the policy names.
+        policy_label: String,
+    },
     /// The transaction's network is not the wallet's.
     WrongNetwork {
         /// The wallet's network.
@@ -146,8 +155,9 @@ pub enum DenyReason {
         /// Already used.
         used: u64,
     },
-    /// No rule matched: the default is deny.
-    NoRuleMatched,
+    /// No rule matched: the default is deny. If a rule failed only on its
+    /// allowlist, the first destination it refused is named.
+    NoRuleMatched(Option<AllowlistMiss>),
     /// A `deny` rule matched.
     RuleDenied(String),
     /// A member of a required group rejected.
@@ -163,6 +173,10 @@ impl fmt::Display for DenyReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::UnknownWallet(w) => write!(f, "wallet {w} is not governed by the policy"),
+            Self::WalletKeyMismatch { wallet, policy_label } => write!(
+                f,
+                "wallet {wallet}'s HSM key is not {policy_label}, the key the policy binds"
+            ),
             Self::WrongNetwork { wallet, transaction } => {
                 write!(f, "transaction is for {transaction}, the wallet is on {wallet}")
             }
@@ -192,9 +206,56 @@ impl fmt::Display for DenyReason {
                     "rolling limit of {limit} withdrawals per {seconds} s: {used} used"
                 )
             }
-            Self::NoRuleMatched => write!(f, "no rule matched; the default is deny"),
+            Self::NoRuleMatched(None) => write!(f, "no rule matched; the default is deny"),
+            Self::NoRuleMatched(Some(miss)) => match miss.effective_at {
+                None => write!(
+                    f,
+                    "destination {} is not on allowlist {} (rule {}); no other rule matched, the default is deny",
+                    miss.address, miss.allowlist, miss.rule
+                ),
+                Some(at) => write!(
+                    f,
+                    "destination {} is on allowlist {} (rule {}) but its time-lock ends at {at}; no other rule matched, the default is deny",
+                    miss.address, miss.allowlist, miss.rule
+                ),
+            },
             Self::RuleDenied(rule) => write!(f, "rule {rule} denies"),
             Self::Rejected { rule, approver } => write!(f, "rule {rule}: {approver} rejected"),
+        }
+    }
+}
+
+/// A destination an allowlist rule refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowlistMiss {
+    /// The rule whose other conditions all held.
+    pub rule: String,
+    /// Its allowlist.
+    pub allowlist: String,
+    /// The refused destination.
+    pub address: String,
+    /// When the entry takes effect, if it is listed but still time-locked.
+    pub effective_at: Option<u64>,
+}
+
+impl DenyReason {
+    /// A stable code for clients and the store, e.g. `rolling_amount_limit`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::UnknownWallet(_) => "unknown_wallet",
+            Self::WalletKeyMismatch { .. } => "wallet_key_mismatch",
+            Self::WrongNetwork { .. } => "wrong_network",
+            Self::UnregisteredAsset(_) => "unregistered_asset",
+            Self::NoFeeCap(_) => "no_fee_cap",
+            Self::FeeCap { .. } => "fee_cap",
+            Self::NoLimit { .. } => "no_limit",
+            Self::PerTransaction { .. } => "per_transaction_limit",
+            Self::WindowAmount { .. } => "rolling_amount_limit",
+            Self::WindowCount { .. } => "rolling_count_limit",
+            Self::NoRuleMatched(Some(_)) => "not_allowlisted",
+            Self::NoRuleMatched(None) => "no_rule_matched",
+            Self::RuleDenied(_) => "rule_denied",
+            Self::Rejected { .. } => "rejected",
         }
     }
 }
@@ -240,7 +301,11 @@ pub fn evaluate(
     match check_limits(policy, w, usage, now) {
         Err(reason) => decide(Outcome::Deny(reason), None, vec![]),
         Ok(()) => match policy.rules.iter().find(|rule| matches(policy, rule, w, now)) {
-            None => decide(Outcome::Deny(DenyReason::NoRuleMatched), None, vec![]),
+            None => decide(
+                Outcome::Deny(DenyReason::NoRuleMatched(allowlist_miss(policy, w, now))),
+                None,
+                vec![],
+            ),
             Some(rule) => match &rule.action {
                 Action::Allow => decide(Outcome::Allow, Some(rule), vec![]),
                 Action::Deny => decide(
@@ -263,6 +328,12 @@ fn check_limits(policy: &Policy, w: &Withdrawal<'_>, usage: &Usage, now: u64) ->
         .wallets
         .get(w.wallet)
         .ok_or_else(|| DenyReason::UnknownWallet(w.wallet.to_owned()))?;
+    if wallet.key_label != w.key_label {
+        return Err(DenyReason::WalletKeyMismatch {
+            wallet: w.wallet.to_owned(),
+            policy_label: wallet.key_label.clone(),
+        });
+    }
     let network = intent.network.caip2();
     if wallet.network != network {
         return Err(DenyReason::WrongNetwork {
@@ -368,6 +439,35 @@ fn check_fees(policy: &Policy, fee: &FeeTerms) -> Result<(), DenyReason> {
         }
     }
     Ok(())
+}
+
+/// The first allowlist rule that would have matched but for a destination,
+/// and that destination: what a denial should name.
+fn allowlist_miss(policy: &Policy, w: &Withdrawal<'_>, now: u64) -> Option<AllowlistMiss> {
+    policy.rules.iter().find_map(|rule| {
+        let name = rule.allowlist.as_ref()?;
+        let without_list = Rule {
+            allowlist: None,
+            ..rule.clone()
+        };
+        if !matches(policy, &without_list, w, now) {
+            return None;
+        }
+        let list = policy.allowlists.get(name)?;
+        w.intent.destinations.iter().find_map(|d| {
+            let entry = list.entries.iter().find(|e| e.address == d.to);
+            let effective_at = entry.map(|e| e.added_at.saturating_add(policy.allowlist_delay_secs));
+            if effective_at.is_some_and(|at| at <= now) {
+                return None;
+            }
+            Some(AllowlistMiss {
+                rule: rule.name.clone(),
+                allowlist: name.clone(),
+                address: d.to.clone(),
+                effective_at,
+            })
+        })
+    })
 }
 
 fn matches(policy: &Policy, rule: &Rule, w: &Withdrawal<'_>, now: u64) -> bool {

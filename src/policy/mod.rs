@@ -16,7 +16,9 @@ pub use document::{
     Action, Allowlist, AllowlistEntry, FeeCaps, GroupQuorum, LimitWindow, Policy, PolicyError, Rule,
     WalletLimit, policy_hash,
 };
-pub use evaluate::{Approval, Decision, DenyReason, Outcome, Usage, Vote, Withdrawal, evaluate};
+pub use evaluate::{
+    AllowlistMiss, Approval, Decision, DenyReason, Outcome, Usage, Vote, Withdrawal, evaluate,
+};
 
 #[cfg(test)]
 mod tests;

@@ -142,6 +142,7 @@ fn withdrawal<'a>(intent: &'a Intent, initiator: &'a str) -> Withdrawal<'a> {
     Withdrawal {
         id: "w-1",
         wallet: "hot",
+        key_label: "custos-wallet-hot-00000000",
         intent,
         intent_hash: intent.hash(),
         initiator,

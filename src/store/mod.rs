@@ -1,8 +1,15 @@
 //! Durable state in SQLite: WAL journal, `synchronous=FULL`, versioned migrations.
 //!
-//! The store owns the schema and every SQL statement. Uniqueness is enforced by
-//! constraints, not only by checks in code. Callers run these blocking methods
-//! off the async runtime.
+//! The store owns the schema and every SQL statement: wallets here, withdrawals
+//! and approvals in [`withdrawals`], policy versions and freeze state in
+//! [`governance`]. Uniqueness is enforced by constraints, not only by checks in
+//! code. [`Store::write`] runs a closure in one `BEGIN IMMEDIATE` transaction
+//! under the store's single connection, which is how check-and-reserve of
+//! request ids and limits happens atomically. Callers run these blocking
+//! methods off the async runtime.
+
+pub mod governance;
+pub mod withdrawals;
 
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -23,6 +30,71 @@ const MIGRATIONS: &[&str] = &[
         public_key BLOB NOT NULL UNIQUE,
         attributes TEXT NOT NULL,
         created_at INTEGER NOT NULL
+    ) STRICT;",
+    // 2: governed withdrawals: policy versions, freeze state, withdrawals, approvals.
+    "CREATE TABLE policies (
+        hash BLOB PRIMARY KEY CHECK (length(hash) = 32),
+        version INTEGER NOT NULL CHECK (version > 0),
+        document BLOB NOT NULL,
+        proposed_at INTEGER NOT NULL,
+        activated_at INTEGER
+    ) STRICT;
+    CREATE UNIQUE INDEX policies_activated_version ON policies(version) WHERE activated_at IS NOT NULL;
+    CREATE TABLE policy_signatures (
+        policy_hash BLOB NOT NULL REFERENCES policies(hash),
+        admin TEXT NOT NULL,
+        message BLOB NOT NULL UNIQUE,
+        signature BLOB NOT NULL,
+        signed_at INTEGER NOT NULL,
+        PRIMARY KEY (policy_hash, admin)
+    ) STRICT;
+    CREATE TABLE governance (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        active_version INTEGER,
+        frozen INTEGER NOT NULL CHECK (frozen IN (0, 1)),
+        freeze_epoch INTEGER NOT NULL
+    ) STRICT;
+    INSERT INTO governance (id, active_version, frozen, freeze_epoch) VALUES (1, NULL, 0, 0);
+    CREATE TABLE freeze_events (
+        epoch INTEGER PRIMARY KEY,
+        action TEXT NOT NULL CHECK (action IN ('FREEZE', 'UNFREEZE')),
+        signatures TEXT NOT NULL,
+        at INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE withdrawals (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        withdrawal_id TEXT NOT NULL UNIQUE,
+        request_id TEXT NOT NULL UNIQUE,
+        request_hash BLOB NOT NULL,
+        wallet_id TEXT NOT NULL,
+        initiator TEXT NOT NULL,
+        chain TEXT NOT NULL CHECK (chain IN ('ethereum', 'bitcoin')),
+        unsigned_tx BLOB NOT NULL,
+        intent TEXT NOT NULL,
+        intent_hash BLOB NOT NULL CHECK (length(intent_hash) = 32),
+        asset TEXT NOT NULL,
+        amount TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('PENDING_APPROVAL', 'APPROVED', 'SIGNED', 'DENIED', 'REJECTED', 'EXPIRED', 'CANCELLED')),
+        decision TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        counted_at INTEGER,
+        updated_at INTEGER NOT NULL,
+        signed_tx BLOB,
+        signed_tx_hash BLOB,
+        CHECK ((state IN ('APPROVED', 'SIGNED')) = (counted_at IS NOT NULL)),
+        CHECK ((state = 'SIGNED') = (signed_tx IS NOT NULL))
+    ) STRICT;
+    CREATE INDEX withdrawals_usage ON withdrawals(wallet_id, asset, counted_at) WHERE counted_at IS NOT NULL;
+    CREATE INDEX withdrawals_by_state ON withdrawals(state, seq);
+    CREATE TABLE approvals (
+        withdrawal_id TEXT NOT NULL REFERENCES withdrawals(withdrawal_id),
+        approver TEXT NOT NULL,
+        vote TEXT NOT NULL CHECK (vote IN ('APPROVE', 'REJECT')),
+        message BLOB NOT NULL UNIQUE,
+        signature BLOB NOT NULL,
+        submitted_at INTEGER NOT NULL,
+        PRIMARY KEY (withdrawal_id, approver)
     ) STRICT;",
 ];
 
@@ -140,13 +212,8 @@ impl Store {
                 wallet.created_at
             ],
         );
-        match inserted {
-            Ok(_) => Ok(conn.last_insert_rowid()),
-            Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == ErrorCode::ConstraintViolation => {
-                Err(StoreError::Conflict("wallet"))
-            }
-            Err(e) => Err(e.into()),
-        }
+        conflict_as(inserted, "wallet")?;
+        Ok(conn.last_insert_rowid())
     }
 
     /// One wallet by id.
@@ -171,10 +238,41 @@ impl Store {
         rows.map(|row| row?).collect()
     }
 
+    /// Runs `f` in one `BEGIN IMMEDIATE` transaction and commits it if `f`
+    /// returns `Ok`; otherwise rolls back. Writers are serialized by the
+    /// store's one connection, so whatever `f` reads stays true until commit.
+    pub fn write<T, E: From<StoreError>>(
+        &self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(StoreError::from)?;
+        let value = f(&tx)?;
+        tx.commit().map_err(StoreError::from)?;
+        Ok(value)
+    }
+
+    /// Runs `f` with the connection, for reads.
+    pub fn read<T, E: From<StoreError>>(&self, f: impl FnOnce(&Connection) -> Result<T, E>) -> Result<T, E> {
+        f(&self.conn())
+    }
+
     fn conn(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the connection cannot leave a transaction
         // half-applied (SQLite rolls back an unfinished one), so continue.
         self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Maps a uniqueness violation to [`StoreError::Conflict`] naming `what`.
+pub(crate) fn conflict_as(result: rusqlite::Result<usize>, what: &'static str) -> Result<usize, StoreError> {
+    match result {
+        Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == ErrorCode::ConstraintViolation => {
+            Err(StoreError::Conflict(what))
+        }
+        other => Ok(other?),
     }
 }
 

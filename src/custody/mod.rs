@@ -1,0 +1,866 @@
+//! The custody engine: the only path from a withdrawal request to a signature.
+//!
+//! It ties the pure pieces to durable state and the HSM:
+//! - a request is parsed against its wallet ([`crate::chain`]) before anything
+//!   is stored; a malformed one changes nothing;
+//! - the request id is reserved, the rolling usage read, the policy evaluated
+//!   ([`crate::policy::evaluate`]) and the outcome stored in ONE
+//!   `BEGIN IMMEDIATE` transaction, so concurrent requests can never push a
+//!   limit past its cap, and one request id is one withdrawal;
+//! - votes are verified against the active policy's roster and bound to the
+//!   withdrawal, its intent hash and the active policy hash, then the
+//!   withdrawal is re-evaluated in the same transaction as the vote;
+//! - APPROVED withdrawals are signed by [`Custody::sign`], one at a time per
+//!   withdrawal, from the stored transaction re-parsed (never from anything a
+//!   caller hands in), and the signature is released only after SIGNED is
+//!   committed. A crash between approval and signing leaves an APPROVED row
+//!   that [`Custody::resume`] signs on the next start.
+//!
+//! State moves only through [`crate::lifecycle::State::apply`]. Governance
+//! (policy versions, freeze) is in [`governance`].
+
+pub mod governance;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use alloy_primitives::U256;
+use k256::sha2::{Digest, Sha256};
+use tokio::sync::broadcast;
+
+use crate::approval::{ApprovalError, ApprovalMessage};
+use crate::chain::{self, Intent, TxRefusal, UnsignedTx, bitcoin as bitcoin_chain, ethereum};
+use crate::config::ChainConfig;
+use crate::lifecycle::{Event, FirstDecision, IllegalTransition, State};
+use crate::policy::{self, Decision, DenyReason, Outcome, Policy, Usage, Vote};
+use crate::store::governance as gov_store;
+use crate::store::withdrawals::{self as wd_store, ApprovalRow, DecisionRecord, WithdrawalRow};
+use crate::store::{Store, StoreError};
+use crate::wallet::{Wallet, WalletError, WalletId, Wallets};
+
+pub use governance::{ActivePolicy, GovernanceView, ProposalView};
+
+/// Longest request id accepted, in bytes.
+pub const MAX_REQUEST_ID_BYTES: usize = 128;
+/// Domain separator of the request hash that makes retries idempotent.
+const REQUEST_DOMAIN: &[u8] = b"custos/request/v1";
+
+/// Why a custody operation was refused or failed. Each variant says what the
+/// client should know; server-side details stay in the wrapped errors, which
+/// [`crate::api`] logs and does not send.
+#[derive(Debug, thiserror::Error)]
+pub enum CustodyError {
+    /// A request field is malformed.
+    #[error("{field}: {reason}")]
+    InvalidArgument {
+        /// Field path.
+        field: String,
+        /// The rule it broke.
+        reason: String,
+    },
+    /// The transaction does not parse for this wallet.
+    #[error(transparent)]
+    Transaction(#[from] TxRefusal),
+    /// No such withdrawal or policy.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The request id was used for a different request, or a vote or
+    /// proposal already exists.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The operation does not fit the current state.
+    #[error("{message}")]
+    FailedPrecondition {
+        /// Stable reason code.
+        code: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// The signer may not do this.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// A submitted signed message or signature was refused.
+    #[error(transparent)]
+    Signature(#[from] ApprovalError),
+    /// A governance message was refused.
+    #[error(transparent)]
+    Governance(#[from] crate::governance::GovernanceError),
+    /// The wallet registry or HSM failed.
+    #[error(transparent)]
+    Wallet(#[from] WalletError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(StoreError),
+    /// The stored state contradicts itself (a bug or tampering); fail closed.
+    #[error("inconsistent state: {0}")]
+    Inconsistent(String),
+    /// A blocking task failed.
+    #[error("background task failed")]
+    Worker,
+}
+
+impl From<StoreError> for CustodyError {
+    fn from(e: StoreError) -> Self {
+        Self::Store(e)
+    }
+}
+
+impl From<IllegalTransition> for CustodyError {
+    fn from(e: IllegalTransition) -> Self {
+        Self::FailedPrecondition {
+            code: "illegal_transition",
+            message: e.to_string(),
+        }
+    }
+}
+
+fn precondition(code: &'static str, message: impl Into<String>) -> CustodyError {
+    CustodyError::FailedPrecondition {
+        code,
+        message: message.into(),
+    }
+}
+
+/// A new withdrawal as the backend asks for it, already converted from the wire.
+#[derive(Debug, Clone)]
+pub struct NewWithdrawal {
+    /// Idempotency key.
+    pub request_id: RequestId,
+    /// The paying wallet.
+    pub wallet: WalletId,
+    /// The unsigned transaction.
+    pub transaction: UnsignedTx,
+    /// Who asked for it.
+    pub initiator: String,
+}
+
+/// A request id: 1 to 128 printable ASCII characters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestId(String);
+
+impl RequestId {
+    /// Parses a request id.
+    pub fn parse(id: &str) -> Result<Self, &'static str> {
+        if id.is_empty() || id.len() > MAX_REQUEST_ID_BYTES {
+            return Err("must be 1 to 128 characters");
+        }
+        if !id.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err("must be printable ASCII without spaces");
+        }
+        Ok(Self(id.to_owned()))
+    }
+
+    /// The id.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A withdrawal with its votes, as the services present it.
+#[derive(Debug, Clone)]
+pub struct WithdrawalView {
+    /// The stored row.
+    pub row: WithdrawalRow,
+    /// Votes, in submission order.
+    pub approvals: Vec<ApprovalRow>,
+}
+
+/// A page of withdrawals.
+#[derive(Debug, Clone)]
+pub struct WithdrawalPage {
+    /// In creation order.
+    pub withdrawals: Vec<WithdrawalView>,
+    /// Cursor for the next page, if there may be more.
+    pub next_after: Option<i64>,
+}
+
+/// A transaction parsed for its wallet.
+enum ParsedTx {
+    Ethereum(ethereum::ParsedEthereumTx),
+    Bitcoin(bitcoin_chain::ParsedBitcoinTx),
+}
+
+impl ParsedTx {
+    fn intent(&self) -> &Intent {
+        match self {
+            Self::Ethereum(p) => p.intent(),
+            Self::Bitcoin(p) => p.intent(),
+        }
+    }
+}
+
+/// The custody engine.
+#[derive(Debug)]
+pub struct Custody {
+    store: Arc<Store>,
+    wallets: Arc<Wallets>,
+    chains: ChainConfig,
+    service_id: String,
+    policies: RwLock<HashMap<u64, Arc<ActivePolicy>>>,
+    updates: broadcast::Sender<String>,
+    signing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Custody {
+    /// The engine over an opened store and wallet registry. `service_id`
+    /// names this deployment in every approval and governance message.
+    pub fn new(store: Arc<Store>, wallets: Arc<Wallets>, chains: ChainConfig, service_id: String) -> Self {
+        let (updates, _) = broadcast::channel(1024);
+        Self {
+            store,
+            wallets,
+            chains,
+            service_id,
+            policies: RwLock::new(HashMap::new()),
+            updates,
+            signing: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// This deployment's service id.
+    pub fn service_id(&self) -> &str {
+        &self.service_id
+    }
+
+    /// Ids of withdrawals as they change state; [`Custody::watch`] filters it.
+    pub fn subscribe(&self) -> broadcast::Receiver<String> {
+        self.updates.subscribe()
+    }
+
+    /// Creates a withdrawal, or returns the one this request id already made.
+    /// If policy allows it at once, it is signed before this returns.
+    pub async fn create(&self, request: NewWithdrawal) -> Result<WithdrawalView, CustodyError> {
+        let wallet = self.wallets.signable(&request.wallet).map_err(|e| match e {
+            WalletError::KeyUnusable(..) => self.wallet_missing_or_unusable(&request.wallet, e),
+            other => other.into(),
+        })?;
+        let parsed = self.parse_for(&wallet, request.transaction.clone())?;
+        let (chain, unsigned) = canonical(&request.transaction);
+        let intent = parsed.intent().clone();
+        let intent_hash = intent.hash();
+        let request_hash = request_hash(&request, chain, &unsigned);
+        let withdrawal_id = new_withdrawal_id()?;
+        let this = self.snapshot();
+        let row = self
+            .blocking(move |store| {
+                store.write(|tx| {
+                    if let Some(existing) = wd_store::by_request_id(tx, request.request_id.as_str())? {
+                        if existing.request_hash != request_hash {
+                            return Err(CustodyError::AlreadyExists(format!(
+                                "request id {} was already used for a different withdrawal ({})",
+                                request.request_id.as_str(),
+                                existing.withdrawal_id
+                            )));
+                        }
+                        return Ok(existing);
+                    }
+                    let now = unix_now();
+                    let governance = gov_store::state(tx)?;
+                    let active = this.active_policy(tx, governance.active_version)?;
+                    let w = policy::Withdrawal {
+                        id: &withdrawal_id,
+                        wallet: request.wallet.as_str(),
+                        key_label: &wallet.key_label,
+                        intent: &intent,
+                        intent_hash,
+                        initiator: &request.initiator,
+                    };
+                    let (first, decision, window) = match (&active, governance.frozen) {
+                        (_, true) => (FirstDecision::Deny, frozen_decision(active.as_deref()), 0),
+                        (None, false) => (FirstDecision::Deny, no_policy_decision(), 0),
+                        (Some(active), false) => {
+                            let usage = usage(tx, &active.policy, &w, now)?;
+                            let decision = policy::evaluate(&active.policy, &w, &usage, &[], now);
+                            let first = match decision.outcome {
+                                Outcome::Allow => FirstDecision::Allow,
+                                Outcome::Pending(_) => FirstDecision::Pending,
+                                Outcome::Deny(_) => FirstDecision::Deny,
+                            };
+                            (
+                                first,
+                                record(&decision, active.policy.version),
+                                active.policy.approval_window_secs,
+                            )
+                        }
+                    };
+                    let state = State::initial(first);
+                    let mut row = WithdrawalRow {
+                        seq: 0,
+                        withdrawal_id: withdrawal_id.clone(),
+                        request_id: request.request_id.as_str().to_owned(),
+                        request_hash,
+                        wallet_id: request.wallet.as_str().to_owned(),
+                        initiator: request.initiator.clone(),
+                        chain: chain.to_owned(),
+                        unsigned_tx: unsigned,
+                        intent: intent.to_json().to_string(),
+                        intent_hash,
+                        asset: intent.asset.symbol.clone(),
+                        amount: intent.total_amount().to_string(),
+                        state,
+                        decision,
+                        created_at: now,
+                        expires_at: now.saturating_add(window),
+                        counted_at: (state == State::Approved).then_some(now),
+                        updated_at: now,
+                        signed_tx: None,
+                        signed_tx_hash: None,
+                    };
+                    row.seq = wd_store::insert(tx, &row)?;
+                    Ok(row)
+                })
+            })
+            .await?;
+        self.announce(&row.withdrawal_id);
+        self.finish(row).await
+    }
+
+    /// Signs `row` if it is APPROVED, then returns the withdrawal with votes.
+    async fn finish(&self, row: WithdrawalRow) -> Result<WithdrawalView, CustodyError> {
+        let id = row.withdrawal_id.clone();
+        if row.state == State::Approved {
+            self.sign(&id).await?;
+        }
+        self.get(&id).await
+    }
+
+    /// Signs an APPROVED withdrawal: re-parses the stored transaction, signs
+    /// its digests in the HSM, and commits SIGNED before anyone sees the
+    /// signature. At most one signing runs per withdrawal; a withdrawal in any
+    /// other state, or any withdrawal while custody is frozen, is left as is.
+    pub async fn sign(&self, withdrawal_id: &str) -> Result<(), CustodyError> {
+        let lock = self.signing_lock(withdrawal_id);
+        let _held = lock.lock().await;
+        let id = withdrawal_id.to_owned();
+        let (row, frozen) = self
+            .blocking(move |store| {
+                store.read(|conn| {
+                    let row = wd_store::by_id(conn, &id)?
+                        .ok_or_else(|| CustodyError::NotFound(format!("withdrawal {id}")))?;
+                    Ok((row, gov_store::state(conn)?.frozen))
+                })
+            })
+            .await?;
+        if row.state != State::Approved || frozen {
+            return Ok(());
+        }
+        // The lifecycle is checked before the HSM is touched.
+        row.state.apply(Event::Signed)?;
+        let wallet_id = WalletId::parse(&row.wallet_id)
+            .map_err(|e| CustodyError::Inconsistent(format!("stored wallet id: {e}")))?;
+        let wallet = self.wallets.signable(&wallet_id)?;
+        let parsed = self.parse_for(&wallet, decode_stored(&row)?)?;
+        if parsed.intent().hash() != row.intent_hash {
+            return Err(CustodyError::Inconsistent(format!(
+                "withdrawal {} no longer parses to its approved intent",
+                row.withdrawal_id
+            )));
+        }
+        let (raw, tx_hash) = match &parsed {
+            ParsedTx::Ethereum(p) => {
+                let signed = self.wallets.sign_ethereum(&wallet_id, p).await?;
+                (signed.raw, signed.hash.to_vec())
+            }
+            ParsedTx::Bitcoin(p) => {
+                let signed = self.wallets.sign_bitcoin(&wallet_id, p).await?;
+                let txid: &[u8] = signed.txid.as_ref();
+                (signed.raw, txid.to_vec())
+            }
+        };
+        let id = row.withdrawal_id.clone();
+        self.blocking(move |store| {
+            store.write(|tx| {
+                wd_store::set_signed(tx, &id, &raw, &tx_hash, unix_now())?;
+                Ok(())
+            })
+        })
+        .await?;
+        tracing::info!(withdrawal = %row.withdrawal_id, wallet = %row.wallet_id, "withdrawal signed");
+        self.announce(&row.withdrawal_id);
+        Ok(())
+    }
+
+    /// Records a signed vote and re-evaluates the withdrawal in the same
+    /// transaction. A met quorum signs it before this returns.
+    pub async fn submit_approval(
+        &self,
+        message: Vec<u8>,
+        signature: Vec<u8>,
+    ) -> Result<WithdrawalView, CustodyError> {
+        let parsed = ApprovalMessage::parse(&message)?;
+        if parsed.service_id != self.service_id {
+            return Err(ApprovalError::WrongService(parsed.service_id).into());
+        }
+        let current = self.get(&parsed.withdrawal_id).await?.row;
+        let wallet_id = WalletId::parse(&current.wallet_id)
+            .map_err(|e| CustodyError::Inconsistent(format!("stored wallet id: {e}")))?;
+        let wallet = self.wallets.get(&wallet_id).await?;
+        let intent = self
+            .parse_for(&wallet, decode_stored(&current)?)?
+            .intent()
+            .clone();
+        let this = self.snapshot();
+        let row = self
+            .blocking(move |store| {
+                store.write(|tx| {
+                    let id = &parsed.withdrawal_id;
+                    let row = wd_store::by_id(tx, id)?
+                        .ok_or_else(|| CustodyError::NotFound(format!("withdrawal {id}")))?;
+                    let now = unix_now();
+                    if row.state != State::PendingApproval {
+                        return Err(precondition(
+                            "not_pending",
+                            format!("withdrawal {id} is {}; it takes no more votes", row.state),
+                        ));
+                    }
+                    if row.expires_at <= now {
+                        return Err(precondition(
+                            "approval_window_ended",
+                            format!("withdrawal {id}'s approval window ended at {}", row.expires_at),
+                        ));
+                    }
+                    let governance = gov_store::state(tx)?;
+                    if governance.frozen {
+                        return Err(precondition("frozen", "custody is frozen; no votes are taken"));
+                    }
+                    let active = this
+                        .active_policy(tx, governance.active_version)?
+                        .ok_or_else(|| precondition("no_policy", "no policy is active"))?;
+                    let policy = &active.policy;
+                    let (message_fields, approval) =
+                        ApprovalMessage::verify_submitted(&message, &signature, &this.service_id, policy)?;
+                    check_binding(&message_fields, &row, policy, now)?;
+                    wd_store::insert_approval(
+                        tx,
+                        id,
+                        &ApprovalRow {
+                            approver: approval.approver.clone(),
+                            vote: vote_name(approval.vote).to_owned(),
+                            message: message.clone(),
+                            signature: signature.clone(),
+                            submitted_at: now,
+                        },
+                    )
+                    .map_err(|e| match e {
+                        StoreError::Conflict(_) => CustodyError::AlreadyExists(format!(
+                            "{} already voted on withdrawal {id}",
+                            approval.approver
+                        )),
+                        other => other.into(),
+                    })?;
+                    let approvals = stored_approvals(tx, id)?;
+                    let w = policy::Withdrawal {
+                        id,
+                        wallet: &row.wallet_id,
+                        key_label: &wallet.key_label,
+                        intent: &intent,
+                        intent_hash: row.intent_hash,
+                        initiator: &row.initiator,
+                    };
+                    let usage = usage(tx, policy, &w, now)?;
+                    let decision = policy::evaluate(policy, &w, &usage, &approvals, now);
+                    let stored = record(&decision, policy.version);
+                    let (to, counted_at) = match &decision.outcome {
+                        Outcome::Allow => (row.state.apply(Event::QuorumMet)?, Some(now)),
+                        Outcome::Deny(DenyReason::Rejected { .. }) => (row.state.apply(Event::Reject)?, None),
+                        Outcome::Deny(_) => (row.state.apply(Event::Deny)?, None),
+                        Outcome::Pending(_) => (row.state, None),
+                    };
+                    wd_store::set_state(tx, id, row.state, to, &stored, counted_at, now)?;
+                    wd_store::by_id(tx, id)?.ok_or_else(|| CustodyError::NotFound(format!("withdrawal {id}")))
+                })
+            })
+            .await?;
+        tracing::info!(withdrawal = %row.withdrawal_id, state = %row.state, "vote recorded");
+        self.announce(&row.withdrawal_id);
+        self.finish(row).await
+    }
+
+    /// Cancels a withdrawal that is not yet signed or decided.
+    pub async fn cancel(&self, withdrawal_id: &str) -> Result<WithdrawalView, CustodyError> {
+        // Holding the signing lock means a cancel never races a C_Sign.
+        let lock = self.signing_lock(withdrawal_id);
+        let _held = lock.lock().await;
+        let id = withdrawal_id.to_owned();
+        self.blocking(move |store| {
+            store.write(|tx| {
+                let row = wd_store::by_id(tx, &id)?.ok_or_else(|| CustodyError::NotFound(format!("withdrawal {id}")))?;
+                let to = row.state.apply(Event::Cancel).map_err(|_| {
+                    precondition(
+                        "not_cancellable",
+                        format!("withdrawal {id} is {}; only PENDING_APPROVAL or APPROVED withdrawals can be cancelled", row.state),
+                    )
+                })?;
+                let mut decision = row.decision.clone();
+                decision.reason_code = Some("cancelled".into());
+                decision.reason = Some("cancelled by request".into());
+                wd_store::set_state(tx, &id, row.state, to, &decision, None, unix_now())?;
+                Ok(())
+            })
+        })
+        .await?;
+        self.announce(withdrawal_id);
+        self.get(withdrawal_id).await
+    }
+
+    /// Expires every PENDING_APPROVAL withdrawal whose window has ended.
+    /// Returns how many expired.
+    pub async fn expire_due(&self) -> Result<usize, CustodyError> {
+        let expired = self
+            .blocking(|store| {
+                store.write(|tx| {
+                    let now = unix_now();
+                    let ids = wd_store::ids_expired(tx, now)?;
+                    for id in &ids {
+                        let row =
+                            wd_store::by_id(tx, id)?.ok_or_else(|| CustodyError::NotFound(id.clone()))?;
+                        let to = row.state.apply(Event::WindowElapsed)?;
+                        let mut decision = row.decision.clone();
+                        decision.reason_code = Some("expired".into());
+                        decision.reason = Some(format!("the approval window ended at {}", row.expires_at));
+                        wd_store::set_state(tx, id, row.state, to, &decision, None, now)?;
+                    }
+                    Ok(ids)
+                })
+            })
+            .await?;
+        for id in &expired {
+            tracing::info!(withdrawal = %id, "approval window ended; withdrawal expired");
+            self.announce(id);
+        }
+        Ok(expired.len())
+    }
+
+    /// Signs every APPROVED withdrawal: those a crash or an HSM outage left
+    /// between approval and signing, and those held by a freeze. Returns how
+    /// many it tried; failures are logged and retried on the next call.
+    pub async fn resume(&self) -> Result<usize, CustodyError> {
+        let ids = self
+            .blocking(|store| store.read(|conn| Ok(wd_store::ids_in_state(conn, State::Approved)?)))
+            .await?;
+        for id in &ids {
+            if let Err(e) = self.sign(id).await {
+                tracing::warn!(withdrawal = %id, error = %e, "signing an approved withdrawal failed; will retry");
+            }
+        }
+        Ok(ids.len())
+    }
+
+    /// One withdrawal with its votes.
+    pub async fn get(&self, withdrawal_id: &str) -> Result<WithdrawalView, CustodyError> {
+        let id = withdrawal_id.to_owned();
+        self.blocking(move |store| {
+            store.read(|conn| {
+                let row = wd_store::by_id(conn, &id)?
+                    .ok_or_else(|| CustodyError::NotFound(format!("withdrawal {id}")))?;
+                let approvals = wd_store::approvals(conn, &id)?;
+                Ok(WithdrawalView { row, approvals })
+            })
+        })
+        .await
+    }
+
+    /// Up to `limit` withdrawals after cursor `after`, optionally in one state.
+    pub async fn list(
+        &self,
+        state: Option<State>,
+        after: i64,
+        limit: usize,
+    ) -> Result<WithdrawalPage, CustodyError> {
+        self.blocking(move |store| {
+            store.read(|conn| {
+                let rows = wd_store::page(conn, state, after, limit)?;
+                let next_after = (rows.len() == limit)
+                    .then(|| rows.last().map(|r| r.seq))
+                    .flatten();
+                let withdrawals = rows
+                    .into_iter()
+                    .map(|row| {
+                        let approvals = wd_store::approvals(conn, &row.withdrawal_id)?;
+                        Ok(WithdrawalView { row, approvals })
+                    })
+                    .collect::<Result<_, CustodyError>>()?;
+                Ok(WithdrawalPage {
+                    withdrawals,
+                    next_after,
+                })
+            })
+        })
+        .await
+    }
+
+    fn parse_for(&self, wallet: &Wallet, tx: UnsignedTx) -> Result<ParsedTx, CustodyError> {
+        match tx {
+            UnsignedTx::Ethereum(tx) => {
+                let from = crate::address::ethereum_address(&wallet.public_key);
+                Ok(ParsedTx::Ethereum(ethereum::parse(
+                    tx,
+                    &self.chains.ethereum,
+                    from,
+                )?))
+            }
+            UnsignedTx::Bitcoin(psbt) => {
+                let key = crate::address::bitcoin_public_key(&wallet.public_key);
+                Ok(ParsedTx::Bitcoin(bitcoin_chain::parse(
+                    psbt,
+                    self.chains.bitcoin_network,
+                    &key,
+                )?))
+            }
+        }
+    }
+
+    fn wallet_missing_or_unusable(&self, id: &WalletId, error: WalletError) -> CustodyError {
+        match self.wallets.exists(id) {
+            Ok(false) => WalletError::NotFound(id.as_str().to_owned()).into(),
+            _ => error.into(),
+        }
+    }
+
+    fn signing_lock(&self, withdrawal_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.signing.lock().unwrap_or_else(PoisonError::into_inner);
+        // Drop locks nobody holds, so the map stays as small as the work in flight.
+        locks.retain(|_, lock| Arc::strong_count(lock) > 1);
+        Arc::clone(locks.entry(withdrawal_id.to_owned()).or_default())
+    }
+
+    fn announce(&self, withdrawal_id: &str) {
+        // No subscriber is fine: nobody is watching.
+        let _ = self.updates.send(withdrawal_id.to_owned());
+    }
+
+    /// What the blocking closures need, without borrowing `self` across threads.
+    fn snapshot(&self) -> Arc<Snapshot> {
+        Arc::new(Snapshot {
+            service_id: self.service_id.clone(),
+            policies: self
+                .policies
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+        })
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<T, CustodyError> + Send + 'static,
+    ) -> Result<T, CustodyError> {
+        let store = Arc::clone(&self.store);
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|_| CustodyError::Worker)?
+    }
+}
+
+/// Policies and ids the store closures read.
+struct Snapshot {
+    service_id: String,
+    policies: HashMap<u64, Arc<ActivePolicy>>,
+}
+
+impl Snapshot {
+    /// The active policy, from the cache or (after a concurrent activation)
+    /// rebuilt from the store.
+    fn active_policy(
+        &self,
+        conn: &rusqlite::Connection,
+        version: Option<u64>,
+    ) -> Result<Option<Arc<ActivePolicy>>, CustodyError> {
+        let Some(version) = version else { return Ok(None) };
+        if let Some(active) = self.policies.get(&version) {
+            return Ok(Some(Arc::clone(active)));
+        }
+        governance::load_version(conn, version).map(|p| Some(Arc::new(p)))
+    }
+}
+
+/// Checks that a verified approval is bound to this withdrawal, its intent,
+/// the active policy and the present, and that its signer is not the initiator.
+fn check_binding(
+    message: &ApprovalMessage,
+    row: &WithdrawalRow,
+    policy: &Policy,
+    now: u64,
+) -> Result<(), CustodyError> {
+    if message.intent_hash != row.intent_hash {
+        return Err(CustodyError::InvalidArgument {
+            field: "message.intent_hash".into(),
+            reason: format!(
+                "is {}, but withdrawal {}'s intent hash is {}; recompute it from the transaction",
+                hex::encode(message.intent_hash),
+                row.withdrawal_id,
+                hex::encode(row.intent_hash)
+            ),
+        });
+    }
+    if message.policy_hash != policy.hash {
+        return Err(precondition(
+            "stale_policy",
+            format!(
+                "the approval names policy {}, but the active policy is version {} ({}); sign again under it",
+                hex::encode(message.policy_hash),
+                policy.version,
+                hex::encode(policy.hash)
+            ),
+        ));
+    }
+    if message.expires_at <= now {
+        return Err(precondition(
+            "approval_expired",
+            format!("the approval expired at {}", message.expires_at),
+        ));
+    }
+    if message.approver == row.initiator {
+        return Err(CustodyError::PermissionDenied(format!(
+            "{} initiated withdrawal {} and cannot vote on it",
+            message.approver, row.withdrawal_id
+        )));
+    }
+    Ok(())
+}
+
+/// Every stored vote on a withdrawal, as the policy core counts them. Each
+/// was verified when stored; they are parsed again from the signed bytes.
+fn stored_approvals(
+    conn: &rusqlite::Connection,
+    withdrawal_id: &str,
+) -> Result<Vec<policy::Approval>, CustodyError> {
+    wd_store::approvals(conn, withdrawal_id)?
+        .iter()
+        .map(|a| {
+            ApprovalMessage::parse(&a.message)
+                .map(|m| m.to_approval())
+                .map_err(|e| CustodyError::Inconsistent(format!("stored approval: {e}")))
+        })
+        .collect()
+}
+
+/// Rolling usage of the withdrawal's wallet and asset over the policy's
+/// longest window for them.
+fn usage(
+    conn: &rusqlite::Connection,
+    policy: &Policy,
+    w: &policy::Withdrawal<'_>,
+    now: u64,
+) -> Result<Usage, CustodyError> {
+    let longest = policy
+        .limits
+        .iter()
+        .filter(|l| l.wallet == w.wallet && l.asset == w.intent.asset.symbol)
+        .flat_map(|l| l.windows.iter().map(|win| win.seconds))
+        .max();
+    let Some(longest) = longest else {
+        return Ok(Usage::default());
+    };
+    let entries = wd_store::usage(
+        conn,
+        w.wallet,
+        &w.intent.asset.symbol,
+        now.saturating_sub(longest),
+    )?
+    .into_iter()
+    .map(|(at, amount)| {
+        crate::api::transaction::decimal(&amount)
+            .map(|a| (at, a))
+            .map_err(|e| CustodyError::Inconsistent(format!("stored amount {amount:?}: {e}")))
+    })
+    .collect::<Result<Vec<(u64, U256)>, _>>()?;
+    Ok(Usage { entries })
+}
+
+/// The decision as stored and served.
+fn record(decision: &Decision, version: u64) -> DecisionRecord {
+    let (reason_code, reason) = match &decision.outcome {
+        Outcome::Deny(reason) => (Some(reason.code().to_owned()), Some(reason.to_string())),
+        _ => (None, None),
+    };
+    let missing_quorum = match &decision.outcome {
+        Outcome::Pending(missing) => missing.iter().map(|q| (q.group.clone(), q.min as u64)).collect(),
+        _ => Vec::new(),
+    };
+    DecisionRecord {
+        policy_hash: hex::encode(decision.policy_hash),
+        policy_version: version,
+        rule: decision.rule.clone(),
+        reason_code,
+        reason,
+        missing_quorum,
+        counted_approvers: decision.counted_approvers.clone(),
+    }
+}
+
+fn frozen_decision(active: Option<&ActivePolicy>) -> DecisionRecord {
+    DecisionRecord {
+        policy_hash: active.map(|a| hex::encode(a.policy.hash)).unwrap_or_default(),
+        policy_version: active.map_or(0, |a| a.policy.version),
+        reason_code: Some("frozen".into()),
+        reason: Some(
+            "custody is frozen by a security officer; nothing is signed until admins unfreeze".into(),
+        ),
+        ..DecisionRecord::default()
+    }
+}
+
+fn no_policy_decision() -> DecisionRecord {
+    DecisionRecord {
+        reason_code: Some("no_policy".into()),
+        reason: Some("no policy is active; the default is deny".into()),
+        ..DecisionRecord::default()
+    }
+}
+
+fn vote_name(vote: Vote) -> &'static str {
+    match vote {
+        Vote::Approve => "APPROVE",
+        Vote::Reject => "REJECT",
+    }
+}
+
+/// The chain name and canonical bytes stored for an unsigned transaction.
+fn canonical(tx: &UnsignedTx) -> (&'static str, Vec<u8>) {
+    match tx {
+        UnsignedTx::Ethereum(tx) => ("ethereum", ethereum::signing_payload(tx)),
+        UnsignedTx::Bitcoin(psbt) => ("bitcoin", psbt.serialize()),
+    }
+}
+
+/// Decodes a stored transaction again.
+fn decode_stored(row: &WithdrawalRow) -> Result<UnsignedTx, CustodyError> {
+    let decoded = match row.chain.as_str() {
+        "ethereum" => ethereum::decode_unsigned(&row.unsigned_tx).map(UnsignedTx::Ethereum),
+        "bitcoin" => chain::bitcoin::decode_psbt(&row.unsigned_tx).map(UnsignedTx::Bitcoin),
+        other => return Err(CustodyError::Inconsistent(format!("stored chain {other:?}"))),
+    };
+    decoded.map_err(|e| CustodyError::Inconsistent(format!("stored transaction no longer decodes: {e}")))
+}
+
+/// SHA-256 over everything a request asks for: a retry with the same request
+/// id must match it exactly.
+fn request_hash(request: &NewWithdrawal, chain: &str, unsigned: &[u8]) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    hasher.update(REQUEST_DOMAIN);
+    for part in [
+        request.wallet.as_str().as_bytes(),
+        request.initiator.as_bytes(),
+        chain.as_bytes(),
+        unsigned,
+    ] {
+        hasher.update((part.len() as u64).to_be_bytes());
+        hasher.update(part);
+    }
+    hasher.finalize().into()
+}
+
+fn new_withdrawal_id() -> Result<String, CustodyError> {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).map_err(|_| CustodyError::Worker)?;
+    Ok(format!("wd_{}", hex::encode(bytes)))
+}
+
+/// Unix seconds now.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

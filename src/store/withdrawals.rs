@@ -1,0 +1,346 @@
+//! Withdrawal and approval rows.
+//!
+//! `request_id` and `withdrawal_id` are UNIQUE, so one request id can never
+//! become two withdrawals, whatever races in code. A withdrawal counts against
+//! rolling limits exactly while `counted_at` is set, and a CHECK ties that to
+//! the APPROVED and SIGNED states; the usage index serves the limit query.
+//! State changes are conditional on the state the caller read
+//! ([`set_state`]), so two writers can never both move one withdrawal.
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+
+use super::StoreError;
+use super::governance::{to_i64, to_u64};
+use crate::lifecycle::State;
+
+/// The latest decision on a withdrawal, as stored (JSON in the row).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecisionRecord {
+    /// Hex policy hash the decision was made under (empty without a policy).
+    pub policy_hash: String,
+    /// The policy version.
+    pub policy_version: u64,
+    /// The rule that matched, if one did.
+    pub rule: Option<String>,
+    /// Stable reason code of a refusal, e.g. `rolling_amount_limit`.
+    pub reason_code: Option<String>,
+    /// The refusal in words, naming the rule, limit or allowlist.
+    pub reason: Option<String>,
+    /// Still missing, per group: (group, approvals).
+    pub missing_quorum: Vec<(String, u64)>,
+    /// Approvers whose approvals counted.
+    pub counted_approvers: Vec<String>,
+}
+
+/// A withdrawal as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WithdrawalRow {
+    /// Insertion order, for paging.
+    pub seq: i64,
+    /// `wd_` and 32 hex digits.
+    pub withdrawal_id: String,
+    /// The caller's idempotency key.
+    pub request_id: String,
+    /// SHA-256 over what the request asked for; a retry must match it.
+    pub request_hash: [u8; 32],
+    /// Wallet id.
+    pub wallet_id: String,
+    /// Who submitted it.
+    pub initiator: String,
+    /// `ethereum` or `bitcoin`.
+    pub chain: String,
+    /// The canonical unsigned encoding (Ethereum) or the PSBT (Bitcoin).
+    pub unsigned_tx: Vec<u8>,
+    /// The intent as JSON, for display.
+    pub intent: String,
+    /// The intent hash approvals sign.
+    pub intent_hash: [u8; 32],
+    /// Asset symbol.
+    pub asset: String,
+    /// Total amount in base units, decimal.
+    pub amount: String,
+    /// Lifecycle state.
+    pub state: State,
+    /// The latest decision.
+    pub decision: DecisionRecord,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// End of the approval window, unix seconds.
+    pub expires_at: u64,
+    /// When it started counting against limits (APPROVED and SIGNED only).
+    pub counted_at: Option<u64>,
+    /// Unix seconds of the last change.
+    pub updated_at: u64,
+    /// The broadcastable signed transaction, once SIGNED.
+    pub signed_tx: Option<Vec<u8>>,
+    /// Its transaction hash (Ethereum) or txid (Bitcoin).
+    pub signed_tx_hash: Option<Vec<u8>>,
+}
+
+/// A stored vote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApprovalRow {
+    /// Approver id.
+    pub approver: String,
+    /// `APPROVE` or `REJECT`.
+    pub vote: String,
+    /// The signed approval message, verbatim.
+    pub message: Vec<u8>,
+    /// 64-byte `r || s`.
+    pub signature: Vec<u8>,
+    /// Unix seconds.
+    pub submitted_at: u64,
+}
+
+/// Inserts a new withdrawal; [`StoreError::Conflict`] if its request id (or id) exists.
+pub fn insert(conn: &Connection, row: &WithdrawalRow) -> Result<i64, StoreError> {
+    let decision = decision_json(&row.decision)?;
+    let inserted = conn.execute(
+        "INSERT INTO withdrawals (withdrawal_id, request_id, request_hash, wallet_id, initiator, chain,
+            unsigned_tx, intent, intent_hash, asset, amount, state, decision, created_at, expires_at,
+            counted_at, updated_at, signed_tx, signed_tx_hash)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, NULL, NULL)",
+        params![
+            row.withdrawal_id,
+            row.request_id,
+            row.request_hash.as_slice(),
+            row.wallet_id,
+            row.initiator,
+            row.chain,
+            row.unsigned_tx,
+            row.intent,
+            row.intent_hash.as_slice(),
+            row.asset,
+            row.amount,
+            row.state.name(),
+            decision,
+            to_i64(row.created_at),
+            to_i64(row.expires_at),
+            row.counted_at.map(to_i64),
+            to_i64(row.updated_at),
+        ],
+    );
+    super::conflict_as(inserted, "withdrawal")?;
+    Ok(conn.last_insert_rowid())
+}
+
+/// The withdrawal with this id.
+pub fn by_id(conn: &Connection, withdrawal_id: &str) -> Result<Option<WithdrawalRow>, StoreError> {
+    conn.prepare_cached(&format!("{SELECT} WHERE withdrawal_id = ?1"))?
+        .query_row([withdrawal_id], row)
+        .optional()?
+        .transpose()
+}
+
+/// The withdrawal created for this request id.
+pub fn by_request_id(conn: &Connection, request_id: &str) -> Result<Option<WithdrawalRow>, StoreError> {
+    conn.prepare_cached(&format!("{SELECT} WHERE request_id = ?1"))?
+        .query_row([request_id], row)
+        .optional()?
+        .transpose()
+}
+
+/// Up to `limit` withdrawals after cursor `after`, optionally in one state.
+pub fn page(
+    conn: &Connection,
+    state: Option<State>,
+    after: i64,
+    limit: usize,
+) -> Result<Vec<WithdrawalRow>, StoreError> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let rows = match state {
+        Some(state) => {
+            let mut stmt = conn.prepare_cached(&format!(
+                "{SELECT} WHERE state = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"
+            ))?;
+            stmt.query_map(params![state.name(), after, limit], row)?
+                .collect::<Result<Vec<_>, _>>()?
+        }
+        None => {
+            let mut stmt = conn.prepare_cached(&format!("{SELECT} WHERE seq > ?1 ORDER BY seq LIMIT ?2"))?;
+            stmt.query_map(params![after, limit], row)?
+                .collect::<Result<Vec<_>, _>>()?
+        }
+    };
+    rows.into_iter().collect()
+}
+
+/// Ids of withdrawals in `state`, oldest first.
+pub fn ids_in_state(conn: &Connection, state: State) -> Result<Vec<String>, StoreError> {
+    let mut stmt =
+        conn.prepare_cached("SELECT withdrawal_id FROM withdrawals WHERE state = ?1 ORDER BY seq")?;
+    let ids = stmt.query_map([state.name()], |r| r.get(0))?;
+    Ok(ids.collect::<Result<_, _>>()?)
+}
+
+/// Ids of PENDING_APPROVAL withdrawals whose window ended at or before `now`.
+pub fn ids_expired(conn: &Connection, now: u64) -> Result<Vec<String>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT withdrawal_id FROM withdrawals WHERE state = 'PENDING_APPROVAL' AND expires_at <= ?1 ORDER BY seq",
+    )?;
+    let ids = stmt.query_map([to_i64(now)], |r| r.get(0))?;
+    Ok(ids.collect::<Result<_, _>>()?)
+}
+
+/// Moves a withdrawal from `from` to `to`, recording the decision and
+/// whether it counts against limits from `counted_at`. Fails with
+/// [`StoreError::Conflict`] if the stored state is no longer `from`.
+pub fn set_state(
+    conn: &Connection,
+    withdrawal_id: &str,
+    from: State,
+    to: State,
+    decision: &DecisionRecord,
+    counted_at: Option<u64>,
+    now: u64,
+) -> Result<(), StoreError> {
+    let updated = conn.execute(
+        "UPDATE withdrawals SET state = ?3, decision = ?4, counted_at = ?5, updated_at = ?6
+         WHERE withdrawal_id = ?1 AND state = ?2",
+        params![
+            withdrawal_id,
+            from.name(),
+            to.name(),
+            decision_json(decision)?,
+            counted_at.map(to_i64),
+            to_i64(now)
+        ],
+    )?;
+    if updated != 1 {
+        return Err(StoreError::Conflict("state change (the withdrawal moved on)"));
+    }
+    Ok(())
+}
+
+/// Records the signed transaction: APPROVED to SIGNED, keeping `counted_at`.
+pub fn set_signed(
+    conn: &Connection,
+    withdrawal_id: &str,
+    signed_tx: &[u8],
+    signed_tx_hash: &[u8],
+    now: u64,
+) -> Result<(), StoreError> {
+    let updated = conn.execute(
+        "UPDATE withdrawals SET state = 'SIGNED', signed_tx = ?2, signed_tx_hash = ?3, updated_at = ?4
+         WHERE withdrawal_id = ?1 AND state = 'APPROVED'",
+        params![withdrawal_id, signed_tx, signed_tx_hash, to_i64(now)],
+    )?;
+    if updated != 1 {
+        return Err(StoreError::Conflict("signature (the withdrawal is not APPROVED)"));
+    }
+    Ok(())
+}
+
+/// `(counted_at, amount)` of withdrawals of this wallet and asset counted
+/// after `since`: the rolling usage the policy core checks.
+pub fn usage(
+    conn: &Connection,
+    wallet_id: &str,
+    asset: &str,
+    since: u64,
+) -> Result<Vec<(u64, String)>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT counted_at, amount FROM withdrawals
+         WHERE wallet_id = ?1 AND asset = ?2 AND counted_at IS NOT NULL AND counted_at > ?3",
+    )?;
+    let rows = stmt.query_map(params![wallet_id, asset, to_i64(since)], |r| {
+        Ok((to_u64(r.get(0)?), r.get(1)?))
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Records a vote; [`StoreError::Conflict`] if this approver already voted
+/// on this withdrawal or the exact message was submitted before.
+pub fn insert_approval(
+    conn: &Connection,
+    withdrawal_id: &str,
+    approval: &ApprovalRow,
+) -> Result<(), StoreError> {
+    let inserted = conn.execute(
+        "INSERT INTO approvals (withdrawal_id, approver, vote, message, signature, submitted_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![
+            withdrawal_id,
+            approval.approver,
+            approval.vote,
+            approval.message,
+            approval.signature,
+            to_i64(approval.submitted_at)
+        ],
+    );
+    super::conflict_as(inserted, "vote by this approver").map(|_| ())
+}
+
+/// Votes on a withdrawal, in submission order.
+pub fn approvals(conn: &Connection, withdrawal_id: &str) -> Result<Vec<ApprovalRow>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT approver, vote, message, signature, submitted_at FROM approvals
+         WHERE withdrawal_id = ?1 ORDER BY submitted_at, rowid",
+    )?;
+    let rows = stmt.query_map([withdrawal_id], |r| {
+        Ok(ApprovalRow {
+            approver: r.get(0)?,
+            vote: r.get(1)?,
+            message: r.get(2)?,
+            signature: r.get(3)?,
+            submitted_at: to_u64(r.get(4)?),
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+const SELECT: &str =
+    "SELECT seq, withdrawal_id, request_id, request_hash, wallet_id, initiator, chain, unsigned_tx,
+    intent, intent_hash, asset, amount, state, decision, created_at, expires_at, counted_at, updated_at,
+    signed_tx, signed_tx_hash FROM withdrawals";
+
+fn decision_json(decision: &DecisionRecord) -> Result<String, StoreError> {
+    serde_json::to_string(decision).map_err(|e| StoreError::Corrupt {
+        table: "withdrawals",
+        reason: format!("decision: {e}"),
+    })
+}
+
+fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<WithdrawalRow, StoreError>> {
+    let corrupt = |reason: String| StoreError::Corrupt {
+        table: "withdrawals",
+        reason,
+    };
+    let state_name: String = r.get(12)?;
+    let Some(state) = State::from_name(&state_name) else {
+        return Ok(Err(corrupt(format!("unknown state {state_name}"))));
+    };
+    let decision: String = r.get(13)?;
+    let decision = match serde_json::from_str(&decision) {
+        Ok(d) => d,
+        Err(e) => return Ok(Err(corrupt(format!("decision: {e}")))),
+    };
+    let hash32 = |v: Vec<u8>| <[u8; 32]>::try_from(v);
+    let (Ok(request_hash), Ok(intent_hash)) = (hash32(r.get(3)?), hash32(r.get(9)?)) else {
+        return Ok(Err(corrupt("hash is not 32 bytes".into())));
+    };
+    Ok(Ok(WithdrawalRow {
+        seq: r.get(0)?,
+        withdrawal_id: r.get(1)?,
+        request_id: r.get(2)?,
+        request_hash,
+        wallet_id: r.get(4)?,
+        initiator: r.get(5)?,
+        chain: r.get(6)?,
+        unsigned_tx: r.get(7)?,
+        intent: r.get(8)?,
+        intent_hash,
+        asset: r.get(10)?,
+        amount: r.get(11)?,
+        state,
+        decision,
+        created_at: to_u64(r.get(14)?),
+        expires_at: to_u64(r.get(15)?),
+        counted_at: r.get::<_, Option<i64>>(16)?.map(to_u64),
+        updated_at: to_u64(r.get(17)?),
+        signed_tx: r.get(18)?,
+        signed_tx_hash: r.get(19)?,
+    }))
+}
