@@ -3,8 +3,13 @@
 //!
 //! Under the data directory dev mode creates a SoftHSM configuration and token
 //! directory, a fresh token with random user and SO PINs (files mode 0600), a
-//! `custosd.toml`, and the SQLite store. Running it again on the same
-//! directory reuses all of it.
+//! `custosd.toml`, and the SQLite store. It also sets up a governed story:
+//! three approver keys (alice and bob in `treasury`, carol in `treasury` and
+//! `security`) and one admin key, as 0600 key files under `keys/`; a wallet
+//! `hot` generated in the token; and a genesis policy (`policy.toml`) that
+//! signs small withdrawals to an allowlisted exchange address at once, asks
+//! two treasury approvers for larger ones, and denies everything else.
+//! Running it again on the same directory reuses all of it.
 //!
 //! SoftHSM finds its configuration only through the `SOFTHSM2_CONF`
 //! environment variable, read when the module initializes. Setting it in a
@@ -18,6 +23,8 @@ use std::net::SocketAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use zeroize::Zeroizing;
@@ -25,6 +32,8 @@ use zeroize::Zeroizing;
 use crate::config::{Config, ConfigError};
 use crate::hsm::{self, HsmError};
 use crate::secret::Pin;
+use crate::signer::{KeyFile, SignerError, public_key_string};
+use crate::wallet::{DisplayName, WalletError, WalletId, Wallets};
 
 /// Debian's SoftHSMv2 module, the dev-mode default.
 pub const DEFAULT_SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
@@ -50,7 +59,28 @@ pub struct DevPaths {
     pub so_pin_file: PathBuf,
     /// The SQLite store.
     pub store: PathBuf,
+    /// The genesis policy.
+    pub policy: PathBuf,
+    /// Approver key files (0600 PKCS#8 PEM), by approver id.
+    pub approver_keys: std::collections::BTreeMap<String, PathBuf>,
+    /// The admin key file (also the security officer), id `admin`.
+    pub admin_key: PathBuf,
 }
+
+/// Dev approvers and their groups.
+pub const DEV_APPROVERS: [(&str, &str); 3] = [
+    ("alice", "\"treasury\""),
+    ("bob", "\"treasury\""),
+    ("carol", "\"treasury\", \"security\""),
+];
+/// The dev wallet.
+pub const DEV_WALLET: &str = "hot";
+/// The dev Ethereum network: Sepolia.
+pub const DEV_CHAIN_ID: u64 = 11_155_111;
+/// An exchange deposit address on the dev allowlist, in force at once.
+pub const DEV_ALLOWLISTED: &str = "0x3535353535353535353535353535353535353535";
+/// An address added to the dev allowlist at setup: time-locked for a day.
+pub const DEV_TIME_LOCKED: &str = "0x4646464646464646464646464646464646464646";
 
 impl DevPaths {
     /// Paths under `data_dir`, which should be absolute.
@@ -63,6 +93,12 @@ impl DevPaths {
             user_pin_file: data_dir.join("user.pin"),
             so_pin_file: data_dir.join("so.pin"),
             store: data_dir.join("custos.db"),
+            policy: data_dir.join("policy.toml"),
+            approver_keys: DEV_APPROVERS
+                .iter()
+                .map(|(id, _)| ((*id).to_owned(), data_dir.join("keys").join(format!("{id}.pem"))))
+                .collect(),
+            admin_key: data_dir.join("keys").join("admin.pem"),
         }
     }
 }
@@ -105,6 +141,9 @@ pub enum DevError {
     /// The token could not be created.
     #[error("creating the dev token: {0}")]
     Hsm(#[from] HsmError),
+    /// A dev key could not be created or read.
+    #[error("dev key: {0}")]
+    Key(#[from] SignerError),
     /// The generated or existing config is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
@@ -158,6 +197,11 @@ pub fn prepare(paths: &DevPaths, module: &Path, listen: Option<SocketAddr>) -> R
         write_new(&paths.user_pin_file, user_pin.expose().as_bytes(), 0o600)?;
         write_new(&paths.so_pin_file, so_pin.expose().as_bytes(), 0o600)?;
         hsm::init_token(module, DEV_TOKEN_LABEL, &so_pin, &user_pin)?;
+        create_dir(&paths.data_dir.join("keys"))?;
+        for path in paths.approver_keys.values().chain([&paths.admin_key]) {
+            KeyFile::generate()?.write_new(path)?;
+        }
+        let admin = public_key_string(KeyFile::load(&paths.admin_key)?.verifying_key());
         let config = format!(
             "# custosd configuration written by custosd --dev. See hsm-config/custosd.example.toml.\n\
              [server]\n\
@@ -171,10 +215,18 @@ pub fn prepare(paths: &DevPaths, module: &Path, listen: Option<SocketAddr>) -> R
              [store]\n\
              path = \"{}\"\n\n\
              [bitcoin]\n\
-             network = \"regtest\"\n",
+             network = \"regtest\"\n\n\
+             [ethereum]\n\
+             chain_id = {DEV_CHAIN_ID}\n\n\
+             [service]\n\
+             id = \"custos-dev\"\n\n\
+             [policy]\n\
+             genesis_file = \"{}\"\n\
+             admin_keys = [\"{admin}\"]\n",
             module.display(),
             paths.user_pin_file.display(),
-            paths.store.display()
+            paths.store.display(),
+            paths.policy.display(),
         );
         write_new(&paths.config, config.as_bytes(), 0o600)?;
     }
@@ -186,6 +238,80 @@ pub fn prepare(paths: &DevPaths, module: &Path, listen: Option<SocketAddr>) -> R
         return Err(DevError::NotLoopback(config.server.listen));
     }
     Ok(config)
+}
+
+/// Runs inside [`crate::server::App::open_with`] on first start: creates the
+/// dev wallet in the token and writes the genesis policy naming its key.
+pub async fn bootstrap(paths: &DevPaths, wallets: Arc<Wallets>) -> Result<(), String> {
+    if paths.policy.exists() {
+        return Ok(());
+    }
+    let id = WalletId::parse(DEV_WALLET).map_err(|e| e.to_string())?;
+    let wallet = match wallets.get(&id).await {
+        Ok(wallet) => wallet,
+        Err(WalletError::NotFound(_)) => wallets
+            .create(id, DisplayName::parse("Dev hot wallet").map_err(|e| e.to_string())?)
+            .await
+            .map_err(|e| e.to_string())?,
+        Err(e) => return Err(e.to_string()),
+    };
+    let key = |path: &Path| -> Result<String, String> {
+        Ok(public_key_string(
+            KeyFile::load(path).map_err(|e| e.to_string())?.verifying_key(),
+        ))
+    };
+    let mut approvers = String::new();
+    for (id, groups) in DEV_APPROVERS {
+        approvers.push_str(&format!(
+            "[approvers.{id}]\nkey = \"{}\"\ngroups = [{groups}]\n\n",
+            key(&paths.approver_keys[id])?
+        ));
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let day = 86_400;
+    let policy = format!(
+        "# Genesis policy written by custosd --dev. See docs/policy.md.\n\
+         version = 1\n\
+         approval_window_seconds = {day}\n\
+         allowlist_delay_seconds = {day}\n\n\
+         [admins]\n\
+         quorum = 1\n\
+         keys = {{ admin = \"{admin}\" }}\n\
+         security_officers = [\"admin\"]\n\n\
+         {approvers}\
+         [wallets.{DEV_WALLET}]\n\
+         network = \"eip155:{DEV_CHAIN_ID}\"\n\
+         key_label = \"{label}\"\n\n\
+         [allowlists.exchanges]\n\
+         entries = [\n  {{ address = \"{DEV_ALLOWLISTED}\", added_at = {listed} }},\n  {{ address = \"{DEV_TIME_LOCKED}\", added_at = {now} }},\n]\n\n\
+         [[limits]]\n\
+         wallet = \"{DEV_WALLET}\"\n\
+         asset = \"ETH\"\n\
+         per_transaction = \"100000000000000000000\"\n\
+         windows = [\n  {{ seconds = 3600, amount = \"150000000000000000000\", count = 1000 }},\n  {{ seconds = {day}, amount = \"400000000000000000000\" }},\n]\n\n\
+         [fee_caps.ethereum]\n\
+         max_fee_per_gas = \"500000000000\"\n\
+         max_total_fee = \"50000000000000000\"\n\n\
+         [[rules]]\n\
+         name = \"auto-small\"\n\
+         wallets = [\"{DEV_WALLET}\"]\n\
+         assets = [\"ETH\"]\n\
+         allowlist = \"exchanges\"\n\
+         amount_max = \"1000000000000000000\"\n\
+         action = \"allow\"\n\n\
+         [[rules]]\n\
+         name = \"large-two-treasury\"\n\
+         wallets = [\"{DEV_WALLET}\"]\n\
+         allowlist = \"exchanges\"\n\
+         action = \"require\"\n\
+         quorum = [{{ group = \"treasury\", min = 2 }}]\n",
+        admin = key(&paths.admin_key)?,
+        label = wallet.key_label,
+        listed = now.saturating_sub(2 * day),
+    );
+    write_new(&paths.policy, policy.as_bytes(), 0o644).map_err(|e| e.to_string())
 }
 
 /// A fresh data directory under the system temp dir, for `--dev` without `--data-dir`.

@@ -17,6 +17,7 @@
 //! | [`dev`] | `custosd --dev`: a fresh SoftHSM token, config and store under one directory |
 //! | [`hsm`] | cryptoki: token discovery, login, session pool, key generation with read-back, raw signing |
 //! | [`chain`] | parsing unsigned Ethereum and Bitcoin transactions into intents and digests; assembling signed transactions |
+//! | [`signer`] | people's own keys (approvers, admins): 0600 PKCS#8 key files and personal PKCS#11 tokens |
 //! | [`signature`] | secp256k1 post-processing of HSM output: low-S, recovery id, verification |
 //! | [`address`] | Ethereum (EIP-55) and Bitcoin (P2WPKH) addresses from a public key |
 //! | [`wallet`] | the wallet registry: creating HSM keys, caching them, signing digests with them |
@@ -42,6 +43,7 @@ pub mod lifecycle;
 pub mod policy;
 pub mod secret;
 pub mod server;
+pub mod signer;
 pub mod signature;
 pub mod store;
 pub mod telemetry;

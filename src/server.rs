@@ -58,6 +58,9 @@ pub enum ServerError {
         /// The failure.
         source: std::io::Error,
     },
+    /// Preparing the wallets before the policy failed (dev mode).
+    #[error("preparing: {0}")]
+    Prepare(String),
     /// The policy state could not be initialised or failed verification.
     #[error("policy: {0}")]
     Policy(#[from] CustodyError),
@@ -87,8 +90,19 @@ pub struct App {
 const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl App {
-    /// Opens the HSM, then the store, then loads the wallets.
+    /// Opens the HSM, then the store, then loads the wallets and the policy.
     pub async fn open(config: &Config) -> Result<Self, ServerError> {
+        Self::open_with(config, |_| async { Ok(()) }).await
+    }
+
+    /// Like [`App::open`], but runs `prepare` on the wallet registry before
+    /// the genesis policy is read. Dev mode uses it to create its wallet and
+    /// write a genesis policy that names the wallet's HSM key.
+    pub async fn open_with<F, Fut>(config: &Config, prepare: F) -> Result<Self, ServerError>
+    where
+        F: FnOnce(Arc<Wallets>) -> Fut,
+        Fut: Future<Output = Result<(), String>>,
+    {
         let pin = Pin::load(&config.hsm.pin)?;
         let hsm = Hsm::open(&config.hsm, pin).await?;
         let path = config.store.path.clone();
@@ -102,6 +116,7 @@ impl App {
         let store = Arc::new(store);
         let wallets =
             Arc::new(Wallets::open(hsm.clone(), Arc::clone(&store), config.chains.bitcoin_network).await?);
+        prepare(Arc::clone(&wallets)).await.map_err(ServerError::Prepare)?;
         let custody = Custody::new(
             store,
             Arc::clone(&wallets),

@@ -99,7 +99,11 @@ fn serve(config: Config, dev: Option<(DevPaths, PathBuf)>) -> Result<(), String>
         .map_err(|e| format!("tokio runtime: {e}"))?;
     runtime.block_on(async move {
         let shutdown = server::shutdown_signal();
-        let app = App::open(&config).await.map_err(|e| e.to_string())?;
+        let app = match &dev {
+            Some((paths, _)) => App::open_with(&config, |wallets| dev::bootstrap(paths, wallets)).await,
+            None => App::open(&config).await,
+        }
+        .map_err(|e| e.to_string())?;
         let listener = tokio::net::TcpListener::bind(config.server.listen)
             .await
             .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;

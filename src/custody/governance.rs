@@ -149,15 +149,16 @@ impl Custody {
                         let policy = Policy::parse(&genesis.document)
                             .map_err(|e| precondition("invalid_genesis", format!("genesis policy: {e}")))?;
                         let now = unix_now();
-                        let row = PolicyRow {
+                        let mut row = PolicyRow {
                             hash: policy.hash,
                             version: policy.version,
                             document: genesis.document.clone(),
                             proposed_at: now,
-                            activated_at: Some(now),
+                            activated_at: None,
                         };
                         gov_store::insert_policy(tx, &row)?;
                         gov_store::activate(tx, &row.hash, row.version, now)?;
+                        row.activated_at = Some(now);
                         tracing::info!(version = row.version, hash = %hex::encode(row.hash), "genesis policy activated");
                         history.push(row);
                     }

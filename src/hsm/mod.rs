@@ -24,6 +24,7 @@
 
 mod error;
 mod keys;
+pub mod personal;
 mod token;
 
 use std::collections::HashMap;
