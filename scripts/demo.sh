@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Quick start, command 1: runs custosd --dev on a fresh SoftHSM token and a new
-# SQLite store, then drives it with the custos CLI as an admin would.
+# SQLite store, then drives the withdrawal story with the custos CLI: a small
+# withdrawal signed at once, a large one approved by two approvers, and one to
+# an address off the allowlist denied with its reason.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/ensure-deps.sh
@@ -26,13 +28,40 @@ endpoint=$(sed -n 's/.*"endpoint":"\([^"]*\)".*/\1/p' "$ready")
 echo "== custosd --dev is listening on $endpoint"
 echo "   ready line: $(cat "$ready")"
 echo
-echo "== custos wallet create treasury-hot   (key generated inside the SoftHSM token)"
-"$bin/custos" --server "$endpoint" wallet create treasury-hot --display-name "Treasury hot wallet"
-echo
-echo "== custos wallet list"
-"$bin/custos" --server "$endpoint" wallet list
-echo
+custos() { "$bin/custos" --server "$endpoint" "$@"; }
+field() { sed -n "s/.*\"$1\":\"\([^\"]*\)\".*/\1/p"; }
+keys="$data_dir/keys"
+chain=11155111
 
+echo "== custos wallet list   (the dev wallet 'hot': its key was generated inside the SoftHSM token)"
+custos wallet list
+echo
+echo "== custos policy show   (the genesis policy: auto-sign <= 1 ETH to the allowlist, 2 treasury approvals above, deny the rest)"
+custos policy show
+echo
+echo "== 1. A small withdrawal to an allowlisted exchange address is signed at once"
+custos withdrawal create --request-id demo-small --wallet hot --initiator ops \
+    --to 0x3535353535353535353535353535353535353535 --value-wei 500000000000000000 --chain-id $chain --nonce 0
+echo
+echo "== 2. A large one (5 ETH) waits for two treasury approvers"
+large=$(custos --json withdrawal create --request-id demo-large --wallet hot --initiator ops \
+    --to 0x3535353535353535353535353535353535353535 --value-wei 5000000000000000000 --chain-id $chain --nonce 1)
+large_id=$(echo "$large" | field name | sed 's#withdrawals/##')
+custos withdrawal get "$large_id"
+echo
+echo "== custos pending   (what approvers see)"
+custos pending
+echo
+echo "== custos approve $large_id --approver alice   (decodes the transaction locally and checks the intent hash)"
+custos approve "$large_id" --approver alice --key "$keys/alice.pem" --yes
+echo
+echo "== custos approve $large_id --approver bob   (the quorum is met: custos signs)"
+custos approve "$large_id" --approver bob --key "$keys/bob.pem" --yes
+echo
+echo "== 3. A withdrawal to an address that is not on the allowlist is denied, with the reason"
+custos withdrawal create --request-id demo-unknown --wallet hot --initiator ops \
+    --to 0x7777777777777777777777777777777777777777 --value-wei 100000000000000000 --chain-id $chain --nonce 2
+echo
 kill -TERM "$server"
 wait "$server"
 trap - EXIT

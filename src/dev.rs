@@ -250,7 +250,10 @@ pub async fn bootstrap(paths: &DevPaths, wallets: Arc<Wallets>) -> Result<(), St
     let wallet = match wallets.get(&id).await {
         Ok(wallet) => wallet,
         Err(WalletError::NotFound(_)) => wallets
-            .create(id, DisplayName::parse("Dev hot wallet").map_err(|e| e.to_string())?)
+            .create(
+                id,
+                DisplayName::parse("Dev hot wallet").map_err(|e| e.to_string())?,
+            )
             .await
             .map_err(|e| e.to_string())?,
         Err(e) => return Err(e.to_string()),

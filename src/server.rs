@@ -116,7 +116,9 @@ impl App {
         let store = Arc::new(store);
         let wallets =
             Arc::new(Wallets::open(hsm.clone(), Arc::clone(&store), config.chains.bitcoin_network).await?);
-        prepare(Arc::clone(&wallets)).await.map_err(ServerError::Prepare)?;
+        prepare(Arc::clone(&wallets))
+            .await
+            .map_err(ServerError::Prepare)?;
         let custody = Custody::new(
             store,
             Arc::clone(&wallets),

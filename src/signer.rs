@@ -65,7 +65,11 @@ pub struct KeyFile {
 
 impl fmt::Debug for KeyFile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "KeyFile({}, <private key redacted>)", public_key_string(self.key.verifying_key()))
+        write!(
+            f,
+            "KeyFile({}, <private key redacted>)",
+            public_key_string(self.key.verifying_key())
+        )
     }
 }
 
@@ -150,13 +154,23 @@ impl TokenKey {
     /// Generates a non-extractable secp256k1 key pair on the token under
     /// `key_label` and returns its public key.
     pub fn generate(&self, pin: &Pin) -> Result<VerifyingKey, SignerError> {
-        Ok(crate::hsm::personal::generate(&self.module, &self.token, &self.key_label, pin)?)
+        Ok(crate::hsm::personal::generate(
+            &self.module,
+            &self.token,
+            &self.key_label,
+            pin,
+        )?)
     }
 
     /// Signs a SHA-256 prehash on the token: 64-byte low-S `r || s`,
     /// verified against the token's public key.
-    pub fn sign_prehash(&self, pin: &Pin, prehash: &[u8; 32]) -> Result<([u8; 64], VerifyingKey), SignerError> {
-        let (raw, public) = crate::hsm::personal::sign(&self.module, &self.token, &self.key_label, pin, prehash)?;
+    pub fn sign_prehash(
+        &self,
+        pin: &Pin,
+        prehash: &[u8; 32],
+    ) -> Result<([u8; 64], VerifyingKey), SignerError> {
+        let (raw, public) =
+            crate::hsm::personal::sign(&self.module, &self.token, &self.key_label, pin, prehash)?;
         let signature = Signature::from_slice(&raw).map_err(|_| SignerError::Unverified)?;
         let signature = signature.normalize_s();
         Ok((checked(signature, prehash, &public)?, public))

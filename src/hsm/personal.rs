@@ -30,7 +30,10 @@ fn open(module: &Path, token: &TokenSelector, pin: &Pin) -> Result<Session, HsmE
 
 fn find(session: &Session, class: ObjectClass, label: &str) -> Result<ObjectHandle, HsmError> {
     let found = session
-        .find_objects(&[Attribute::Class(class), Attribute::Label(label.as_bytes().to_vec())])
+        .find_objects(&[
+            Attribute::Class(class),
+            Attribute::Label(label.as_bytes().to_vec()),
+        ])
         .map_err(|e| HsmError::from_cryptoki("find personal key", e))?;
     match found.as_slice() {
         [one] => Ok(*one),
@@ -40,10 +43,17 @@ fn find(session: &Session, class: ObjectClass, label: &str) -> Result<ObjectHand
 }
 
 /// Generates a sensitive, non-extractable secp256k1 key pair labelled `label`.
-pub fn generate(module: &Path, token: &TokenSelector, label: &str, pin: &Pin) -> Result<VerifyingKey, HsmError> {
+pub fn generate(
+    module: &Path,
+    token: &TokenSelector,
+    label: &str,
+    pin: &Pin,
+) -> Result<VerifyingKey, HsmError> {
     let session = open(module, token, pin)?;
     if find(&session, ObjectClass::PRIVATE_KEY, label).is_ok() {
-        return Err(HsmError::Malformed("a key with this label already exists on the token"));
+        return Err(HsmError::Malformed(
+            "a key with this label already exists on the token",
+        ));
     }
     let mut id = vec![0u8; 16];
     getrandom::fill(&mut id).map_err(|_| HsmError::Malformed("no randomness for CKA_ID"))?;
@@ -69,7 +79,8 @@ pub fn sign(
     let private = find(&session, ObjectClass::PRIVATE_KEY, label)?;
     let public = find(&session, ObjectClass::PUBLIC_KEY, label)?;
     let point = keys::read_ec_point(&session, public)?;
-    let key = VerifyingKey::from_sec1_bytes(&point).map_err(|_| HsmError::Malformed("secp256k1 public key"))?;
+    let key =
+        VerifyingKey::from_sec1_bytes(&point).map_err(|_| HsmError::Malformed("secp256k1 public key"))?;
     let signature = session
         .sign(&Mechanism::Ecdsa, private, prehash)
         .map_err(|e| HsmError::from_cryptoki("sign", e))?;

@@ -1,8 +1,15 @@
-//! `custos`: the command-line client for admins (and, in later releases,
-//! approvers and auditors).
+//! `custos`: the command-line client for admins, approvers and backends.
+//!
+//! `main` holds the command tree and shared output helpers; `custody` the
+//! withdrawal and approval commands (including the approver's local
+//! recomputation of the intent hash); `governance` policy, freeze and
+//! unfreeze, signed with the admin's or security officer's own key.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+
+mod custody;
+mod governance;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -46,6 +53,26 @@ enum Command {
     /// to check what they are asked to approve.
     #[command(subcommand)]
     Intent(IntentCommand),
+    /// Submit and follow withdrawals (backend).
+    #[command(subcommand)]
+    Withdrawal(custody::WithdrawalCommand),
+    /// List withdrawals waiting for approvals (approver).
+    Pending,
+    /// Approve a withdrawal: fetch it, recompute its intent hash locally from
+    /// the transaction, show it, sign the approval with your own key, submit.
+    Approve(custody::VoteArgs),
+    /// Reject a withdrawal, signed like an approval.
+    Reject(custody::VoteArgs),
+    /// Approver keys.
+    #[command(subcommand)]
+    Approver(custody::ApproverCommand),
+    /// Show, propose and co-sign policy versions (admin).
+    #[command(subcommand)]
+    Policy(governance::PolicyCommand),
+    /// Freeze all signing at once (one security officer).
+    Freeze(governance::FreezeArgs),
+    /// Lift a freeze (the admin quorum).
+    Unfreeze(governance::UnfreezeArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -116,10 +143,30 @@ fn fail(message: &str) -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<(), String> {
+    let (server, json) = (cli.server.as_str(), cli.json);
     match cli.command {
-        Command::Intent(command) => print_intent(&decode_intent(&command)?, cli.json),
-        Command::Wallet(command) => wallet(command, &cli.server, cli.json).await,
+        Command::Intent(command) => print_intent(&decode_intent(&command)?, json),
+        Command::Wallet(command) => wallet(command, server, json).await,
+        Command::Withdrawal(command) => custody::withdrawal(command, server, json).await,
+        Command::Pending => custody::pending(server, json).await,
+        Command::Approve(args) => custody::vote(args, custos::policy::Vote::Approve, server, json).await,
+        Command::Reject(args) => custody::vote(args, custos::policy::Vote::Reject, server, json).await,
+        Command::Approver(command) => custody::approver(command, json),
+        Command::Policy(command) => governance::policy(command, server, json).await,
+        Command::Freeze(args) => governance::freeze(args, server, json).await,
+        Command::Unfreeze(args) => governance::unfreeze(args, server, json).await,
     }
+}
+
+/// Writes `text` (or `value` with `--json`) to stdout.
+fn emit(json: bool, value: &serde_json::Value, text: &str) -> Result<(), String> {
+    let mut out = std::io::stdout().lock();
+    let result = if json {
+        writeln!(out, "{value}")
+    } else {
+        write!(out, "{text}")
+    };
+    result.map_err(|e| format!("writing output: {e}"))
 }
 
 async fn wallet(command: WalletCommand, server: &str, json: bool) -> Result<(), String> {
@@ -174,7 +221,7 @@ async fn wallet(command: WalletCommand, server: &str, json: bool) -> Result<(), 
     print_wallets(&shown, json)
 }
 
-async fn connect(server: &str) -> Result<Channel, String> {
+pub(crate) async fn connect(server: &str) -> Result<Channel, String> {
     Endpoint::from_shared(server.to_owned())
         .map_err(|e| format!("invalid --server {server:?}: {e}"))?
         .connect()
@@ -183,7 +230,7 @@ async fn connect(server: &str) -> Result<Channel, String> {
 }
 
 /// The status message plus its stable reason and any field violations.
-fn describe(status: tonic::Status) -> String {
+pub(crate) fn describe(status: tonic::Status) -> String {
     let mut text = format!("{:?}: {}", status.code(), status.message());
     if let Some(info) = status.get_details_error_info() {
         text.push_str(&format!(" [{}]", info.reason));
@@ -294,7 +341,7 @@ fn decode_intent(command: &IntentCommand) -> Result<Intent, String> {
     }
 }
 
-fn token(text: &str) -> Result<Token, String> {
+pub(crate) fn token(text: &str) -> Result<Token, String> {
     let mut parts = text.splitn(3, ':');
     let (Some(symbol), Some(contract), Some(decimals)) = (parts.next(), parts.next(), parts.next()) else {
         return Err(format!("--token {text:?}: expected SYMBOL:CONTRACT:DECIMALS"));
@@ -308,7 +355,7 @@ fn token(text: &str) -> Result<Token, String> {
     })
 }
 
-fn print_intent(intent: &Intent, json: bool) -> Result<(), String> {
+pub(crate) fn print_intent(intent: &Intent, json: bool) -> Result<(), String> {
     let mut out = std::io::stdout().lock();
     let hash = hex::encode(intent.hash());
     let result = if json {

@@ -1,0 +1,241 @@
+//! Policy, freeze and unfreeze commands. Every change is signed locally with
+//! the admin's or security officer's own key over a governance message
+//! (docs/approval-format.md); the server checks the signatures, not the caller.
+
+use std::path::PathBuf;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use clap::Subcommand;
+
+use custos::governance::{GovernanceAction, GovernanceMessage};
+use custos::policy::{Policy, policy_hash};
+use custos::proto::{self, policy_service_client::PolicyServiceClient};
+
+use super::custody::SignerArgs;
+use super::{connect, describe, emit};
+
+/// Policy commands.
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Show the active policy (or one version) and the freeze state.
+    Show {
+        /// A version; default the active one.
+        #[arg(long)]
+        version: Option<u64>,
+        /// Print the document itself.
+        #[arg(long)]
+        document: bool,
+    },
+    /// Propose a new policy version. It does nothing until admins sign it.
+    Propose {
+        /// The policy document (TOML, docs/policy.md).
+        file: PathBuf,
+    },
+    /// Sign a proposed policy as an admin and submit the signature. The hash
+    /// signed is computed here from the document you review.
+    Sign {
+        /// The proposed policy document.
+        file: PathBuf,
+        /// Your admin id in the active policy.
+        #[arg(long)]
+        admin: String,
+        #[command(flatten)]
+        signer: SignerArgs,
+        /// How long the signature stays valid, in seconds.
+        #[arg(long, default_value_t = 86_400)]
+        valid_for: u64,
+    },
+}
+
+/// Freeze.
+#[derive(Debug, clap::Args)]
+pub struct FreezeArgs {
+    /// Your id (a security officer of the active policy).
+    #[arg(long)]
+    officer: String,
+    #[command(flatten)]
+    signer: SignerArgs,
+}
+
+/// Unfreeze.
+#[derive(Debug, clap::Args)]
+pub struct UnfreezeArgs {
+    /// An admin and their key file, as ID=FILE; repeat up to the admin quorum.
+    #[arg(long = "admin", value_name = "ID=FILE", required = true)]
+    admins: Vec<String>,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+async fn state(
+    client: &mut PolicyServiceClient<tonic::transport::Channel>,
+) -> Result<proto::PolicyState, String> {
+    Ok(client
+        .get_policy(proto::GetPolicyRequest { version: 0 })
+        .await
+        .map_err(describe)?
+        .into_inner())
+}
+
+fn show_state(s: &proto::PolicyState, with_document: bool, json: bool) -> Result<(), String> {
+    let value = serde_json::json!({
+        "version": s.version,
+        "hash": s.hash,
+        "active_version": s.active_version,
+        "frozen": s.frozen,
+        "freeze_epoch": s.freeze_epoch,
+        "service_id": s.service_id,
+        "signatures": s.signatures.len(),
+        "document": with_document.then(|| String::from_utf8_lossy(&s.document).into_owned()),
+    });
+    let mut text = format!(
+        "policy version {} ({})\n  active version: {}\n  frozen:         {}\n  freeze epoch:   {}\n  service id:     {}\n  admin signatures: {}\n",
+        s.version,
+        s.hash,
+        s.active_version,
+        s.frozen,
+        s.freeze_epoch,
+        s.service_id,
+        s.signatures.len()
+    );
+    if with_document {
+        text.push_str(&String::from_utf8_lossy(&s.document));
+    }
+    emit(json, &value, &text)
+}
+
+fn show_proposal(p: &proto::PolicyProposal, json: bool) -> Result<(), String> {
+    let value = serde_json::json!({
+        "version": p.version,
+        "hash": p.hash,
+        "signers": p.signers,
+        "required": p.required,
+        "activated": p.activated,
+    });
+    let text = format!(
+        "policy version {} ({})\n  admin signatures: {} of {} ({})\n  active:           {}\n",
+        p.version,
+        p.hash,
+        p.signers.len(),
+        p.required,
+        p.signers.join(", "),
+        p.activated
+    );
+    emit(json, &value, &text)
+}
+
+pub async fn policy(command: PolicyCommand, server: &str, json: bool) -> Result<(), String> {
+    let mut client = PolicyServiceClient::new(connect(server).await?);
+    match command {
+        PolicyCommand::Show { version, document } => {
+            let s = client
+                .get_policy(proto::GetPolicyRequest {
+                    version: version.unwrap_or(0),
+                })
+                .await
+                .map_err(describe)?
+                .into_inner();
+            show_state(&s, document, json)
+        }
+        PolicyCommand::Propose { file } => {
+            let document = std::fs::read(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+            Policy::parse(&document).map_err(|e| format!("{}: {e}", file.display()))?;
+            let p = client
+                .propose_policy(proto::ProposePolicyRequest { document })
+                .await
+                .map_err(describe)?
+                .into_inner();
+            show_proposal(&p, json)
+        }
+        PolicyCommand::Sign {
+            file,
+            admin,
+            signer,
+            valid_for,
+        } => {
+            let document = std::fs::read(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+            let policy = Policy::parse(&document).map_err(|e| format!("{}: {e}", file.display()))?;
+            let current = state(&mut client).await?;
+            let message = GovernanceMessage {
+                service_id: current.service_id,
+                action: GovernanceAction::ActivatePolicy,
+                sequence: policy.version,
+                subject: policy_hash(&document),
+                expires_at: now().saturating_add(valid_for),
+                signer: admin,
+            };
+            let signature = signer.sign(&message.digest())?;
+            let p = client
+                .approve_policy(proto::ApprovePolicyRequest {
+                    approval: Some(proto::SignedMessage {
+                        message: message.encode(),
+                        signature: signature.to_vec(),
+                    }),
+                })
+                .await
+                .map_err(describe)?
+                .into_inner();
+            show_proposal(&p, json)
+        }
+    }
+}
+
+pub async fn freeze(args: FreezeArgs, server: &str, json: bool) -> Result<(), String> {
+    let mut client = PolicyServiceClient::new(connect(server).await?);
+    let current = state(&mut client).await?;
+    let message = GovernanceMessage {
+        service_id: current.service_id,
+        action: GovernanceAction::Freeze,
+        sequence: current.freeze_epoch,
+        subject: [0; 32],
+        expires_at: now().saturating_add(600),
+        signer: args.officer,
+    };
+    let signature = args.signer.sign(&message.digest())?;
+    let s = client
+        .freeze(proto::FreezeRequest {
+            freeze: Some(proto::SignedMessage {
+                message: message.encode(),
+                signature: signature.to_vec(),
+            }),
+        })
+        .await
+        .map_err(describe)?
+        .into_inner();
+    show_state(&s, false, json)
+}
+
+pub async fn unfreeze(args: UnfreezeArgs, server: &str, json: bool) -> Result<(), String> {
+    let mut client = PolicyServiceClient::new(connect(server).await?);
+    let current = state(&mut client).await?;
+    let mut signatures = Vec::new();
+    for pair in &args.admins {
+        let (admin, file) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("--admin {pair:?}: expected ID=FILE"))?;
+        let key = custos::signer::KeyFile::load(std::path::Path::new(file)).map_err(|e| e.to_string())?;
+        let message = GovernanceMessage {
+            service_id: current.service_id.clone(),
+            action: GovernanceAction::Unfreeze,
+            sequence: current.freeze_epoch,
+            subject: [0; 32],
+            expires_at: now().saturating_add(600),
+            signer: admin.to_owned(),
+        };
+        let signature = key.sign_prehash(&message.digest()).map_err(|e| e.to_string())?;
+        signatures.push(proto::SignedMessage {
+            message: message.encode(),
+            signature: signature.to_vec(),
+        });
+    }
+    let s = client
+        .unfreeze(proto::UnfreezeRequest { signatures })
+        .await
+        .map_err(describe)?
+        .into_inner();
+    show_state(&s, false, json)
+}
