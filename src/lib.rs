@@ -9,6 +9,7 @@
 //! | [`approval`] | approval messages: canonical encoding, strict parsing, low-S signature verification |
 //! | [`api`] | the only code that knows prost types: `TryFrom` conversions, gRPC services, the error-to-`Status` mapping |
 //! | [`custody`] | the custody engine: withdrawals, votes, signing, and policy governance over the store and HSM |
+//! | [`failpoint`] | debug-build crash points for the crash-consistency tests |
 //! | [`governance`] | governance messages (policy activation, freeze, unfreeze) and allowlist time anchoring |
 //! | [`lifecycle`] | the withdrawal state machine: the only legal transitions between states |
 //! | [`policy`] | the withdrawal policy language, its hash, and the pure decision core `evaluate` |
@@ -37,6 +38,7 @@ pub mod chain;
 pub mod config;
 pub mod custody;
 pub mod dev;
+pub mod failpoint;
 pub mod governance;
 pub mod hsm;
 pub mod lifecycle;

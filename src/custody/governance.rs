@@ -88,6 +88,12 @@ pub(crate) fn load_version(conn: &rusqlite::Connection, version: u64) -> Result<
 fn anchored(previous: Option<&ActivePolicy>, row: &PolicyRow) -> Result<ActivePolicy, CustodyError> {
     let mut policy = Policy::parse(&row.document)
         .map_err(|e| CustodyError::Inconsistent(format!("stored policy version {}: {e}", row.version)))?;
+    if policy.hash != row.hash || policy.version != row.version {
+        return Err(CustodyError::Inconsistent(format!(
+            "stored policy version {} does not hash to the hash its admins signed",
+            row.version
+        )));
+    }
     let activated_at = row.activated_at.unwrap_or(row.proposed_at);
     anchor_allowlists(previous.map(|p| &p.policy), &mut policy, activated_at);
     Ok(ActivePolicy {

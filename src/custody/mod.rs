@@ -368,6 +368,7 @@ impl Custody {
                 (signed.raw, txid.to_vec())
             }
         };
+        crate::failpoint::crash_if("after-sign-before-commit");
         let id = row.withdrawal_id.clone();
         self.blocking(move |store| {
             store.write(|tx| {
@@ -473,6 +474,9 @@ impl Custody {
             })
             .await?;
         tracing::info!(withdrawal = %row.withdrawal_id, state = %row.state, "vote recorded");
+        if row.state == State::Approved {
+            crate::failpoint::crash_if("after-approval-commit");
+        }
         self.announce(&row.withdrawal_id);
         self.finish(row).await
     }

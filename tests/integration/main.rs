@@ -13,3 +13,4 @@ mod support;
 mod formats;
 mod signing_core;
 mod transactions;
+mod withdrawals;

@@ -1,0 +1,866 @@
+//! Withdrawals under the governed policy, end to end over gRPC against the
+//! real `custosd --dev` (SoftHSM token, SQLite store, dev genesis policy and
+//! dev approver keys): immediate signing, quorum approval, denials naming
+//! their rule, approval binding, idempotency and limits under concurrency,
+//! governance and freeze, and crashes between approval and signing.
+
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use alloy_consensus::TxEnvelope;
+use alloy_consensus::transaction::SignerRecoverable;
+use alloy_eips::eip2718::Decodable2718;
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_types::StatusExt;
+
+use custos::approval::ApprovalMessage;
+use custos::governance::{GovernanceAction, GovernanceMessage};
+use custos::policy::{Vote, policy_hash};
+use custos::proto::{
+    self, WithdrawalState, approval_service_client::ApprovalServiceClient,
+    policy_service_client::PolicyServiceClient, wallet_service_client::WalletServiceClient,
+    withdrawal_service_client::WithdrawalServiceClient,
+};
+use custos::signer::KeyFile;
+use k256::pkcs8::DecodePrivateKey;
+
+use crate::support::{self, DevServer};
+
+const CHAIN: u64 = custos::dev::DEV_CHAIN_ID;
+const EXCHANGE: &str = custos::dev::DEV_ALLOWLISTED;
+const ETHER: u128 = 1_000_000_000_000_000_000;
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// A client of one dev server, with the dev keys.
+struct Dev {
+    server: DevServer,
+    channel: Channel,
+}
+
+impl Dev {
+    async fn start() -> Self {
+        let server = DevServer::start();
+        let channel = server.channel().await;
+        Self { server, channel }
+    }
+
+    async fn on(server: DevServer) -> Self {
+        let channel = server.channel().await;
+        Self { server, channel }
+    }
+
+    fn key(&self, who: &str) -> KeyFile {
+        KeyFile::load(&self.server.data_dir.join("keys").join(format!("{who}.pem"))).unwrap()
+    }
+
+    fn withdrawals(&self) -> WithdrawalServiceClient<Channel> {
+        WithdrawalServiceClient::new(self.channel.clone())
+    }
+
+    fn approvals(&self) -> ApprovalServiceClient<Channel> {
+        ApprovalServiceClient::new(self.channel.clone())
+    }
+
+    fn policies(&self) -> PolicyServiceClient<Channel> {
+        PolicyServiceClient::new(self.channel.clone())
+    }
+
+    async fn create(
+        &self,
+        request_id: &str,
+        to: &str,
+        wei: u128,
+        nonce: u64,
+        initiator: &str,
+    ) -> Result<proto::Withdrawal, tonic::Status> {
+        self.withdrawals()
+            .create_withdrawal(create_request(request_id, to, wei, nonce, initiator))
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    async fn get(&self, w: &proto::Withdrawal) -> proto::Withdrawal {
+        self.withdrawals()
+            .get_withdrawal(proto::GetWithdrawalRequest { name: w.name.clone() })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    async fn policy(&self) -> proto::PolicyState {
+        self.policies()
+            .get_policy(proto::GetPolicyRequest { version: 0 })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    /// An approval message for `w` as a correct approver tool builds it.
+    async fn message(&self, w: &proto::Withdrawal, approver: &str, vote: Vote) -> ApprovalMessage {
+        let policy = self.policy().await;
+        ApprovalMessage {
+            service_id: policy.service_id,
+            withdrawal_id: w.name.trim_start_matches("withdrawals/").to_owned(),
+            intent_hash: w.intent_hash.clone().try_into().unwrap(),
+            policy_hash: hex::decode(&policy.hash).unwrap().try_into().unwrap(),
+            vote,
+            expires_at: now() + 600,
+            approver: approver.to_owned(),
+        }
+    }
+
+    async fn submit(&self, message: Vec<u8>, signature: Vec<u8>) -> Result<proto::Withdrawal, tonic::Status> {
+        self.approvals()
+            .submit_approval(proto::SubmitApprovalRequest { message, signature })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// Signs `m` with `signer`'s dev key and submits it.
+    async fn submit_signed(
+        &self,
+        m: &ApprovalMessage,
+        signer: &str,
+    ) -> Result<proto::Withdrawal, tonic::Status> {
+        let signature = self.key(signer).sign_prehash(&m.digest()).unwrap();
+        self.submit(m.encode(), signature.to_vec()).await
+    }
+
+    async fn vote(
+        &self,
+        w: &proto::Withdrawal,
+        approver: &str,
+        vote: Vote,
+    ) -> Result<proto::Withdrawal, tonic::Status> {
+        let m = self.message(w, approver, vote).await;
+        self.submit_signed(&m, approver).await
+    }
+
+    async fn governance(
+        &self,
+        action: GovernanceAction,
+        sequence: u64,
+        subject: [u8; 32],
+        signer: &str,
+    ) -> proto::SignedMessage {
+        let m = GovernanceMessage {
+            service_id: self.policy().await.service_id,
+            action,
+            sequence,
+            subject,
+            expires_at: now() + 600,
+            signer: signer.to_owned(),
+        };
+        proto::SignedMessage {
+            message: m.encode(),
+            signature: self.key(signer).sign_prehash(&m.digest()).unwrap().to_vec(),
+        }
+    }
+
+    /// Proposes `document` and signs it with the dev admin key (quorum 1).
+    async fn activate(&self, document: &str) -> proto::PolicyProposal {
+        let proposal = self
+            .policies()
+            .propose_policy(proto::ProposePolicyRequest {
+                document: document.as_bytes().to_vec(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let approval = self
+            .governance(
+                GovernanceAction::ActivatePolicy,
+                proposal.version,
+                policy_hash(document.as_bytes()),
+                "admin",
+            )
+            .await;
+        self.policies()
+            .approve_policy(proto::ApprovePolicyRequest {
+                approval: Some(approval),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    fn dev_policy(&self) -> String {
+        std::fs::read_to_string(self.server.data_dir.join("policy.toml")).unwrap()
+    }
+
+    async fn wallet_address(&self) -> String {
+        WalletServiceClient::new(self.channel.clone())
+            .get_wallet(proto::GetWalletRequest {
+                name: "wallets/hot".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .ethereum_address
+    }
+}
+
+fn create_request(
+    request_id: &str,
+    to: &str,
+    wei: u128,
+    nonce: u64,
+    initiator: &str,
+) -> proto::CreateWithdrawalRequest {
+    use proto::ethereum_transaction_fields::Type;
+    proto::CreateWithdrawalRequest {
+        request_id: request_id.into(),
+        wallet: "wallets/hot".into(),
+        initiator: initiator.into(),
+        transaction: Some(proto::UnsignedTransaction {
+            kind: Some(proto::unsigned_transaction::Kind::Ethereum(
+                proto::EthereumTransaction {
+                    encoding: Some(proto::ethereum_transaction::Encoding::Fields(
+                        proto::EthereumTransactionFields {
+                            r#type: Type::Eip1559.into(),
+                            chain_id: CHAIN,
+                            nonce,
+                            gas_limit: 21_000,
+                            gas_price: String::new(),
+                            max_fee_per_gas: "30000000000".into(),
+                            max_priority_fee_per_gas: "1000000000".into(),
+                            to: to.into(),
+                            value: wei.to_string(),
+                            data: vec![],
+                        },
+                    )),
+                },
+            )),
+        }),
+    }
+}
+
+fn reason(status: &tonic::Status) -> String {
+    status
+        .get_details_error_info()
+        .map(|i| i.reason)
+        .unwrap_or_default()
+}
+
+/// Decodes a SIGNED withdrawal's transaction with alloy and returns its
+/// recovered signer.
+fn signer_of(w: &proto::Withdrawal) -> String {
+    assert_eq!(w.state(), WithdrawalState::Signed, "{w:?}");
+    let raw = &w.signed_transaction.as_ref().expect("signed transaction").raw;
+    let envelope = TxEnvelope::decode_2718(&mut raw.as_slice()).unwrap();
+    envelope.recover_signer().unwrap().to_checksum(None)
+}
+
+fn decision(w: &proto::Withdrawal) -> proto::Decision {
+    w.decision.clone().unwrap()
+}
+
+/// The story: a small allowlisted withdrawal is signed at once; a large one
+/// waits for two treasury approvers and is signed; the watch stream follows
+/// it; denials name the allowlist, the time-lock and the limit; listing pages
+/// and filters.
+#[test]
+fn small_signed_at_once_large_after_two_approvals_others_denied_with_reasons() {
+    support::runtime().block_on(async {
+        let dev = Dev::start().await;
+        let address = dev.wallet_address().await;
+
+        let small = dev.create("small", EXCHANGE, ETHER / 2, 0, "ops").await.unwrap();
+        assert_eq!(decision(&small).rule, "auto-small");
+        assert_eq!(signer_of(&small), address);
+
+        let large = dev.create("large", EXCHANGE, 5 * ETHER, 1, "ops").await.unwrap();
+        assert_eq!(large.state(), WithdrawalState::PendingApproval);
+        assert_eq!(decision(&large).rule, "large-two-treasury");
+        assert_eq!(decision(&large).missing_quorum[0].group, "treasury");
+        assert_eq!(decision(&large).missing_quorum[0].min, 2);
+        assert!(large.signed_transaction.is_none());
+
+        let mut watch = dev
+            .withdrawals()
+            .watch_withdrawal(proto::WatchWithdrawalRequest {
+                name: large.name.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let first = watch.message().await.unwrap().unwrap();
+        assert_eq!(first.state(), WithdrawalState::PendingApproval);
+
+        let after_alice = dev.vote(&large, "alice", Vote::Approve).await.unwrap();
+        assert_eq!(after_alice.state(), WithdrawalState::PendingApproval);
+        assert_eq!(decision(&after_alice).missing_quorum[0].min, 1);
+        let twice = dev.vote(&large, "alice", Vote::Approve).await.unwrap_err();
+        assert_eq!(twice.code(), Code::AlreadyExists, "{twice:?}");
+
+        let signed = dev.vote(&large, "bob", Vote::Approve).await.unwrap();
+        assert_eq!(signer_of(&signed), address);
+        assert_eq!(decision(&signed).counted_approvers, ["alice", "bob"]);
+
+        // The stream saw the vote and the signature, then ended.
+        let mut states = Vec::new();
+        while let Some(w) = tokio::time::timeout(Duration::from_secs(10), watch.message())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            states.push(w.state());
+        }
+        assert_eq!(states.last(), Some(&WithdrawalState::Signed), "{states:?}");
+
+        let unknown = dev
+            .create(
+                "unknown",
+                "0x7777777777777777777777777777777777777777",
+                ETHER / 10,
+                2,
+                "ops",
+            )
+            .await
+            .unwrap();
+        assert_eq!(unknown.state(), WithdrawalState::Denied);
+        assert_eq!(decision(&unknown).reason_code, "not_allowlisted");
+        assert!(
+            decision(&unknown).reason.contains("allowlist exchanges"),
+            "{unknown:?}"
+        );
+
+        let locked = dev
+            .create("locked", custos::dev::DEV_TIME_LOCKED, ETHER / 10, 3, "ops")
+            .await
+            .unwrap();
+        assert_eq!(locked.state(), WithdrawalState::Denied);
+        assert!(
+            decision(&locked).reason.contains("time-lock ends at"),
+            "{locked:?}"
+        );
+
+        let huge = dev.create("huge", EXCHANGE, 101 * ETHER, 4, "ops").await.unwrap();
+        assert_eq!(decision(&huge).reason_code, "per_transaction_limit");
+
+        let signed_only = dev
+            .withdrawals()
+            .list_withdrawals(proto::ListWithdrawalsRequest {
+                page_size: 0,
+                page_token: String::new(),
+                state: WithdrawalState::Signed.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(signed_only.withdrawals.len(), 2);
+        let mut names = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let page = dev
+                .withdrawals()
+                .list_withdrawals(proto::ListWithdrawalsRequest {
+                    page_size: 2,
+                    page_token,
+                    state: 0,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            names.extend(page.withdrawals.into_iter().map(|w| w.name));
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            page_token = page.next_page_token;
+        }
+        assert_eq!(names.len(), 5);
+        assert_eq!(names[0], small.name);
+
+        // Nothing pending remains; cancelling a signed withdrawal is refused.
+        let pending = dev
+            .approvals()
+            .list_pending_approvals(proto::ListPendingApprovalsRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(pending.withdrawals.is_empty());
+        let cancel = dev
+            .withdrawals()
+            .cancel_withdrawal(proto::CancelWithdrawalRequest {
+                name: small.name.clone(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(cancel.code(), Code::FailedPrecondition);
+    });
+}
+
+/// Every way an approval can be wrong is refused with a precise error and
+/// stores nothing; a REJECT from a required group denies; the initiator
+/// cannot vote; an approval built and signed by the independent Python
+/// implementation is accepted, and changing any one of its fields is refused.
+#[test]
+fn approvals_are_bound_to_withdrawal_intent_policy_and_time() {
+    support::runtime().block_on(async {
+        let dev = Dev::start().await;
+        let w1 = dev.create("w1", EXCHANGE, 5 * ETHER, 1, "ops").await.unwrap();
+        let w2 = dev.create("w2", EXCHANGE, 6 * ETHER, 2, "ops").await.unwrap();
+
+        let good = dev.message(&w2, "alice", Vote::Approve).await;
+        let mut cases: Vec<(&str, ApprovalMessage, &str, Code)> = Vec::new();
+        let mut m = good.clone();
+        m.intent_hash = w1.intent_hash.clone().try_into().unwrap();
+        cases.push(("another intent", m, "alice", Code::InvalidArgument));
+        let mut m = good.clone();
+        m.withdrawal_id = w1.name.trim_start_matches("withdrawals/").into();
+        cases.push(("another withdrawal", m, "alice", Code::InvalidArgument));
+        let mut m = good.clone();
+        m.policy_hash = [7; 32];
+        cases.push(("another policy", m, "alice", Code::FailedPrecondition));
+        let mut m = good.clone();
+        m.expires_at = now() - 1;
+        cases.push(("expired", m, "alice", Code::FailedPrecondition));
+        let mut m = good.clone();
+        m.service_id = "custos-prod".into();
+        cases.push(("another deployment", m, "alice", Code::InvalidArgument));
+        cases.push((
+            "another approver's key",
+            good.clone(),
+            "bob",
+            Code::InvalidArgument,
+        ));
+        let mut m = good.clone();
+        m.approver = "mallory".into();
+        cases.push(("not on the roster", m, "alice", Code::InvalidArgument));
+        for (what, m, signer, code) in cases {
+            let err = dev.submit_signed(&m, signer).await.unwrap_err();
+            assert_eq!(err.code(), code, "{what}: {err:?}");
+        }
+
+        // A high-S signature of the right message, and malformed inputs.
+        let sig = dev.key("alice").sign_prehash(&good.digest()).unwrap();
+        let parsed = k256::ecdsa::Signature::from_slice(&sig).unwrap();
+        let (r, s) = parsed.split_scalars();
+        let high = k256::ecdsa::Signature::from_scalars(*r, -*s).unwrap();
+        let err = dev
+            .submit(good.encode(), high.to_bytes().to_vec())
+            .await
+            .unwrap_err();
+        assert!(err.message().contains("high S"), "{err:?}");
+        let err = dev.submit(vec![1; 600], sig.to_vec()).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert_eq!(
+            err.get_details_bad_request().unwrap().field_violations[0].field,
+            "message"
+        );
+        let mut trailing = good.encode();
+        trailing.push(0);
+        let err = dev.submit(trailing, sig.to_vec()).await.unwrap_err();
+        assert!(err.message().contains("malformed"), "{err:?}");
+        assert!(
+            dev.get(&w2).await.votes.is_empty(),
+            "refused approvals store nothing"
+        );
+
+        // An approval written by a third party from docs/approval-format.md alone.
+        let secret = hex::encode(
+            k256::ecdsa::SigningKey::from_pkcs8_pem(
+                &std::fs::read_to_string(dev.server.data_dir.join("keys/alice.pem")).unwrap(),
+            )
+            .unwrap()
+            .to_bytes(),
+        );
+        let python = python_approval(&secret, &good);
+        let message = hex::decode(python["message_hex"].as_str().unwrap()).unwrap();
+        let signature = hex::decode(python["signature_hex"].as_str().unwrap()).unwrap();
+        assert_eq!(message, good.encode(), "Python and Rust encode the same message");
+        let field_offsets = field_offsets(&good);
+        for (field, offset) in &field_offsets {
+            let mut changed = message.clone();
+            changed[*offset] ^= 0x01;
+            let err = dev.submit(changed, signature.clone()).await.unwrap_err();
+            assert_ne!(err.code(), Code::Ok, "changed {field}");
+        }
+        assert!(dev.get(&w2).await.votes.is_empty());
+        let accepted = dev.submit(message.clone(), signature.clone()).await.unwrap();
+        assert_eq!(accepted.votes.len(), 1);
+        assert_eq!(accepted.votes[0].approver, "alice");
+        let replay = dev.submit(message, signature).await.unwrap_err();
+        assert_eq!(replay.code(), Code::AlreadyExists);
+
+        // A required group's member rejects: the withdrawal is REJECTED for good.
+        let rejected = dev.vote(&w1, "carol", Vote::Reject).await.unwrap();
+        assert_eq!(rejected.state(), WithdrawalState::Rejected);
+        assert_eq!(decision(&rejected).reason_code, "rejected");
+        let late = dev.vote(&w1, "bob", Vote::Approve).await.unwrap_err();
+        assert_eq!(late.code(), Code::FailedPrecondition);
+
+        // The initiator may not vote on their own withdrawal.
+        let own = dev.create("own", EXCHANGE, 5 * ETHER, 3, "alice").await.unwrap();
+        let err = dev.vote(&own, "alice", Vote::Approve).await.unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+        assert!(dev.get(&own).await.votes.is_empty());
+    });
+}
+
+/// Byte offsets of one byte inside each field of an encoded approval message.
+fn field_offsets(m: &ApprovalMessage) -> Vec<(&'static str, usize)> {
+    let domain = custos::approval::APPROVAL_DOMAIN.len();
+    let service = domain + 2;
+    let withdrawal = service + m.service_id.len() + 2;
+    let intent = withdrawal + m.withdrawal_id.len();
+    let policy = intent + 32;
+    let vote = policy + 32;
+    let expires = vote + 1;
+    let approver = expires + 8 + 2;
+    vec![
+        ("domain", 0),
+        ("service_id", service),
+        ("withdrawal_id", withdrawal + 5),
+        ("intent_hash", intent),
+        ("policy_hash", policy + 31),
+        ("vote", vote),
+        ("expires_at", expires + 7),
+        ("approver", approver),
+    ]
+}
+
+fn python_approval(secret_hex: &str, m: &ApprovalMessage) -> serde_json::Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/approval_sign.py");
+    let output = std::process::Command::new("python3")
+        .arg(script)
+        .args([
+            secret_hex,
+            &m.service_id,
+            &m.withdrawal_id,
+            &hex::encode(m.intent_hash),
+            &hex::encode(m.policy_hash),
+            "approve",
+            &m.expires_at.to_string(),
+            &m.approver,
+        ])
+        .output()
+        .expect("run python3");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// 100 concurrent calls with one request id make one withdrawal and one
+/// signature; a different body under that id is ALREADY_EXISTS; 100
+/// concurrent withdrawals racing a 10-per-hour limit sign exactly 10.
+#[test]
+fn concurrent_requests_are_exactly_once_and_never_exceed_a_limit() {
+    support::runtime().block_on(async {
+        let dev = Dev::start().await;
+        let mut tasks = Vec::new();
+        for _ in 0..100 {
+            let mut client = dev.withdrawals();
+            tasks.push(tokio::spawn(async move {
+                client
+                    .create_withdrawal(create_request("same", EXCHANGE, ETHER / 100, 0, "ops"))
+                    .await
+                    .map(|r| r.into_inner())
+            }));
+        }
+        let mut results = Vec::new();
+        for task in tasks {
+            results.push(task.await.unwrap().unwrap());
+        }
+        let first = &results[0];
+        assert_eq!(first.state(), WithdrawalState::Signed);
+        for w in &results {
+            assert_eq!(w.name, first.name);
+            assert_eq!(w.signed_transaction, first.signed_transaction, "one signature");
+        }
+        let other_body = dev
+            .create("same", EXCHANGE, ETHER / 50, 0, "ops")
+            .await
+            .unwrap_err();
+        assert_eq!(other_body.code(), Code::AlreadyExists);
+
+        // A policy version whose hourly window allows 10 withdrawals (the one
+        // above counts too, so 9 remain).
+        let tight = dev
+            .dev_policy()
+            .replace("version = 1", "version = 2")
+            .replace("count = 1000", "count = 10");
+        assert!(dev.activate(&tight).await.activated);
+        let mut tasks = Vec::new();
+        for i in 0..100u64 {
+            let mut client = dev.withdrawals();
+            tasks.push(tokio::spawn(async move {
+                client
+                    .create_withdrawal(create_request(
+                        &format!("race-{i}"),
+                        EXCHANGE,
+                        ETHER / 100,
+                        i + 1,
+                        "ops",
+                    ))
+                    .await
+                    .map(|r| r.into_inner())
+            }));
+        }
+        let (mut signed, mut denied) = (0, 0);
+        for task in tasks {
+            let w = task.await.unwrap().unwrap();
+            match w.state() {
+                WithdrawalState::Signed => signed += 1,
+                WithdrawalState::Denied => {
+                    assert_eq!(decision(&w).reason_code, "rolling_count_limit", "{w:?}");
+                    denied += 1;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!((signed, denied), (9, 91));
+    });
+}
+
+/// Policy versions take effect only with admin signatures and only go
+/// forward; a new allowlist entry waits for its delay from activation even
+/// if the document backdates it; votes name the active policy; freeze takes
+/// one officer, unfreeze the admin quorum, and neither message replays; the
+/// history survives a restart, and a store edited behind custos's back is
+/// refused at startup.
+#[test]
+fn governance_policy_versions_and_freeze() {
+    support::runtime().block_on(async {
+        let dev = Dev::start().await;
+        let pending = dev.create("pending", EXCHANGE, 5 * ETHER, 0, "ops").await.unwrap();
+        let stale_vote = dev.message(&pending, "alice", Vote::Approve).await;
+
+        let newcomer = "0x5555555555555555555555555555555555555555";
+        let v2 = dev
+            .dev_policy()
+            .replace("version = 1", "version = 2")
+            .replace("entries = [\n", &format!("entries = [\n  {{ address = \"{newcomer}\", added_at = 1 }},\n"));
+        // A roster member who is not an admin cannot activate it.
+        dev.policies()
+            .propose_policy(proto::ProposePolicyRequest { document: v2.as_bytes().to_vec() })
+            .await
+            .unwrap();
+        let by_alice = dev
+            .governance(GovernanceAction::ActivatePolicy, 2, policy_hash(v2.as_bytes()), "alice")
+            .await;
+        let err = dev
+            .policies()
+            .approve_policy(proto::ApprovePolicyRequest { approval: Some(by_alice) })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+        assert_eq!(dev.policy().await.version, 1);
+
+        let approval = dev
+            .governance(GovernanceAction::ActivatePolicy, 2, policy_hash(v2.as_bytes()), "admin")
+            .await;
+        let activated = dev
+            .policies()
+            .approve_policy(proto::ApprovePolicyRequest { approval: Some(approval) })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(activated.activated);
+        assert_eq!(activated.signers, ["admin"]);
+        assert_eq!(dev.policy().await.version, 2);
+
+        let early = dev.create("newcomer", newcomer, ETHER / 10, 1, "ops").await.unwrap();
+        assert_eq!(early.state(), WithdrawalState::Denied);
+        assert!(decision(&early).reason.contains("time-lock"), "{early:?}");
+
+        let err = dev.submit_signed(&stale_vote, "alice").await.unwrap_err();
+        assert_eq!(reason(&err), "STALE_POLICY", "{err:?}");
+
+        let old = dev.dev_policy();
+        let err = dev
+            .policies()
+            .propose_policy(proto::ProposePolicyRequest { document: old.into_bytes() })
+            .await
+            .unwrap_err();
+        assert_eq!(reason(&err), "VERSION_NOT_NEWER", "{err:?}");
+
+        // Freeze: an approver who is not an officer cannot; the admin can.
+        let by_alice = dev.governance(GovernanceAction::Freeze, 0, [0; 32], "alice").await;
+        let err = dev
+            .policies()
+            .freeze(proto::FreezeRequest { freeze: Some(by_alice) })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied);
+        let freeze = dev.governance(GovernanceAction::Freeze, 0, [0; 32], "admin").await;
+        let frozen = dev
+            .policies()
+            .freeze(proto::FreezeRequest { freeze: Some(freeze.clone()) })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(frozen.frozen);
+        let refused = dev.create("while-frozen", EXCHANGE, ETHER / 10, 2, "ops").await.unwrap();
+        assert_eq!(decision(&refused).reason_code, "frozen");
+        let err = dev.vote(&pending, "alice", Vote::Approve).await.unwrap_err();
+        assert_eq!(reason(&err), "FROZEN");
+
+        let unfreeze = dev.governance(GovernanceAction::Unfreeze, 1, [0; 32], "admin").await;
+        let thawed = dev
+            .policies()
+            .unfreeze(proto::UnfreezeRequest { signatures: vec![unfreeze.clone()] })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!thawed.frozen);
+        assert_eq!(thawed.freeze_epoch, 2);
+        // Neither message works twice.
+        let err = dev
+            .policies()
+            .freeze(proto::FreezeRequest { freeze: Some(freeze) })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+        let after = dev.create("after-thaw", EXCHANGE, ETHER / 10, 3, "ops").await.unwrap();
+        assert_eq!(after.state(), WithdrawalState::Signed);
+
+        // Restart: the history verifies and version 2 is still active.
+        let data_dir = dev.server.data_dir.clone();
+        let Dev { mut server, .. } = dev;
+        assert!(server.stop().success());
+        let restarted = DevServer::start_in(&data_dir, &[]);
+        let dev = Dev::on(restarted).await;
+        assert_eq!(dev.policy().await.version, 2);
+        let Dev { mut server, .. } = dev;
+        assert!(server.stop().success());
+
+        // Edits of the stored history behind custos's back are refused at startup.
+        let start_custosd = || {
+            let mut custosd = std::process::Command::new(env!("CARGO_BIN_EXE_custosd"));
+            custosd
+                .args(["--dev", "--listen", "127.0.0.1:0", "--module"])
+                .arg(support::module_path())
+                .arg("--data-dir")
+                .arg(&data_dir)
+                .env_remove("SOFTHSM2_CONF");
+            let output = support::output_within(custosd, Duration::from_secs(60));
+            assert!(!output.status.success());
+            String::from_utf8_lossy(&output.stderr).into_owned()
+        };
+        let db = rusqlite::Connection::open(data_dir.join("custos.db")).unwrap();
+        db.execute(
+            "UPDATE policies SET document = CAST(replace(CAST(document AS TEXT), 'count = 1000', 'count = 9999') AS BLOB) WHERE version = 2",
+            [],
+        )
+        .unwrap();
+        let stderr = start_custosd();
+        assert!(stderr.contains("does not hash to the hash its admins signed"), "{stderr}");
+        db.execute(
+            "UPDATE policies SET document = CAST(replace(CAST(document AS TEXT), 'count = 9999', 'count = 1000') AS BLOB) WHERE version = 2",
+            [],
+        )
+        .unwrap();
+        db.execute("DELETE FROM policy_signatures", []).unwrap();
+        let stderr = start_custosd();
+        assert!(stderr.contains("lacks an admin quorum"), "{stderr}");
+    });
+}
+
+/// Killing custosd right after the quorum-meeting vote commits (before
+/// signing), or right after the HSM signed (before SIGNED commits), loses
+/// nothing: after a restart the withdrawal is signed exactly once and counts
+/// once against the limits.
+#[test]
+fn crash_between_approval_and_signing_signs_exactly_once_after_restart() {
+    support::runtime().block_on(async {
+        let temp = tempfile::tempdir().unwrap();
+        let data_dir = temp.path().join("dev");
+        let dev = Dev::on(DevServer::start_in(
+            &data_dir,
+            &[("CUSTOS_CRASH_AT", "after-approval-commit")],
+        ))
+        .await;
+        let large = dev.create("large", EXCHANGE, 5 * ETHER, 0, "ops").await.unwrap();
+        dev.vote(&large, "alice", Vote::Approve).await.unwrap();
+        let crashed = dev.vote(&large, "bob", Vote::Approve).await;
+        assert!(crashed.is_err(), "the server aborts before replying");
+        let Dev { mut server, .. } = dev;
+        let status = server.child.wait().unwrap();
+        assert!(!status.success());
+
+        let dev = Dev::on(DevServer::start_in(
+            &data_dir,
+            &[("CUSTOS_CRASH_AT", "after-sign-before-commit")],
+        ))
+        .await;
+        // Startup resumes APPROVED withdrawals: this one is signed, then the
+        // crash point aborts before SIGNED is committed.
+        let Dev { mut server, .. } = dev;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while server.child.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "custosd did not reach the crash point");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+
+        let dev = Dev::on(DevServer::start_in(&data_dir, &[])).await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let signed = loop {
+            let w = dev.get(&large).await;
+            if w.state() == WithdrawalState::Signed {
+                break w;
+            }
+            assert_eq!(w.state(), WithdrawalState::Approved);
+            assert!(Instant::now() < deadline, "not signed after restart");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(signer_of(&signed), dev.wallet_address().await);
+        assert_eq!(signed.votes.len(), 2);
+        let again = dev.vote(&large, "carol", Vote::Approve).await.unwrap_err();
+        assert_eq!(again.code(), Code::FailedPrecondition);
+
+        let db = rusqlite::Connection::open(data_dir.join("custos.db")).unwrap();
+        let (rows, counted, signed_rows): (i64, i64, i64) = db
+            .query_row(
+                "SELECT COUNT(*), COUNT(counted_at), COUNT(signed_tx) FROM withdrawals",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        assert_eq!((rows, counted, signed_rows), (1, 1, 1));
+    });
+}
+
+/// An approver's key on their own PKCS#11 token signs approval prehashes that
+/// verify under the public key it reports; the key is sensitive and not
+/// extractable.
+#[test]
+fn approver_key_on_a_pkcs11_token_signs_verifiable_approvals() {
+    const NAME: &str = "withdrawals::approver_key_on_a_pkcs11_token_signs_verifiable_approvals";
+    if !support::is_child(NAME) {
+        let hsm = support::SoftHsmDir::new();
+        support::run_child(NAME, &hsm.env());
+        return;
+    }
+    let dir = support::child_dir();
+    let _config = support::init_test_token(&dir);
+    let token = custos::signer::TokenKey {
+        module: support::module_path(),
+        token: custos::config::TokenSelector::Label(support::TEST_TOKEN_LABEL.into()),
+        key_label: "alice-approver".into(),
+    };
+    let pin = support::pin(support::TEST_USER_PIN);
+    let public = token.generate(&pin).unwrap();
+    assert!(token.generate(&pin).is_err(), "labels are unique");
+    let m = ApprovalMessage {
+        service_id: "custos-dev".into(),
+        withdrawal_id: "wd_0123".into(),
+        intent_hash: [1; 32],
+        policy_hash: [2; 32],
+        vote: Vote::Approve,
+        expires_at: now() + 60,
+        approver: "alice".into(),
+    };
+    for _ in 0..20 {
+        let (signature, reported) = token.sign_prehash(&pin, &m.digest()).unwrap();
+        assert_eq!(reported, public);
+        m.verify(&signature, &public).unwrap();
+    }
+}
