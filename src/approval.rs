@@ -356,6 +356,37 @@ mod tests {
         ));
     }
 
+    /// The doc's vector, whitespace removed, so wrapped hex lines compare.
+    pub(crate) fn spec_without_whitespace() -> String {
+        include_str!("../docs/approval-format.md")
+            .chars()
+            .filter(|c| !c.is_whitespace())
+            .collect()
+    }
+
+    #[test]
+    fn published_approval_vector() {
+        let m = message();
+        let (sig, _) = approver_key().sign_prehash_recoverable(&m.digest());
+        let sig = sig.normalize_s().to_bytes();
+        let spec = spec_without_whitespace();
+        for (what, hex_value) in [
+            (
+                "public key",
+                hex::encode(approver_key().verifying_key().to_sec1_bytes()),
+            ),
+            ("message", hex::encode(m.encode())),
+            ("sha256", hex::encode(m.digest())),
+            ("r || s", hex::encode(sig)),
+        ] {
+            assert!(
+                spec.contains(&hex_value),
+                "docs/approval-format.md lacks the approval {what} {hex_value}"
+            );
+        }
+        m.verify(&sig, approver_key().verifying_key()).unwrap();
+    }
+
     proptest! {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {

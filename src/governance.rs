@@ -287,6 +287,36 @@ mod tests {
         assert!(GovernanceMessage::parse(&approval.encode()).is_err());
     }
 
+    /// The vectors in docs/approval-format.md, "Governance messages": key
+    /// 32 bytes of 0x02, RFC 6979 nonces, low-S.
+    #[test]
+    fn published_governance_vectors() {
+        let key = SigningKey::from_slice(&[0x02; 32]).unwrap();
+        let spec: String = include_str!("../docs/approval-format.md")
+            .chars()
+            .filter(|c| !c.is_whitespace())
+            .collect();
+        let mut activate = message(GovernanceAction::ActivatePolicy);
+        activate.expires_at = 1_800_000_000;
+        let mut freeze = message(GovernanceAction::Freeze);
+        freeze.sequence = 0;
+        freeze.expires_at = 1_800_000_000;
+        freeze.signer = "sam".into();
+        let mut values = vec![hex::encode(key.verifying_key().to_sec1_bytes())];
+        for m in [activate, freeze] {
+            let (sig, _) = key.sign_prehash_recoverable(&m.digest());
+            let sig = sig.normalize_s().to_bytes();
+            verify_prehash(&m.digest(), &sig, key.verifying_key()).unwrap();
+            values.extend([hex::encode(m.encode()), hex::encode(m.digest()), hex::encode(sig)]);
+        }
+        let missing: Vec<&String> = values.iter().filter(|v| !spec.contains(v.as_str())).collect();
+        assert!(
+            missing.is_empty(),
+            "docs/approval-format.md lacks governance vector values; the vectors are:\n{}",
+            values.join("\n")
+        );
+    }
+
     #[test]
     fn signature_binds_every_field() {
         let key = SigningKey::from_slice(&[7; 32]).unwrap();

@@ -344,3 +344,84 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<WithdrawalRow, StoreErr
         signed_tx_hash: r.get(19)?,
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+
+    fn row(id: &str, request: &str, state: State, counted_at: Option<u64>) -> WithdrawalRow {
+        WithdrawalRow {
+            seq: 0,
+            withdrawal_id: id.into(),
+            request_id: request.into(),
+            request_hash: [1; 32],
+            wallet_id: "hot".into(),
+            initiator: "ops".into(),
+            chain: "ethereum".into(),
+            unsigned_tx: vec![0x02],
+            intent: "{}".into(),
+            intent_hash: [2; 32],
+            asset: "ETH".into(),
+            amount: "5".into(),
+            state,
+            decision: DecisionRecord::default(),
+            created_at: 100,
+            expires_at: 200,
+            counted_at,
+            updated_at: 100,
+            signed_tx: None,
+            signed_tx_hash: None,
+        }
+    }
+
+    #[test]
+    fn constraints_back_the_engine() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("c.db")).unwrap();
+        store
+            .write(|tx| {
+                insert(tx, &row("wd_a", "r1", State::Approved, Some(150)))?;
+                // One request id, one withdrawal.
+                assert!(matches!(
+                    insert(tx, &row("wd_b", "r1", State::PendingApproval, None)),
+                    Err(StoreError::Conflict(_))
+                ));
+                // Counting against limits is tied to APPROVED and SIGNED.
+                assert!(insert(tx, &row("wd_c", "r3", State::PendingApproval, Some(150))).is_err());
+                assert!(insert(tx, &row("wd_d", "r4", State::Approved, None)).is_err());
+                insert(tx, &row("wd_e", "r5", State::PendingApproval, None))?;
+                // A state change must start from the state the caller read.
+                assert!(matches!(
+                    set_state(
+                        tx,
+                        "wd_e",
+                        State::Approved,
+                        State::Cancelled,
+                        &DecisionRecord::default(),
+                        None,
+                        1
+                    ),
+                    Err(StoreError::Conflict(_))
+                ));
+                set_state(
+                    tx,
+                    "wd_e",
+                    State::PendingApproval,
+                    State::Approved,
+                    &DecisionRecord::default(),
+                    Some(160),
+                    1,
+                )?;
+                // SIGNED needs APPROVED, once.
+                set_signed(tx, "wd_a", &[1], &[2], 170)?;
+                assert!(set_signed(tx, "wd_a", &[1], &[2], 171).is_err());
+                let mut used = usage(tx, "hot", "ETH", 149)?;
+                used.sort();
+                assert_eq!(used, [(150, "5".to_owned()), (160, "5".to_owned())]);
+                assert_eq!(usage(tx, "hot", "ETH", 155)?.len(), 1);
+                Ok::<_, StoreError>(())
+            })
+            .unwrap();
+    }
+}

@@ -864,3 +864,49 @@ fn approver_key_on_a_pkcs11_token_signs_verifiable_approvals() {
         m.verify(&signature, &public).unwrap();
     }
 }
+
+/// A pending withdrawal whose approval window ends becomes EXPIRED on its
+/// own and takes no more votes; a pending one can be cancelled, after which
+/// votes are refused too.
+#[test]
+fn approval_windows_expire_and_pending_withdrawals_cancel() {
+    support::runtime().block_on(async {
+        let dev = Dev::start().await;
+        let short = dev
+            .dev_policy()
+            .replace("version = 1", "version = 2")
+            .replace("approval_window_seconds = 86400", "approval_window_seconds = 2");
+        assert!(dev.activate(&short).await.activated);
+        let doomed = dev.create("doomed", EXCHANGE, 5 * ETHER, 0, "ops").await.unwrap();
+        assert_eq!(doomed.state(), WithdrawalState::PendingApproval);
+        let cancelled = dev
+            .create("cancelled", EXCHANGE, 5 * ETHER, 1, "ops")
+            .await
+            .unwrap();
+        let after_cancel = dev
+            .withdrawals()
+            .cancel_withdrawal(proto::CancelWithdrawalRequest {
+                name: cancelled.name.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(after_cancel.state(), WithdrawalState::Cancelled);
+        let err = dev.vote(&cancelled, "alice", Vote::Approve).await.unwrap_err();
+        assert_eq!(reason(&err), "NOT_PENDING", "{err:?}");
+
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let expired = loop {
+            let w = dev.get(&doomed).await;
+            if w.state() != WithdrawalState::PendingApproval {
+                break w;
+            }
+            assert!(Instant::now() < deadline, "not expired");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert_eq!(expired.state(), WithdrawalState::Expired);
+        assert_eq!(decision(&expired).reason_code, "expired");
+        let err = dev.vote(&doomed, "alice", Vote::Approve).await.unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    });
+}
