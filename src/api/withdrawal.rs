@@ -277,9 +277,9 @@ impl WithdrawalService for WithdrawalApi {
         let first = self.custody.get(&id).await.map_err(|e| custody_status(&e))?;
         let custody = Arc::clone(&self.custody);
         let stream = async_stream(move |sender| async move {
-            let mut last = first.row.state;
-            let mut last_update = first.row.updated_at;
-            if sender.send(Ok((&first).into())).await.is_err() || last.is_terminal() {
+            let seen = |v: &WithdrawalView| (v.row.state, v.row.updated_at, v.approvals.len());
+            let mut last = seen(&first);
+            if sender.send(Ok((&first).into())).await.is_err() || first.row.state.is_terminal() {
                 return;
             }
             loop {
@@ -295,12 +295,11 @@ impl WithdrawalService for WithdrawalApi {
                         return;
                     }
                 };
-                if view.row.state == last && view.row.updated_at == last_update && view.approvals.is_empty() {
+                if seen(&view) == last {
                     continue;
                 }
-                last = view.row.state;
-                last_update = view.row.updated_at;
-                if sender.send(Ok((&view).into())).await.is_err() || last.is_terminal() {
+                last = seen(&view);
+                if sender.send(Ok((&view).into())).await.is_err() || view.row.state.is_terminal() {
                     return;
                 }
             }
