@@ -910,3 +910,71 @@ fn approval_windows_expire_and_pending_withdrawals_cancel() {
         assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     });
 }
+
+/// `custos approve` recomputes the intent hash from the transaction itself:
+/// it signs an honest withdrawal, and refuses (signing nothing) when the
+/// server's intent hash does not match the transaction, as a compromised
+/// server or store would present it. `custos approver keygen` writes a 0600
+/// key file and prints the roster key.
+#[test]
+fn cli_approve_recomputes_the_intent_and_refuses_a_lying_server() {
+    support::runtime().block_on(async {
+        let temp = tempfile::tempdir().unwrap();
+        let data_dir = temp.path().join("dev");
+        let dev = Dev::on(DevServer::start_in(&data_dir, &[])).await;
+        let honest = dev.create("honest", EXCHANGE, 5 * ETHER, 0, "ops").await.unwrap();
+        let tampered = dev
+            .create("tampered", EXCHANGE, 6 * ETHER, 1, "ops")
+            .await
+            .unwrap();
+        let Dev { mut server, .. } = dev;
+        assert!(server.stop().success());
+        let db = rusqlite::Connection::open(data_dir.join("custos.db")).unwrap();
+        db.execute(
+            "UPDATE withdrawals SET intent_hash = ?1 WHERE request_id = 'tampered'",
+            [tampered_hash(&tampered)],
+        )
+        .unwrap();
+        drop(db);
+        let dev = Dev::on(DevServer::start_in(&data_dir, &[])).await;
+
+        let approve = |id: &str| {
+            let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_custos"));
+            command
+                .args(["--server", &dev.server.endpoint, "--json", "approve"])
+                .arg(id.trim_start_matches("withdrawals/"))
+                .args(["--approver", "alice", "--yes", "--key"])
+                .arg(data_dir.join("keys/alice.pem"));
+            support::output_within(command, Duration::from_secs(60))
+        };
+        let ok = approve(&honest.name);
+        assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+        let shown: serde_json::Value = serde_json::from_slice(&ok.stdout).unwrap();
+        assert_eq!(shown["state"], "PENDING_APPROVAL");
+        assert_eq!(shown["votes"][0]["approver"], "alice");
+
+        let refused = approve(&tampered.name);
+        assert!(!refused.status.success());
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(stderr.contains("differs from the server's"), "{stderr}");
+        assert!(dev.get(&tampered).await.votes.is_empty());
+
+        let key_file = temp.path().join("new-approver.pem");
+        let mut keygen = std::process::Command::new(env!("CARGO_BIN_EXE_custos"));
+        keygen.args(["approver", "keygen", "--out"]).arg(&key_file);
+        let out = support::output_within(keygen, Duration::from_secs(30));
+        assert!(out.status.success());
+        let printed = String::from_utf8_lossy(&out.stdout);
+        assert!(printed.starts_with("secp256k1:0"), "{printed}");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    });
+}
+
+/// A different 32-byte value than the withdrawal's real intent hash.
+fn tampered_hash(w: &proto::Withdrawal) -> Vec<u8> {
+    w.intent_hash.iter().map(|b| b ^ 0xff).collect()
+}
