@@ -217,20 +217,25 @@ impl GovernanceMessage {
 
 /// Anchors the allowlist entries of a newly activated version in server time.
 ///
-/// An entry already in `previous` keeps the time it had there. An entry new
-/// in this version counts from the later of its declared `added_at` and the
-/// activation time, so a document cannot backdate an address past its
-/// time-lock: the delay runs from when custos first saw the entry in force.
-/// The genesis version (no `previous`) is set at initialisation by the
-/// operator and keeps its declared times.
+/// An entry new in this version counts from the later of its declared
+/// `added_at` and the activation time, so a document cannot backdate an
+/// address past its time-lock: the delay runs from when custos first saw the
+/// entry in force. An entry already in `previous` keeps its place in line: its
+/// anchor moves later by however much this version lowers the delay, so a
+/// time-lock already running never ends earlier than it would have. The
+/// genesis version (no `previous`) is set at initialisation by the operator
+/// and keeps its declared times.
 pub fn anchor_allowlists(previous: Option<&Policy>, next: &mut Policy, activated_at: u64) {
     let Some(previous) = previous else { return };
+    let lowered_by = previous
+        .allowlist_delay_secs
+        .saturating_sub(next.allowlist_delay_secs);
     for (name, list) in &mut next.allowlists {
         let before = previous.allowlists.get(name);
         for entry in &mut list.entries {
             let known = before.and_then(|b| b.entries.iter().find(|e| e.address == entry.address));
             entry.added_at = match known {
-                Some(old) => old.added_at,
+                Some(old) => old.added_at.saturating_add(lowered_by),
                 None => entry.added_at.max(activated_at),
             };
         }
@@ -315,6 +320,39 @@ mod tests {
             "docs/approval-format.md lacks governance vector values; the vectors are:\n{}",
             values.join("\n")
         );
+    }
+
+    #[test]
+    fn anchoring_never_shortens_a_time_lock() {
+        let document = include_str!("../docs/policy-example.toml");
+        let previous = Policy::parse(document.as_bytes()).unwrap();
+        let old = &previous.allowlists["exchanges"].entries[0];
+        let old_effective = old.added_at + previous.allowlist_delay_secs;
+        let lowered = document.replace(
+            "allowlist_delay_seconds = 86400",
+            "allowlist_delay_seconds = 3600",
+        );
+        let mut next = Policy::parse(lowered.as_bytes()).unwrap();
+        next.allowlists
+            .get_mut("exchanges")
+            .unwrap()
+            .entries
+            .push(crate::policy::AllowlistEntry {
+                address: "0x5555555555555555555555555555555555555555".into(),
+                added_at: 1,
+            });
+        let activated_at = 1_900_000_000;
+        anchor_allowlists(Some(&previous), &mut next, activated_at);
+        let entries = &next.allowlists["exchanges"].entries;
+        assert_eq!(entries[0].added_at + next.allowlist_delay_secs, old_effective);
+        assert_eq!(
+            entries.last().unwrap().added_at,
+            activated_at,
+            "a backdated entry counts from activation"
+        );
+        let mut genesis = Policy::parse(document.as_bytes()).unwrap();
+        anchor_allowlists(None, &mut genesis, activated_at);
+        assert_eq!(genesis, previous, "genesis keeps its declared times");
     }
 
     #[test]

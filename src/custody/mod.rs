@@ -432,6 +432,21 @@ impl Custody {
                     let (message_fields, approval) =
                         ApprovalMessage::verify_submitted(&message, &signature, &this.service_id, policy)?;
                     check_binding(&message_fields, &row, policy, now)?;
+                    // A vote that no longer counts (it named a replaced
+                    // policy, or expired) gives way to a fresh one; a vote
+                    // that still counts cannot be changed or replayed.
+                    let previous = stored_approvals(tx, id)?
+                        .into_iter()
+                        .find(|a| a.approver == approval.approver);
+                    if let Some(previous) = previous {
+                        if previous.policy_hash == policy.hash && previous.expires_at > now {
+                            return Err(CustodyError::AlreadyExists(format!(
+                                "{} already voted on withdrawal {id}",
+                                approval.approver
+                            )));
+                        }
+                        wd_store::delete_approval(tx, id, &approval.approver)?;
+                    }
                     wd_store::insert_approval(
                         tx,
                         id,

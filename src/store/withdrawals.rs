@@ -273,6 +273,16 @@ pub fn insert_approval(
     super::conflict_as(inserted, "vote by this approver").map(|_| ())
 }
 
+/// Removes an approver's vote, so that a fresh one can replace a vote that
+/// no longer counts.
+pub fn delete_approval(conn: &Connection, withdrawal_id: &str, approver: &str) -> Result<(), StoreError> {
+    conn.execute(
+        "DELETE FROM approvals WHERE withdrawal_id = ?1 AND approver = ?2",
+        params![withdrawal_id, approver],
+    )?;
+    Ok(())
+}
+
 /// Votes on a withdrawal, in submission order.
 pub fn approvals(conn: &Connection, withdrawal_id: &str) -> Result<Vec<ApprovalRow>, StoreError> {
     let mut stmt = conn.prepare_cached(

@@ -550,7 +550,8 @@ fn python_approval(secret_hex: &str, m: &ApprovalMessage) -> serde_json::Value {
 
 /// 100 concurrent calls with one request id make one withdrawal and one
 /// signature; a different body under that id is ALREADY_EXISTS; 100
-/// concurrent withdrawals racing a 10-per-hour limit sign exactly 10.
+/// concurrent withdrawals racing a 10-per-hour limit sign exactly the 9
+/// that fit next to the one already counted.
 #[test]
 fn concurrent_requests_are_exactly_once_and_never_exceed_a_limit() {
     support::runtime().block_on(async {
@@ -632,6 +633,7 @@ fn governance_policy_versions_and_freeze() {
         let dev = Dev::start().await;
         let pending = dev.create("pending", EXCHANGE, 5 * ETHER, 0, "ops").await.unwrap();
         let stale_vote = dev.message(&pending, "alice", Vote::Approve).await;
+        dev.submit_signed(&stale_vote, "alice").await.unwrap();
 
         let newcomer = "0x5555555555555555555555555555555555555555";
         let v2 = dev
@@ -673,6 +675,13 @@ fn governance_policy_versions_and_freeze() {
 
         let err = dev.submit_signed(&stale_vote, "alice").await.unwrap_err();
         assert_eq!(reason(&err), "STALE_POLICY", "{err:?}");
+        // The vote under version 1 no longer counts, so alice may vote again.
+        let revoted = dev.vote(&pending, "alice", Vote::Approve).await.unwrap();
+        assert_eq!(revoted.votes.len(), 1);
+        assert_eq!(decision(&revoted).counted_approvers, ["alice"]);
+        assert_eq!(decision(&revoted).policy_version, 2);
+        let err = dev.vote(&pending, "alice", Vote::Approve).await.unwrap_err();
+        assert_eq!(err.code(), Code::AlreadyExists, "a counting vote stands");
 
         let old = dev.dev_policy();
         let err = dev
