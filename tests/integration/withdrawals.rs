@@ -987,3 +987,64 @@ fn cli_approve_recomputes_the_intent_and_refuses_a_lying_server() {
 fn tampered_hash(w: &proto::Withdrawal) -> Vec<u8> {
     w.intent_hash.iter().map(|b| b ^ 0xff).collect()
 }
+
+/// With no policy configured or stored, every withdrawal is denied (the
+/// default is deny) and nothing is signed; no proposal can be made either,
+/// since no admins exist to approve it.
+#[test]
+fn without_a_policy_every_withdrawal_is_denied() {
+    use custos::chain::UnsignedTx;
+    use custos::chain::ethereum::{EthereumFields, EthereumTxType, UnsignedEthereumTx};
+    use custos::custody::{CustodyError, NewWithdrawal, RequestId};
+    use custos::lifecycle::State;
+    use custos::wallet::{DisplayName, WalletId};
+
+    support::with_app_in_child(
+        "withdrawals::without_a_policy_every_withdrawal_is_denied",
+        |app, _dir| async move {
+            let id = WalletId::parse("hot").unwrap();
+            app.wallets
+                .create(id.clone(), DisplayName::default())
+                .await
+                .unwrap();
+            let tx = UnsignedEthereumTx::try_from(EthereumFields {
+                tx_type: EthereumTxType::Eip1559,
+                chain_id: app.chains.ethereum.chain_id,
+                nonce: 0,
+                gas_limit: 21_000,
+                gas_price: 0,
+                max_fee_per_gas: 30_000_000_000,
+                max_priority_fee_per_gas: 1_000_000_000,
+                to: Some(EXCHANGE.parse().unwrap()),
+                value: alloy_primitives::U256::from(1u64),
+                data: vec![],
+            })
+            .unwrap();
+            let view = app
+                .custody
+                .create(NewWithdrawal {
+                    request_id: RequestId::parse("r-1").unwrap(),
+                    wallet: id,
+                    transaction: UnsignedTx::Ethereum(tx),
+                    initiator: "ops".into(),
+                })
+                .await
+                .unwrap();
+            assert_eq!(view.row.state, State::Denied);
+            assert_eq!(view.row.decision.reason_code.as_deref(), Some("no_policy"));
+            assert!(view.row.signed_tx.is_none());
+            let example = include_bytes!("../../docs/policy-example.toml").to_vec();
+            let proposal = app.custody.propose_policy(example).await;
+            assert!(
+                matches!(
+                    proposal,
+                    Err(CustodyError::FailedPrecondition {
+                        code: "no_policy",
+                        ..
+                    })
+                ),
+                "{proposal:?}"
+            );
+        },
+    );
+}
