@@ -7,6 +7,7 @@
 //! | module | owns |
 //! |---|---|
 //! | [`approval`] | approval messages: canonical encoding, strict parsing, low-S signature verification |
+//! | [`audit`] | the audit log: entries and their RFC 6962 Merkle tree, roots and proofs |
 //! | [`api`] | the only code that knows prost types: `TryFrom` conversions, gRPC services, the error-to-`Status` mapping |
 //! | [`custody`] | the custody engine: withdrawals, votes, signing, and policy governance over the store and HSM |
 //! | [`failpoint`] | debug-build crash points for the crash-consistency tests |
@@ -34,6 +35,7 @@
 pub mod address;
 pub mod api;
 pub mod approval;
+pub mod audit;
 pub mod chain;
 pub mod config;
 pub mod custody;

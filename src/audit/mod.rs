@@ -1,0 +1,5 @@
+//! The audit log: an append-only log of every custody event, hashed into an
+//! RFC 6962 Merkle tree so that auditors can check inclusion and consistency
+//! proofs, and replay every decision, offline.
+
+pub mod merkle;
