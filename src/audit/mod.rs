@@ -2,4 +2,5 @@
 //! RFC 6962 Merkle tree so that auditors can check inclusion and consistency
 //! proofs, and replay every decision, offline.
 
+pub mod entry;
 pub mod merkle;

@@ -16,9 +16,11 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, PoisonError};
 
 use super::{Custody, CustodyError, precondition, unix_now};
+use crate::audit::entry::Event as AuditEvent;
 use crate::governance::{GovernanceAction, GovernanceMessage, anchor_allowlists};
 use crate::policy::Policy;
 use crate::policy::document::PublicKey;
+use crate::store::audit as audit_store;
 use crate::store::governance::{self as gov_store, PolicyRow, PolicySignatureRow};
 
 /// An activated policy version, with its allowlist entries anchored in
@@ -165,6 +167,8 @@ impl Custody {
                         gov_store::insert_policy(tx, &row)?;
                         gov_store::activate(tx, &row.hash, row.version, now)?;
                         row.activated_at = Some(now);
+                        audit_store::append(tx, now, proposed_event(&row))?;
+                        audit_store::append(tx, now, activated_event(&row))?;
                         tracing::info!(version = row.version, hash = %hex::encode(row.hash), "genesis policy activated");
                         history.push(row);
                     }
@@ -284,6 +288,7 @@ impl Custody {
                     )),
                     other => other.into(),
                 })?;
+                audit_store::append(tx, row.proposed_at, proposed_event(&row))?;
                 tracing::info!(version = row.version, hash = %hex::encode(row.hash), "policy proposed");
                 Ok(ProposalView {
                     hash: row.hash,
@@ -360,11 +365,21 @@ impl Custody {
                         )),
                         other => other.into(),
                     })?;
+                    audit_store::append(
+                        tx,
+                        now,
+                        AuditEvent::PolicyApproved {
+                            hash: row.hash,
+                            message: message.clone(),
+                            signature: signature.clone(),
+                        },
+                    )?;
                     let signatures = gov_store::policy_signatures(tx, &row.hash)?;
                     let signers = valid_signers(&active.policy, &row, &signatures, &this.service_id);
                     let required = active.policy.admin_quorum;
                     let activated = if signers.len() >= required {
                         gov_store::activate(tx, &row.hash, row.version, now)?;
+                        audit_store::append(tx, now, activated_event(&row))?;
                         let activated_row = PolicyRow {
                             activated_at: Some(now),
                             ..row.clone()
@@ -425,6 +440,14 @@ impl Custody {
                     "signature": hex::encode(&signature),
                 }]);
                 gov_store::set_frozen(tx, true, state.freeze_epoch, &record.to_string(), now)?;
+                audit_store::append(
+                    tx,
+                    now,
+                    AuditEvent::Frozen {
+                        epoch: state.freeze_epoch,
+                        signatures: vec![(message.clone(), signature.clone())],
+                    },
+                )?;
                 tracing::warn!(officer = %m.signer, "custody frozen");
                 Ok(())
             })
@@ -485,6 +508,14 @@ impl Custody {
                     &serde_json::Value::from(record).to_string(),
                     now,
                 )?;
+                audit_store::append(
+                    tx,
+                    now,
+                    AuditEvent::Unfrozen {
+                        epoch: state.freeze_epoch,
+                        signatures: signed.clone(),
+                    },
+                )?;
                 tracing::warn!(admins = ?signers, "custody unfrozen");
                 Ok(())
             })
@@ -492,6 +523,21 @@ impl Custody {
         .await?;
         self.resume().await?;
         self.governance(None).await
+    }
+}
+
+fn proposed_event(row: &PolicyRow) -> AuditEvent {
+    AuditEvent::PolicyProposed {
+        hash: row.hash,
+        version: row.version,
+        document: row.document.clone(),
+    }
+}
+
+fn activated_event(row: &PolicyRow) -> AuditEvent {
+    AuditEvent::PolicyActivated {
+        hash: row.hash,
+        version: row.version,
     }
 }
 

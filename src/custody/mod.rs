@@ -30,10 +30,12 @@ use k256::sha2::{Digest, Sha256};
 use tokio::sync::broadcast;
 
 use crate::approval::{ApprovalError, ApprovalMessage};
+use crate::audit::entry::{Event as AuditEvent, WindowUsage};
 use crate::chain::{self, Intent, TxRefusal, UnsignedTx, bitcoin as bitcoin_chain, ethereum};
 use crate::config::ChainConfig;
 use crate::lifecycle::{Event, FirstDecision, IllegalTransition, State};
 use crate::policy::{self, Decision, DenyReason, Outcome, Policy, Usage, Vote};
+use crate::store::audit as audit_store;
 use crate::store::governance as gov_store;
 use crate::store::withdrawals::{self as wd_store, ApprovalRow, DecisionRecord, WithdrawalRow};
 use crate::store::{Store, StoreError};
@@ -266,9 +268,14 @@ impl Custody {
                         intent_hash,
                         initiator: &request.initiator,
                     };
-                    let (first, decision, window) = match (&active, governance.frozen) {
-                        (_, true) => (FirstDecision::Deny, frozen_decision(active.as_deref()), 0),
-                        (None, false) => (FirstDecision::Deny, no_policy_decision(), 0),
+                    let (first, decision, window, windows) = match (&active, governance.frozen) {
+                        (_, true) => (
+                            FirstDecision::Deny,
+                            frozen_decision(active.as_deref()),
+                            0,
+                            Vec::new(),
+                        ),
+                        (None, false) => (FirstDecision::Deny, no_policy_decision(), 0, Vec::new()),
                         (Some(active), false) => {
                             let usage = usage(tx, &active.policy, &w, now)?;
                             let decision = policy::evaluate(&active.policy, &w, &usage, &[], now);
@@ -277,10 +284,12 @@ impl Custody {
                                 Outcome::Pending(_) => FirstDecision::Pending,
                                 Outcome::Deny(_) => FirstDecision::Deny,
                             };
+                            let counted = first == FirstDecision::Allow;
                             (
                                 first,
                                 record(&decision, active.policy.version),
                                 active.policy.approval_window_secs,
+                                window_usage(&active.policy, &w, &usage, now, counted),
                             )
                         }
                     };
@@ -308,6 +317,21 @@ impl Custody {
                         signed_tx_hash: None,
                     };
                     row.seq = wd_store::insert(tx, &row)?;
+                    audit_store::append(
+                        tx,
+                        now,
+                        AuditEvent::WithdrawalCreated {
+                            withdrawal_id: row.withdrawal_id.clone(),
+                            request_id: row.request_id.clone(),
+                            wallet_id: row.wallet_id.clone(),
+                            initiator: row.initiator.clone(),
+                            chain: row.chain.clone(),
+                            unsigned_tx: row.unsigned_tx.clone(),
+                            intent: intent.canonical_bytes(),
+                            intent_hash,
+                        },
+                    )?;
+                    audit_store::append(tx, now, decision_event(&row, windows))?;
                     Ok(row)
                 })
             })
@@ -372,7 +396,17 @@ impl Custody {
         let id = row.withdrawal_id.clone();
         self.blocking(move |store| {
             store.write(|tx| {
-                wd_store::set_signed(tx, &id, &raw, &tx_hash, unix_now())?;
+                let now = unix_now();
+                wd_store::set_signed(tx, &id, &raw, &tx_hash, now)?;
+                audit_store::append(
+                    tx,
+                    now,
+                    AuditEvent::Signed {
+                        withdrawal_id: id.clone(),
+                        signed_tx: raw,
+                        tx_hash,
+                    },
+                )?;
                 Ok(())
             })
         })
@@ -465,6 +499,15 @@ impl Custody {
                         )),
                         other => other.into(),
                     })?;
+                    audit_store::append(
+                        tx,
+                        now,
+                        AuditEvent::Vote {
+                            withdrawal_id: id.clone(),
+                            message: message.clone(),
+                            signature: signature.clone(),
+                        },
+                    )?;
                     let approvals = stored_approvals(tx, id)?;
                     let w = policy::Withdrawal {
                         id,
@@ -484,7 +527,11 @@ impl Custody {
                         Outcome::Pending(_) => (row.state, None),
                     };
                     wd_store::set_state(tx, id, row.state, to, &stored, counted_at, now)?;
-                    wd_store::by_id(tx, id)?.ok_or_else(|| CustodyError::NotFound(format!("withdrawal {id}")))
+                    let windows = window_usage(policy, &w, &usage, now, counted_at.is_some());
+                    let row = wd_store::by_id(tx, id)?
+                        .ok_or_else(|| CustodyError::NotFound(format!("withdrawal {id}")))?;
+                    audit_store::append(tx, now, decision_event(&row, windows))?;
+                    Ok(row)
                 })
             })
             .await?;
@@ -514,7 +561,16 @@ impl Custody {
                 let mut decision = row.decision.clone();
                 decision.reason_code = Some("cancelled".into());
                 decision.reason = Some("cancelled by request".into());
-                wd_store::set_state(tx, &id, row.state, to, &decision, None, unix_now())?;
+                let now = unix_now();
+                wd_store::set_state(tx, &id, row.state, to, &decision, None, now)?;
+                audit_store::append(
+                    tx,
+                    now,
+                    AuditEvent::Closed {
+                        withdrawal_id: id.clone(),
+                        state: to.name().to_owned(),
+                    },
+                )?;
                 Ok(())
             })
         })
@@ -539,6 +595,14 @@ impl Custody {
                         decision.reason_code = Some("expired".into());
                         decision.reason = Some(format!("the approval window ended at {}", row.expires_at));
                         wd_store::set_state(tx, id, row.state, to, &decision, None, now)?;
+                        audit_store::append(
+                            tx,
+                            now,
+                            AuditEvent::Closed {
+                                withdrawal_id: id.clone(),
+                                state: to.name().to_owned(),
+                            },
+                        )?;
                     }
                     Ok(ids)
                 })
@@ -786,6 +850,62 @@ fn usage(
     })
     .collect::<Result<Vec<(u64, U256)>, _>>()?;
     Ok(Usage { entries })
+}
+
+/// Usage of each window of the withdrawal's limit, before and after this
+/// decision (after = before plus this withdrawal, if it now counts).
+fn window_usage(
+    policy: &Policy,
+    w: &policy::Withdrawal<'_>,
+    usage: &Usage,
+    now: u64,
+    counted: bool,
+) -> Vec<WindowUsage> {
+    let amount = w.intent.total_amount();
+    policy
+        .limits
+        .iter()
+        .filter(|l| l.wallet == w.wallet && l.asset == w.intent.asset.symbol)
+        .flat_map(|l| &l.windows)
+        .map(|window| {
+            let (used, count) = usage.within(now, window.seconds);
+            let (after, count_after) = if counted {
+                (used.saturating_add(amount), count + 1)
+            } else {
+                (used, count)
+            };
+            WindowUsage {
+                seconds: window.seconds,
+                amount_before: used.to_string(),
+                count_before: count,
+                amount_after: after.to_string(),
+                count_after,
+            }
+        })
+        .collect()
+}
+
+/// The audit entry of a withdrawal's latest decision.
+fn decision_event(row: &WithdrawalRow, usage: Vec<WindowUsage>) -> AuditEvent {
+    let d = &row.decision;
+    let mut policy_hash = [0u8; 32];
+    // Stored hashes are hex written by `record`; an empty one means no policy.
+    if let Ok(bytes) = hex::decode(&d.policy_hash)
+        && bytes.len() == 32
+    {
+        policy_hash.copy_from_slice(&bytes);
+    }
+    AuditEvent::Decision {
+        withdrawal_id: row.withdrawal_id.clone(),
+        policy_hash,
+        policy_version: d.policy_version,
+        state: row.state.name().to_owned(),
+        rule: d.rule.clone().unwrap_or_default(),
+        reason_code: d.reason_code.clone().unwrap_or_default(),
+        reason: d.reason.clone().unwrap_or_default(),
+        counted_approvers: d.counted_approvers.clone(),
+        usage,
+    }
 }
 
 /// The decision as stored and served.

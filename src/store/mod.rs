@@ -8,6 +8,7 @@
 //! request ids and limits happens atomically. Callers run these blocking
 //! methods off the async runtime.
 
+pub mod audit;
 pub mod governance;
 pub mod withdrawals;
 
@@ -96,6 +97,24 @@ const MIGRATIONS: &[&str] = &[
         submitted_at INTEGER NOT NULL,
         PRIMARY KEY (withdrawal_id, approver)
     ) STRICT;",
+    // 3: the audit log and its Merkle tree (complete subtrees only).
+    "CREATE TABLE audit_log (
+        idx INTEGER PRIMARY KEY CHECK (idx >= 0),
+        time INTEGER NOT NULL,
+        entry BLOB NOT NULL
+    ) STRICT;
+    CREATE TABLE merkle_nodes (
+        level INTEGER NOT NULL CHECK (level BETWEEN 0 AND 63),
+        idx INTEGER NOT NULL CHECK (idx >= 0),
+        hash BLOB NOT NULL CHECK (length(hash) = 32),
+        PRIMARY KEY (level, idx)
+    ) STRICT, WITHOUT ROWID;
+    CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log
+        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+    CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log
+        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+    CREATE TRIGGER merkle_nodes_no_update BEFORE UPDATE ON merkle_nodes
+        BEGIN SELECT RAISE(ABORT, 'the Merkle tree is append-only'); END;",
 ];
 
 /// A store failure. Messages carry no secrets (the store holds none).
@@ -191,29 +210,48 @@ impl Store {
         Ok(())
     }
 
-    /// Inserts a wallet; [`StoreError::Conflict`] if its id, label, key id or
-    /// public key is already registered.
+    /// Inserts a wallet and its audit entry in one transaction;
+    /// [`StoreError::Conflict`] if its id, label, key id or public key is
+    /// already registered.
     pub fn insert_wallet(&self, wallet: &WalletRecord) -> Result<i64, StoreError> {
         let attributes = serde_json::to_string(&wallet.attributes).map_err(|e| StoreError::Corrupt {
             table: "wallets",
             reason: e.to_string(),
         })?;
-        let conn = self.conn();
-        let inserted = conn.execute(
-            "INSERT INTO wallets (wallet_id, display_name, key_label, key_id, public_key, attributes, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![
-                wallet.wallet_id,
-                wallet.display_name,
-                wallet.key_label,
-                wallet.key_id,
-                wallet.public_key,
-                attributes,
-                wallet.created_at
-            ],
-        );
-        conflict_as(inserted, "wallet")?;
-        Ok(conn.last_insert_rowid())
+        self.write(|tx| {
+            let inserted = tx.execute(
+                "INSERT INTO wallets (wallet_id, display_name, key_label, key_id, public_key, attributes, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    wallet.wallet_id,
+                    wallet.display_name,
+                    wallet.key_label,
+                    wallet.key_id,
+                    wallet.public_key,
+                    attributes,
+                    wallet.created_at
+                ],
+            );
+            conflict_as(inserted, "wallet")?;
+            let seq = tx.last_insert_rowid();
+            let a = wallet.attributes;
+            let bits = [a.token, a.private, a.sensitive, a.extractable, a.always_sensitive, a.never_extractable]
+                .iter()
+                .enumerate()
+                .fold(0u8, |acc, (bit, set)| acc | (u8::from(*set) << bit));
+            audit::append(
+                tx,
+                governance::to_u64(wallet.created_at),
+                crate::audit::entry::Event::WalletCreated {
+                    wallet_id: wallet.wallet_id.clone(),
+                    key_label: wallet.key_label.clone(),
+                    key_id: wallet.key_id.clone(),
+                    public_key: wallet.public_key.clone(),
+                    attributes: bits,
+                },
+            )?;
+            Ok(seq)
+        })
     }
 
     /// One wallet by id.

@@ -10,6 +10,7 @@
 
 mod support;
 
+mod audit;
 mod formats;
 mod signing_core;
 mod transactions;
