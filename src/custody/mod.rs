@@ -469,10 +469,9 @@ impl Custody {
                     // A vote that no longer counts (it named a replaced
                     // policy, or expired) gives way to a fresh one; a vote
                     // that still counts cannot be changed or replayed.
-                    let previous = stored_approvals(tx, id)?
-                        .into_iter()
-                        .find(|a| a.approver == approval.approver);
-                    if let Some(previous) = previous {
+                    let mut approvals = stored_approvals(tx, id)?;
+                    if let Some(at) = approvals.iter().position(|a| a.approver == approval.approver) {
+                        let previous = approvals.remove(at);
                         if previous.policy_hash == policy.hash && previous.expires_at > now {
                             return Err(CustodyError::AlreadyExists(format!(
                                 "{} already voted on withdrawal {id}",
@@ -508,7 +507,7 @@ impl Custody {
                             signature: signature.clone(),
                         },
                     )?;
-                    let approvals = stored_approvals(tx, id)?;
+                    approvals.push(approval.clone());
                     let w = policy::Withdrawal {
                         id,
                         wallet: &row.wallet_id,
