@@ -24,7 +24,6 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use zeroize::Zeroizing;
@@ -270,9 +269,7 @@ pub async fn bootstrap(paths: &DevPaths, wallets: Arc<Wallets>) -> Result<(), St
             key(&paths.approver_keys[id])?
         ));
     }
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let now = crate::custody::unix_now();
     let day = 86_400;
     let policy = format!(
         "# Genesis policy written by custosd --dev. See docs/policy.md.\n\

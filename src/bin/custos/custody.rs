@@ -3,7 +3,6 @@
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::Subcommand;
 
@@ -19,7 +18,7 @@ use custos::proto::{
 use custos::secret::{Pin, PinSource};
 use custos::signer::{KeyFile, TokenKey, public_key_string};
 
-use super::{connect, describe, emit, print_intent};
+use super::{all_pages, connect, describe, emit, print_intent};
 
 /// Withdrawal commands.
 #[derive(Debug, Subcommand)]
@@ -329,24 +328,22 @@ pub async fn withdrawal(command: WithdrawalCommand, server: &str, json: bool) ->
                 Some(s) => proto::WithdrawalState::from_str_name(&s.to_ascii_uppercase())
                     .ok_or_else(|| format!("--state {s:?} is not a withdrawal state"))?,
             };
-            let mut all = Vec::new();
-            let mut page_token = String::new();
-            loop {
-                let page = client
-                    .list_withdrawals(proto::ListWithdrawalsRequest {
-                        page_size: 1000,
-                        page_token,
-                        state: state.into(),
-                    })
-                    .await
-                    .map_err(describe)?
-                    .into_inner();
-                all.extend(page.withdrawals);
-                if page.next_page_token.is_empty() {
-                    break;
+            let state: i32 = state.into();
+            let all = all_pages(|page_token| {
+                let mut client = client.clone();
+                async move {
+                    let page = client
+                        .list_withdrawals(proto::ListWithdrawalsRequest {
+                            page_size: 1000,
+                            page_token,
+                            state,
+                        })
+                        .await?
+                        .into_inner();
+                    Ok((page.withdrawals, page.next_page_token))
                 }
-                page_token = page.next_page_token;
-            }
+            })
+            .await?;
             show(&all, json)
         }
         WithdrawalCommand::Watch { id } => {
@@ -372,24 +369,21 @@ pub async fn withdrawal(command: WithdrawalCommand, server: &str, json: bool) ->
 }
 
 pub async fn pending(server: &str, json: bool) -> Result<(), String> {
-    let mut client = ApprovalServiceClient::new(connect(server).await?);
-    let mut all = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let page = client
-            .list_pending_approvals(proto::ListPendingApprovalsRequest {
-                page_size: 1000,
-                page_token,
-            })
-            .await
-            .map_err(describe)?
-            .into_inner();
-        all.extend(page.withdrawals);
-        if page.next_page_token.is_empty() {
-            break;
+    let client = ApprovalServiceClient::new(connect(server).await?);
+    let all = all_pages(|page_token| {
+        let mut client = client.clone();
+        async move {
+            let page = client
+                .list_pending_approvals(proto::ListPendingApprovalsRequest {
+                    page_size: 1000,
+                    page_token,
+                })
+                .await?
+                .into_inner();
+            Ok((page.withdrawals, page.next_page_token))
         }
-        page_token = page.next_page_token;
-    }
+    })
+    .await?;
     show(&all, json)
 }
 
@@ -455,9 +449,7 @@ pub async fn vote(args: VoteArgs, vote: Vote, server: &str, json: bool) -> Resul
     if !args.yes {
         confirm(verb)?;
     }
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let now = custos::custody::unix_now();
     let window_end = withdrawal
         .expire_time
         .map_or(u64::MAX, |t| u64::try_from(t.seconds).unwrap_or(0));

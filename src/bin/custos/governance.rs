@@ -3,10 +3,10 @@
 //! (docs/approval-format.md); the server checks the signatures, not the caller.
 
 use std::path::PathBuf;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::Subcommand;
 
+use custos::custody::unix_now as now;
 use custos::governance::{GovernanceAction, GovernanceMessage};
 use custos::policy::{Policy, policy_hash};
 use custos::proto::{self, policy_service_client::PolicyServiceClient};
@@ -63,12 +63,6 @@ pub struct UnfreezeArgs {
     /// An admin and their key file, as ID=FILE; repeat up to the admin quorum.
     #[arg(long = "admin", value_name = "ID=FILE", required = true)]
     admins: Vec<String>,
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 async fn state(

@@ -199,26 +199,42 @@ async fn wallet(command: WalletCommand, server: &str, json: bool) -> Result<(), 
             vec![wallets.get_wallet(request).await.map_err(describe)?.into_inner()]
         }
         WalletCommand::List => {
-            let mut all = Vec::new();
-            let mut page_token = String::new();
-            loop {
-                let page = wallets
-                    .list_wallets(proto::ListWalletsRequest {
-                        page_size: 1000,
-                        page_token,
-                    })
-                    .await
-                    .map_err(describe)?
-                    .into_inner();
-                all.extend(page.wallets);
-                if page.next_page_token.is_empty() {
-                    break all;
+            all_pages(|page_token| {
+                let mut wallets = wallets.clone();
+                async move {
+                    let page = wallets
+                        .list_wallets(proto::ListWalletsRequest {
+                            page_size: 1000,
+                            page_token,
+                        })
+                        .await?
+                        .into_inner();
+                    Ok((page.wallets, page.next_page_token))
                 }
-                page_token = page.next_page_token;
-            }
+            })
+            .await?
         }
     };
     print_wallets(&shown, json)
+}
+
+/// Fetches every page of a List RPC: `page` takes a page token and returns
+/// the page's items and the next token, empty after the last page.
+pub(crate) async fn all_pages<T, F, Fut>(mut page: F) -> Result<Vec<T>, String>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = Result<(Vec<T>, String), tonic::Status>>,
+{
+    let mut all = Vec::new();
+    let mut token = String::new();
+    loop {
+        let (items, next) = page(token).await.map_err(describe)?;
+        all.extend(items);
+        if next.is_empty() {
+            return Ok(all);
+        }
+        token = next;
+    }
 }
 
 pub(crate) async fn connect(server: &str) -> Result<Channel, String> {
