@@ -18,32 +18,7 @@ use crate::support::{self, DevServer};
 const EXCHANGE: &str = custos::dev::DEV_ALLOWLISTED;
 
 fn request(request_id: &str, wei: u128, nonce: u64) -> proto::CreateWithdrawalRequest {
-    use proto::ethereum_transaction_fields::Type;
-    proto::CreateWithdrawalRequest {
-        request_id: request_id.into(),
-        wallet: "wallets/hot".into(),
-        initiator: "ops".into(),
-        transaction: Some(proto::UnsignedTransaction {
-            kind: Some(proto::unsigned_transaction::Kind::Ethereum(
-                proto::EthereumTransaction {
-                    encoding: Some(proto::ethereum_transaction::Encoding::Fields(
-                        proto::EthereumTransactionFields {
-                            r#type: Type::Eip1559.into(),
-                            chain_id: custos::dev::DEV_CHAIN_ID,
-                            nonce,
-                            gas_limit: 21_000,
-                            gas_price: String::new(),
-                            max_fee_per_gas: "30000000000".into(),
-                            max_priority_fee_per_gas: "1000000000".into(),
-                            to: EXCHANGE.into(),
-                            value: wei.to_string(),
-                            data: vec![],
-                        },
-                    )),
-                },
-            )),
-        }),
-    }
+    crate::withdrawals::create_request(request_id, EXCHANGE, wei, nonce, "ops")
 }
 
 fn entries(db: &rusqlite::Connection) -> Vec<Entry> {

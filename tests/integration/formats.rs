@@ -21,7 +21,9 @@ fn python_implementation_reproduces_intent_vectors() {
     assert!(stdout.contains("3 passed, 0 failed"), "{stdout}");
 }
 
-fn python_approval(args: &[&str]) -> serde_json::Value {
+/// Runs tests/approval_sign.py, the independent Python approver tool, with
+/// `args` and returns its JSON output.
+pub(crate) fn python_approval(args: &[&str]) -> serde_json::Value {
     let root = env!("CARGO_MANIFEST_DIR");
     let output = Command::new("python3")
         .arg(format!("{root}/tests/approval_sign.py"))

@@ -4,7 +4,6 @@
 //! their rule, approval binding, idempotency and limits under concurrency,
 //! governance and freeze, and crashes between approval and signing.
 
-use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use alloy_consensus::TxEnvelope;
@@ -204,7 +203,8 @@ impl Dev {
     }
 }
 
-fn create_request(
+/// A CreateWithdrawal request for an EIP-1559 transfer from the dev wallet.
+pub(crate) fn create_request(
     request_id: &str,
     to: &str,
     wei: u128,
@@ -524,28 +524,18 @@ fn field_offsets(m: &ApprovalMessage) -> Vec<(&'static str, usize)> {
     ]
 }
 
+/// `m` signed with `secret_hex` by the independent Python approver tool.
 fn python_approval(secret_hex: &str, m: &ApprovalMessage) -> serde_json::Value {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/approval_sign.py");
-    let output = std::process::Command::new("python3")
-        .arg(script)
-        .args([
-            secret_hex,
-            &m.service_id,
-            &m.withdrawal_id,
-            &hex::encode(m.intent_hash),
-            &hex::encode(m.policy_hash),
-            "approve",
-            &m.expires_at.to_string(),
-            &m.approver,
-        ])
-        .output()
-        .expect("run python3");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).unwrap()
+    crate::formats::python_approval(&[
+        secret_hex,
+        &m.service_id,
+        &m.withdrawal_id,
+        &hex::encode(m.intent_hash),
+        &hex::encode(m.policy_hash),
+        "approve",
+        &m.expires_at.to_string(),
+        &m.approver,
+    ])
 }
 
 /// 100 concurrent calls with one request id make one withdrawal and one
