@@ -16,7 +16,7 @@ use k256::ecdsa::VerifyingKey;
 use crate::address;
 use crate::chain::bitcoin as bitcoin_chain;
 use crate::chain::{SigningDigest, ethereum};
-use crate::hsm::{Hsm, HsmError, KeyAttributes, KeyId};
+use crate::hsm::{Hsm, HsmError, KeyAttributes, KeyId, KeyKind};
 use crate::signature::{self, RecoverableSignature, SignatureError};
 use crate::store::{Store, StoreError, WalletRecord};
 
@@ -176,7 +176,7 @@ impl Wallets {
             after = last.seq;
             for record in page {
                 let wallet = wallets.wallet_of(&record)?;
-                match wallets.hsm.load_key(&wallet.key_id).await {
+                match wallets.hsm.load_key(KeyKind::Secp256k1, &wallet.key_id).await {
                     Ok(loaded) if sec1_matches(&loaded.public_key, &wallet.public_key) => {
                         wallets.cache(wallet);
                     }

@@ -34,7 +34,6 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
 
 use cryptoki::context::Pkcs11;
-use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, ObjectHandle};
 use cryptoki::session::{Session, SessionState};
 use cryptoki::slot::Slot;
@@ -42,7 +41,8 @@ use tokio::sync::Semaphore;
 
 pub use error::HsmError;
 pub use keys::{
-    KEY_ID_LEN, KeyAttributes, SECP256K1_EC_PARAMS, check_private_key_attributes, sec1_from_ec_point,
+    ED25519_EC_PARAMS, KEY_ID_LEN, KeyAttributes, KeyKind, P256_EC_PARAMS, SECP256K1_EC_PARAMS,
+    check_private_key_attributes, ed25519_from_ec_point, sec1_from_ec_point,
 };
 pub use token::init_token;
 
@@ -85,7 +85,8 @@ pub struct GeneratedKey {
     pub id: KeyId,
     /// CKA_LABEL shared by both objects.
     pub label: String,
-    /// SEC1 public key as read from CKA_EC_POINT.
+    /// Public key as read from CKA_EC_POINT: SEC1 for ECDSA kinds, 32
+    /// bytes for Ed25519.
     pub public_key: Vec<u8>,
     /// Security attributes read back from the private key.
     pub attributes: KeyAttributes,
@@ -102,6 +103,7 @@ pub struct LoadedKey {
 
 #[derive(Debug, Clone)]
 struct CachedKey {
+    kind: KeyKind,
     /// The private key handle and the epoch it was resolved in.
     private: Option<(u64, ObjectHandle)>,
     public_key: Vec<u8>,
@@ -130,6 +132,8 @@ struct Inner {
     idle: Mutex<Vec<PooledSession>>,
     max_idle: usize,
     keys: RwLock<HashMap<KeyId, CachedKey>>,
+    /// `C_Sign` calls made with wallet keys, successful or not.
+    wallet_sign_calls: AtomicU64,
 }
 
 struct PooledSession {
@@ -187,6 +191,7 @@ impl Hsm {
                 idle: Mutex::new(idle),
                 max_idle: sessions,
                 keys: RwLock::new(HashMap::new()),
+                wallet_sign_calls: AtomicU64::new(0),
             }),
             permits: Arc::new(Semaphore::new(sessions)),
             call_timeout: config.call_timeout,
@@ -200,9 +205,15 @@ impl Hsm {
     /// of the random CKA_ID, so a key orphaned by a crash never blocks a retry.
     /// Not retried on session loss: the caller sees UNAVAILABLE and may retry.
     pub async fn generate_secp256k1(&self, label_base: &str) -> Result<GeneratedKey, HsmError> {
+        self.generate(KeyKind::Secp256k1, label_base).await
+    }
+
+    /// Generates a key pair of `kind` as [`Hsm::generate_secp256k1`] does,
+    /// with the same non-extractable template and read-back.
+    pub async fn generate(&self, kind: KeyKind, label_base: &str) -> Result<GeneratedKey, HsmError> {
         let label_base = label_base.to_owned();
         self.execute(Retry::Never, move |inner, session| {
-            inner.generate_secp256k1(session, &label_base)
+            inner.generate(session, kind, &label_base)
         })
         .await
     }
@@ -226,11 +237,14 @@ impl Hsm {
         .await
     }
 
-    /// Finds a key pair by CKA_ID, checks its attributes, and caches it.
-    pub async fn load_key(&self, id: &KeyId) -> Result<LoadedKey, HsmError> {
+    /// Finds a key pair of `kind` by CKA_ID, checks its attributes, and
+    /// caches it.
+    pub async fn load_key(&self, kind: KeyKind, id: &KeyId) -> Result<LoadedKey, HsmError> {
         let id = id.clone();
-        self.execute(Retry::Once, move |inner, session| inner.load_key(session, &id))
-            .await
+        self.execute(Retry::Once, move |inner, session| {
+            inner.load_key(session, kind, &id)
+        })
+        .await
     }
 
     /// Signs a 32-byte digest with `CKM_ECDSA` and returns the token's raw
@@ -243,9 +257,41 @@ impl Hsm {
         let id = id.clone();
         let digest = *digest.as_bytes();
         self.execute(Retry::Once, move |inner, session| {
-            inner.sign(session, &id, &digest)
+            inner.sign(session, &id, KeyKind::Secp256k1, &digest)
         })
         .await
+    }
+
+    /// Signs a log message with the audit key: pure CKM_EDDSA over the
+    /// message for Ed25519, CKM_ECDSA over its SHA-256 for P-256 (raw
+    /// `r || s`). A wallet key is refused, so no log message can ever be
+    /// signed by a key that signs transactions.
+    pub async fn sign_log_message(
+        &self,
+        id: &KeyId,
+        kind: KeyKind,
+        message: &[u8],
+    ) -> Result<Vec<u8>, HsmError> {
+        let input = match kind {
+            KeyKind::Ed25519 => message.to_vec(),
+            KeyKind::P256 => {
+                use k256::sha2::{Digest, Sha256};
+                Sha256::digest(message).to_vec()
+            }
+            KeyKind::Secp256k1 => return Err(HsmError::Malformed("a wallet key cannot sign log messages")),
+        };
+        let id = id.clone();
+        self.execute(Retry::Once, move |inner, session| {
+            inner.sign(session, &id, kind, &input)
+        })
+        .await
+    }
+
+    /// How many times `C_Sign` was called with a wallet key, successful or
+    /// not: what tests use to prove a refused request never reached the
+    /// token. (Checkpoint signatures with the log key are not counted.)
+    pub fn wallet_sign_calls(&self) -> u64 {
+        self.inner.wallet_sign_calls.load(Ordering::Relaxed)
     }
 
     /// Forgets the private-key handle cached for `id`, so that the next use
@@ -400,7 +446,7 @@ impl Inner {
         Ok(())
     }
 
-    fn generate_secp256k1(&self, session: &Session, label_base: &str) -> Result<GeneratedKey, HsmError> {
+    fn generate(&self, session: &Session, kind: KeyKind, label_base: &str) -> Result<GeneratedKey, HsmError> {
         let id = session
             .generate_random_vec(KEY_ID_LEN as u32)
             .map_err(|e| HsmError::from_cryptoki("generate key id", e))?;
@@ -419,12 +465,12 @@ impl Inner {
                 required: "unique",
             });
         }
-        let (public_template, private_template) = keys::secp256k1_templates(label, &id);
+        let (public_template, private_template) = keys::templates(kind, label, &id);
         let (public, private) = session
-            .generate_key_pair(&keys::keygen_mechanism(), &public_template, &private_template)
+            .generate_key_pair(&kind.keygen_mechanism(), &public_template, &private_template)
             .map_err(|e| HsmError::from_cryptoki("generate key pair", e))?;
-        let checked = keys::read_back(session, label, private)
-            .and_then(|attributes| Ok((attributes, keys::read_ec_point(session, public)?)));
+        let checked = keys::read_back(session, label, kind, private)
+            .and_then(|attributes| Ok((attributes, keys::read_public_key(session, kind, public)?)));
         let (attributes, public_key) = match checked {
             Ok(ok) => ok,
             Err(refusal) => {
@@ -442,6 +488,7 @@ impl Inner {
         write(&self.keys).insert(
             id.clone(),
             CachedKey {
+                kind,
                 private: Some((self.epoch.load(Ordering::Acquire), private)),
                 public_key: public_key.clone(),
             },
@@ -454,9 +501,9 @@ impl Inner {
         })
     }
 
-    fn load_key(&self, session: &Session, id: &KeyId) -> Result<LoadedKey, HsmError> {
-        let (private, attributes, public_key) = self.resolve(session, id)?;
-        self.cache_checked(id, private, &public_key)?;
+    fn load_key(&self, session: &Session, kind: KeyKind, id: &KeyId) -> Result<LoadedKey, HsmError> {
+        let (private, attributes, public_key) = self.resolve(session, kind, id)?;
+        self.cache_checked(id, kind, private, &public_key)?;
         Ok(LoadedKey {
             public_key,
             attributes,
@@ -468,21 +515,28 @@ impl Inner {
     fn resolve(
         &self,
         session: &Session,
+        kind: KeyKind,
         id: &KeyId,
     ) -> Result<(ObjectHandle, KeyAttributes, Vec<u8>), HsmError> {
         let (private, public) = keys::find_pair(session, id.as_bytes())?;
-        let attributes = keys::read_back(session, &id.to_string(), private)?;
-        let public_key = keys::read_ec_point(session, public)?;
+        let attributes = keys::read_back(session, &id.to_string(), kind, private)?;
+        let public_key = keys::read_public_key(session, kind, public)?;
         Ok((private, attributes, public_key))
     }
 
     /// Caches a handle, refusing one whose public key differs from the one
     /// already cached for this id.
-    fn cache_checked(&self, id: &KeyId, private: ObjectHandle, public_key: &[u8]) -> Result<(), HsmError> {
+    fn cache_checked(
+        &self,
+        id: &KeyId,
+        kind: KeyKind,
+        private: ObjectHandle,
+        public_key: &[u8],
+    ) -> Result<(), HsmError> {
         let epoch = self.epoch.load(Ordering::Acquire);
         let mut keys = write(&self.keys);
         if let Some(known) = keys.get(id)
-            && known.public_key != public_key
+            && (known.public_key != public_key || known.kind != kind)
         {
             tracing::error!(key_id = %id, "key on token differs from the cached public key; refusing it");
             return Err(HsmError::KeyMismatch(id.to_string()));
@@ -490,6 +544,7 @@ impl Inner {
         keys.insert(
             id.clone(),
             CachedKey {
+                kind,
                 private: Some((epoch, private)),
                 public_key: public_key.to_vec(),
             },
@@ -497,29 +552,40 @@ impl Inner {
         Ok(())
     }
 
-    fn sign(&self, session: &Session, id: &KeyId, digest: &[u8; 32]) -> Result<Vec<u8>, HsmError> {
+    /// Signs `input` with the cached key `id`, which must be of `kind`: a
+    /// wallet key is never used for log messages, nor the audit key for
+    /// transactions.
+    fn sign(&self, session: &Session, id: &KeyId, kind: KeyKind, input: &[u8]) -> Result<Vec<u8>, HsmError> {
         let epoch = self.epoch.load(Ordering::Acquire);
         let cached = read(&self.keys)
             .get(id)
-            .map(|k| k.private)
+            .map(|k| (k.kind, k.private))
             .ok_or_else(|| HsmError::KeyMissing(id.to_string()))?;
         let handle = match cached {
-            Some((resolved_in, handle)) if resolved_in == epoch => handle,
-            _ => self.re_resolve(session, id)?,
+            (cached_kind, _) if cached_kind != kind => return Err(HsmError::KeyMismatch(id.to_string())),
+            (_, Some((resolved_in, handle))) if resolved_in == epoch => handle,
+            _ => self.re_resolve(session, kind, id)?,
         };
-        match sign_raw(session, handle, digest) {
+        let count = || {
+            if kind == KeyKind::Secp256k1 {
+                self.wallet_sign_calls.fetch_add(1, Ordering::Relaxed);
+            }
+        };
+        count();
+        match sign_raw(session, kind, handle, input) {
             Err(e) if e.is_stale_handle() => {
                 tracing::warn!(key_id = %id, error = %e, "stale key handle; re-resolving by CKA_ID");
-                let handle = self.re_resolve(session, id)?;
-                sign_raw(session, handle, digest)
+                let handle = self.re_resolve(session, kind, id)?;
+                count();
+                sign_raw(session, kind, handle, input)
             }
             other => other,
         }
     }
 
-    fn re_resolve(&self, session: &Session, id: &KeyId) -> Result<ObjectHandle, HsmError> {
-        let (private, _, public_key) = self.resolve(session, id)?;
-        self.cache_checked(id, private, &public_key)?;
+    fn re_resolve(&self, session: &Session, kind: KeyKind, id: &KeyId) -> Result<ObjectHandle, HsmError> {
+        let (private, _, public_key) = self.resolve(session, kind, id)?;
+        self.cache_checked(id, kind, private, &public_key)?;
         Ok(private)
     }
 }
@@ -542,9 +608,9 @@ fn reclassify_logged_out(session: &Session, error: HsmError) -> HsmError {
     }
 }
 
-fn sign_raw(session: &Session, key: ObjectHandle, digest: &[u8; 32]) -> Result<Vec<u8>, HsmError> {
+fn sign_raw(session: &Session, kind: KeyKind, key: ObjectHandle, input: &[u8]) -> Result<Vec<u8>, HsmError> {
     session
-        .sign(&Mechanism::Ecdsa, key, digest)
+        .sign(&kind.sign_mechanism(), key, input)
         .map_err(|e| HsmError::from_cryptoki("sign", e))
 }
 

@@ -13,6 +13,7 @@ use cryptoki::object::{Attribute, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 use k256::ecdsa::VerifyingKey;
 
+use super::keys::KeyKind;
 use super::token::{find_slot, load_module, login};
 use super::{HsmError, keys};
 use crate::config::TokenSelector;
@@ -57,12 +58,13 @@ pub fn generate(
     }
     let mut id = vec![0u8; 16];
     getrandom::fill(&mut id).map_err(|_| HsmError::Malformed("no randomness for CKA_ID"))?;
-    let (public_template, private_template) = keys::secp256k1_templates(label, &id);
+    let kind = KeyKind::Secp256k1;
+    let (public_template, private_template) = keys::templates(kind, label, &id);
     let (public, private) = session
-        .generate_key_pair(&keys::keygen_mechanism(), &public_template, &private_template)
+        .generate_key_pair(&kind.keygen_mechanism(), &public_template, &private_template)
         .map_err(|e| HsmError::from_cryptoki("generate key pair", e))?;
-    keys::read_back(&session, label, private)?;
-    let point = keys::read_ec_point(&session, public)?;
+    keys::read_back(&session, label, kind, private)?;
+    let point = keys::read_public_key(&session, kind, public)?;
     VerifyingKey::from_sec1_bytes(&point).map_err(|_| HsmError::Malformed("secp256k1 public key"))
 }
 
@@ -78,7 +80,7 @@ pub fn sign(
     let session = open(module, token, pin)?;
     let private = find(&session, ObjectClass::PRIVATE_KEY, label)?;
     let public = find(&session, ObjectClass::PUBLIC_KEY, label)?;
-    let point = keys::read_ec_point(&session, public)?;
+    let point = keys::read_public_key(&session, KeyKind::Secp256k1, public)?;
     let key =
         VerifyingKey::from_sec1_bytes(&point).map_err(|_| HsmError::Malformed("secp256k1 public key"))?;
     let signature = session

@@ -260,7 +260,11 @@ fn extractable_key_on_token_is_refused() {
                 .unwrap();
             let id = vec![0xAB; 16];
             support::plant_key_pair(&session, &id, b"weak", true);
-            let err = app.hsm.load_key(&KeyId::from_bytes(id)).await.unwrap_err();
+            let err = app
+                .hsm
+                .load_key(custos::hsm::KeyKind::Secp256k1, &KeyId::from_bytes(id))
+                .await
+                .unwrap_err();
             assert!(
                 matches!(
                     err,
