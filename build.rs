@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/custos/v1/transaction.proto",
         "proto/custos/v1/withdrawal.proto",
         "proto/custos/v1/policy.proto",
+        "proto/custos/v1/audit.proto",
     ];
     println!("cargo:rerun-if-changed=proto");
 

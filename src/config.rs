@@ -34,6 +34,27 @@ pub struct Config {
     pub service_id: String,
     /// The genesis policy and the admin keys pinned for it, if configured.
     pub policy: Option<PolicyConfig>,
+    /// The audit log's origin, key and checkpoint cadence.
+    pub audit: AuditConfig,
+}
+
+/// Default checkpoint cadence in entries.
+pub const DEFAULT_CHECKPOINT_ENTRIES: u64 = 1000;
+/// Default checkpoint cadence in seconds.
+pub const DEFAULT_CHECKPOINT_SECONDS: u64 = 10;
+
+/// The audit log's signed checkpoints.
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    /// The checkpoint origin line, also the note key name. Defaults to
+    /// `custos.local/<service id>`.
+    pub origin: String,
+    /// The log key's algorithm: Ed25519 (default) or P-256.
+    pub key_kind: crate::hsm::KeyKind,
+    /// Issue a checkpoint once this many entries are not covered by one.
+    pub checkpoint_every_entries: u64,
+    /// Issue a checkpoint when entries have waited this long for one.
+    pub checkpoint_every: Duration,
 }
 
 /// Default `service.id`.
@@ -172,6 +193,17 @@ struct RawConfig {
     #[serde(default)]
     service: RawService,
     policy: Option<RawPolicyConfig>,
+    #[serde(default)]
+    audit: RawAudit,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    origin: Option<String>,
+    key_algorithm: Option<String>,
+    checkpoint_every_entries: Option<u64>,
+    checkpoint_every_seconds: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -284,9 +316,11 @@ impl TryFrom<RawConfig> for Config {
             ));
         }
         let policy = raw.policy.map(parse_policy_config).transpose()?;
+        let audit = parse_audit(raw.audit, &service_id)?;
         Ok(Config {
             service_id,
             policy,
+            audit,
             server: ServerConfig {
                 listen: raw.server.listen,
                 log_format: raw.server.log_format,
@@ -305,6 +339,44 @@ impl TryFrom<RawConfig> for Config {
             },
         })
     }
+}
+
+fn parse_audit(raw: RawAudit, service_id: &str) -> Result<AuditConfig, ConfigError> {
+    let invalid = |m: &str| ConfigError::Invalid(m.to_owned());
+    let origin = raw.origin.unwrap_or_else(|| format!("custos.local/{service_id}"));
+    if origin.is_empty()
+        || origin.len() > 255
+        || origin
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == '+')
+    {
+        return Err(invalid(
+            "audit.origin must be 1 to 255 characters without spaces or '+'",
+        ));
+    }
+    let key_kind = match raw.key_algorithm.as_deref().unwrap_or("ed25519") {
+        "ed25519" => crate::hsm::KeyKind::Ed25519,
+        "p256" => crate::hsm::KeyKind::P256,
+        _ => return Err(invalid("audit.key_algorithm must be \"ed25519\" or \"p256\"")),
+    };
+    let checkpoint_every_entries = raw.checkpoint_every_entries.unwrap_or(DEFAULT_CHECKPOINT_ENTRIES);
+    if !(1..=1_000_000).contains(&checkpoint_every_entries) {
+        return Err(invalid(
+            "audit.checkpoint_every_entries must be between 1 and 1000000",
+        ));
+    }
+    let seconds = raw.checkpoint_every_seconds.unwrap_or(DEFAULT_CHECKPOINT_SECONDS);
+    if !(1..=86_400).contains(&seconds) {
+        return Err(invalid(
+            "audit.checkpoint_every_seconds must be between 1 and 86400",
+        ));
+    }
+    Ok(AuditConfig {
+        origin,
+        key_kind,
+        checkpoint_every_entries,
+        checkpoint_every: Duration::from_secs(seconds),
+    })
 }
 
 fn parse_policy_config(raw: RawPolicyConfig) -> Result<PolicyConfig, ConfigError> {

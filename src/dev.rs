@@ -115,6 +115,8 @@ pub struct DevReady {
     pub module: PathBuf,
     /// The token label.
     pub token_label: &'static str,
+    /// The audit log's note verifier key, for `custos audit verify --key`.
+    pub log_verifier_key: String,
     /// Everything created.
     #[serde(flatten)]
     pub paths: DevPaths,
@@ -221,7 +223,10 @@ pub fn prepare(paths: &DevPaths, module: &Path, listen: Option<SocketAddr>) -> R
              id = \"custos-dev\"\n\n\
              [policy]\n\
              genesis_file = \"{}\"\n\
-             admin_keys = [\"{admin}\"]\n",
+             admin_keys = [\"{admin}\"]\n\n\
+             [audit]\n\
+             origin = \"custos.local/custos-dev\"\n\
+             checkpoint_every_seconds = 2\n",
             module.display(),
             paths.user_pin_file.display(),
             paths.store.display(),

@@ -11,12 +11,14 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
-use crate::api::{ApprovalApi, PolicyApi, WalletApi, WithdrawalApi};
+use crate::api::{ApprovalApi, AuditApi, PolicyApi, WalletApi, WithdrawalApi};
+use crate::audit::checkpoints::{self, CheckpointError, Checkpointer};
 use crate::config::{ChainConfig, Config};
 use crate::custody::governance::Genesis;
 use crate::custody::{Custody, CustodyError};
 use crate::hsm::{Hsm, HsmError};
 use crate::proto::approval_service_server::ApprovalServiceServer;
+use crate::proto::audit_service_server::AuditServiceServer;
 use crate::proto::policy_service_server::PolicyServiceServer;
 use crate::proto::wallet_service_server::WalletServiceServer;
 use crate::proto::withdrawal_service_server::WithdrawalServiceServer;
@@ -64,6 +66,9 @@ pub enum ServerError {
     /// The policy state could not be initialised or failed verification.
     #[error("policy: {0}")]
     Policy(#[from] CustodyError),
+    /// The audit log key could not be made or loaded.
+    #[error("audit log: {0}")]
+    Audit(#[from] CheckpointError),
     /// gRPC reflection could not be built from the descriptors.
     #[error("reflection: {0}")]
     Reflection(String),
@@ -83,6 +88,10 @@ pub struct App {
     pub chains: ChainConfig,
     /// The custody engine: withdrawals, votes, governance.
     pub custody: Arc<Custody>,
+    /// The store, for the audit log's reads.
+    pub store: Arc<Store>,
+    /// The log key and checkpoint issuer.
+    pub checkpointer: Arc<Checkpointer>,
 }
 
 /// How often the background task expires ended approval windows and retries
@@ -119,8 +128,10 @@ impl App {
         prepare(Arc::clone(&wallets))
             .await
             .map_err(ServerError::Prepare)?;
+        let checkpointer =
+            Arc::new(Checkpointer::open(hsm.clone(), Arc::clone(&store), &config.audit).await?);
         let custody = Custody::new(
-            store,
+            Arc::clone(&store),
             Arc::clone(&wallets),
             config.chains.clone(),
             config.service_id.clone(),
@@ -141,6 +152,8 @@ impl App {
             hsm,
             chains: config.chains.clone(),
             custody: Arc::new(custody),
+            store,
+            checkpointer,
         })
     }
 }
@@ -168,7 +181,18 @@ pub async fn run(
 
     // Withdrawals a crash or outage left APPROVED are signed now, and ended
     // approval windows expire, before and while serving.
+    let audit_service = AuditServiceServer::new(AuditApi::new(
+        Arc::clone(&app.store),
+        Arc::clone(&app.checkpointer),
+    ))
+    .max_decoding_message_size(MAX_REQUEST_BYTES)
+    .max_encoding_message_size(MAX_RESPONSE_BYTES);
+
     let sweeper = tokio::spawn(sweep(Arc::clone(&app.custody)));
+    let (stop_checkpoints, checkpoints_stopped) = tokio::sync::oneshot::channel::<()>();
+    let checkpoint_issuer = tokio::spawn(checkpoints::run(Arc::clone(&app.checkpointer), async {
+        let _ = checkpoints_stopped.await;
+    }));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -194,6 +218,7 @@ pub async fn run(
         .add_service(withdrawal_service)
         .add_service(approval_service)
         .add_service(policy_service)
+        .add_service(audit_service)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
             shutdown.await;
             tracing::info!("shutdown requested; draining in-flight requests");
@@ -203,6 +228,11 @@ pub async fn run(
         })
         .await;
     sweeper.abort();
+    // Last: a checkpoint covering everything logged before the stop.
+    let _ = stop_checkpoints.send(());
+    if checkpoint_issuer.await.is_err() {
+        tracing::error!("checkpoint issuer failed during shutdown");
+    }
     tracing::info!("custosd stopped");
     Ok(result?)
 }

@@ -10,6 +10,7 @@
 //! with one field violation per refused field. Internal details (PKCS#11
 //! return codes, SQLite messages) go to the log, never to the client.
 
+mod audit;
 mod policy;
 pub mod transaction;
 mod wallet;
@@ -20,6 +21,7 @@ use std::collections::HashMap;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
+pub use audit::AuditApi;
 pub use policy::PolicyApi;
 pub use wallet::WalletApi;
 pub use withdrawal::{ApprovalApi, WithdrawalApi};

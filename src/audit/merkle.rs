@@ -14,7 +14,6 @@
 //! proof of the right shape that walks off its path (which the length check
 //! already rules out) or lands elsewhere is a [`MerkleError::RootMismatch`].
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::fmt;
 
@@ -313,7 +312,9 @@ pub fn verify_consistency(
 /// log offline.
 #[derive(Clone, Default)]
 pub struct MemoryNodes {
-    nodes: HashMap<(u8, u64), [u8; 32]>,
+    /// Complete subtrees per level, in index order: a level only ever grows
+    /// at its end, so a vector per level is the whole index.
+    levels: Vec<Vec<[u8; 32]>>,
     size: u64,
 }
 
@@ -335,8 +336,14 @@ impl MemoryNodes {
             Ok(nodes) => nodes,
             Err(never) => match never {},
         };
-        self.nodes
-            .extend(nodes.into_iter().map(|(level, i, hash)| ((level, i), hash)));
+        for (level, i, hash) in nodes {
+            let level = usize::from(level);
+            if self.levels.len() <= level {
+                self.levels.resize_with(level + 1, Vec::new);
+            }
+            debug_assert_eq!(self.levels[level].len() as u64, i, "subtrees complete in order");
+            self.levels[level].push(hash);
+        }
         // Cannot overflow: `size` counts leaves held in this map, and no
         // machine holds 2^64 of them.
         self.size += 1;
@@ -348,7 +355,11 @@ impl NodeStore for MemoryNodes {
     type Error = Infallible;
 
     fn node(&self, level: u8, index: u64) -> Result<Option<[u8; 32]>, Infallible> {
-        Ok(self.nodes.get(&(level, index)).copied())
+        Ok(self
+            .levels
+            .get(usize::from(level))
+            .and_then(|nodes| nodes.get(usize::try_from(index).ok()?))
+            .copied())
     }
 }
 
@@ -990,7 +1001,7 @@ mod tests {
                 count += 1;
             }
         }
-        assert_eq!(tree.nodes.len(), count);
+        assert_eq!(tree.levels.iter().map(Vec::len).sum::<usize>(), count);
     }
 
     #[test]
@@ -1160,10 +1171,24 @@ mod tests {
         );
     }
 
+    /// A tree with some stored nodes hidden, as a damaged store would be.
+    struct Without<'a>(&'a MemoryNodes, Vec<(u8, u64)>);
+
+    impl NodeStore for Without<'_> {
+        type Error = Infallible;
+
+        fn node(&self, level: u8, index: u64) -> Result<Option<[u8; 32]>, Infallible> {
+            if self.1.contains(&(level, index)) {
+                return Ok(None);
+            }
+            self.0.node(level, index)
+        }
+    }
+
     #[test]
     fn missing_nodes_and_store_failures_are_reported() {
-        let mut tree = tree_of(&reference_leaves());
-        tree.nodes.remove(&(1, 2));
+        let full = tree_of(&reference_leaves());
+        let tree = Without(&full, vec![(1, 2)]);
         assert_eq!(root(&tree, 8), Ok(h(ROOTS[7])));
         assert_eq!(
             root(&tree, 6),
@@ -1197,8 +1222,8 @@ mod tests {
 
     #[test]
     fn append_stops_below_a_missing_left_sibling() {
-        let mut tree = tree_of(&reference_leaves()[..7]);
-        tree.nodes.remove(&(1, 2));
+        let seven = tree_of(&reference_leaves()[..7]);
+        let tree = Without(&seven, vec![(1, 2)]);
         let leaf = reference_leaves()[7];
         // Leaf 7 completes (1, 3) from (0, 6); (2, 1) needs the missing (1, 2).
         let nodes = append_nodes(&tree, 7, leaf).unwrap();
@@ -1207,7 +1232,7 @@ mod tests {
         assert_eq!(nodes[1].0, 1);
         assert_eq!(nodes[1].1, 3);
         // Without (0, 6), nothing above the leaf.
-        tree.nodes.remove(&(0, 6));
+        let tree = Without(&seven, vec![(1, 2), (0, 6)]);
         assert_eq!(append_nodes(&tree, 7, leaf), Ok(vec![(0, 7, leaf)]));
     }
 

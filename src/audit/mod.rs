@@ -2,5 +2,7 @@
 //! RFC 6962 Merkle tree so that auditors can check inclusion and consistency
 //! proofs, and replay every decision, offline.
 
+pub mod checkpoints;
 pub mod entry;
 pub mod merkle;
+pub mod note;

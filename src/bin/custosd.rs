@@ -115,6 +115,7 @@ fn serve(config: Config, dev: Option<(DevPaths, PathBuf)>) -> Result<(), String>
                 endpoint: format!("http://{listen}"),
                 module,
                 token_label: dev::DEV_TOKEN_LABEL,
+                log_verifier_key: app.checkpointer.verifier().encode(),
                 paths,
             };
             let line = serde_json::to_string(&ready).map_err(|e| e.to_string())?;

@@ -1,5 +1,5 @@
-//! The audit log's rows: entries in order, and the Merkle tree's complete
-//! subtrees.
+//! The audit log's rows: entries in order, the Merkle tree's complete
+//! subtrees, the log key's record and the signed checkpoints.
 //!
 //! [`append`] runs inside the caller's transaction, so an entry is durable
 //! exactly when the state change it records is: both commit, or neither does.
@@ -14,6 +14,7 @@ use super::StoreError;
 use super::governance::{to_i64, to_u64};
 use crate::audit::entry::{Entry, Event};
 use crate::audit::merkle::{self, NodeStore};
+use crate::hsm::{KeyAttributes, KeyKind};
 
 /// The tree nodes in SQLite, read through the caller's connection.
 pub struct SqlNodes<'a>(pub &'a Connection);
@@ -72,4 +73,146 @@ pub fn entries(conn: &Connection, start: u64, end: u64) -> Result<Vec<Vec<u8>>, 
         conn.prepare_cached("SELECT entry FROM audit_log WHERE idx >= ?1 AND idx < ?2 ORDER BY idx")?;
     let rows = stmt.query_map(params![to_i64(start), to_i64(end)], |r| r.get(0))?;
     Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// The log key as recorded when it was generated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogKeyRecord {
+    /// Ed25519 or P-256.
+    pub kind: KeyKind,
+    /// CKA_LABEL.
+    pub key_label: String,
+    /// CKA_ID.
+    pub key_id: Vec<u8>,
+    /// Ed25519: 32 bytes; P-256: SEC1.
+    pub public_key: Vec<u8>,
+    /// Attributes read back at generation.
+    pub attributes: KeyAttributes,
+    /// The checkpoint origin (note key name) it signs for.
+    pub origin: String,
+    /// Unix seconds.
+    pub created_at: u64,
+}
+
+/// The log key's record, if one was made.
+pub fn log_key(conn: &Connection) -> Result<Option<LogKeyRecord>, StoreError> {
+    let corrupt = |reason: &str| StoreError::Corrupt {
+        table: "log_key",
+        reason: reason.to_owned(),
+    };
+    conn.prepare_cached(
+        "SELECT kind, key_label, key_id, public_key, attributes, origin, created_at FROM log_key WHERE id = 1",
+    )?
+    .query_row([], |r| {
+        let kind: String = r.get(0)?;
+        let attributes: String = r.get(4)?;
+        let created_at: i64 = r.get(6)?;
+        Ok((kind, attributes, created_at, r.get(1)?, r.get(2)?, r.get(3)?, r.get(5)?))
+    })
+    .optional()?
+    .map(|(kind, attributes, created_at, key_label, key_id, public_key, origin)| {
+        Ok(LogKeyRecord {
+            kind: KeyKind::from_name(&kind).ok_or_else(|| corrupt("unknown key kind"))?,
+            key_label,
+            key_id,
+            public_key,
+            attributes: serde_json::from_str::<super::StoredAttributes>(&attributes)
+                .map_err(|_| corrupt("attributes"))?
+                .into(),
+            origin,
+            created_at: to_u64(created_at),
+        })
+    })
+    .transpose()
+}
+
+/// Records the log key; there is only ever one.
+pub fn insert_log_key(conn: &Connection, key: &LogKeyRecord) -> Result<(), StoreError> {
+    let attributes = serde_json::to_string(&key.attributes).map_err(|_| StoreError::Corrupt {
+        table: "log_key",
+        reason: "attributes do not serialize".into(),
+    })?;
+    let inserted = conn
+        .prepare_cached(
+            "INSERT INTO log_key (id, kind, key_label, key_id, public_key, attributes, origin, created_at)
+         VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?
+        .execute(params![
+            key.kind.name(),
+            key.key_label,
+            key.key_id,
+            key.public_key,
+            attributes,
+            key.origin,
+            to_i64(key.created_at)
+        ]);
+    super::conflict_as(inserted, "log key")?;
+    Ok(())
+}
+
+/// A stored signed checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredCheckpoint {
+    /// Tree size it signs.
+    pub size: u64,
+    /// Root hash at that size.
+    pub root: [u8; 32],
+    /// The signed note, verbatim.
+    pub note: String,
+    /// Unix seconds when it was signed.
+    pub signed_at: u64,
+}
+
+/// Stores a signed checkpoint. A second one for the same size is refused:
+/// a log has one root per size.
+pub fn insert_checkpoint(conn: &Connection, checkpoint: &StoredCheckpoint) -> Result<(), StoreError> {
+    let inserted = conn
+        .prepare_cached("INSERT INTO checkpoints (size, root, note, signed_at) VALUES (?1, ?2, ?3, ?4)")?
+        .execute(params![
+            to_i64(checkpoint.size),
+            checkpoint.root.as_slice(),
+            checkpoint.note,
+            to_i64(checkpoint.signed_at)
+        ]);
+    super::conflict_as(inserted, "checkpoint")?;
+    Ok(())
+}
+
+/// The checkpoint at `size`, or the latest one when `size` is `None`.
+pub fn checkpoint(conn: &Connection, size: Option<u64>) -> Result<Option<StoredCheckpoint>, StoreError> {
+    let mut stmt = match size {
+        Some(_) => {
+            conn.prepare_cached("SELECT size, root, note, signed_at FROM checkpoints WHERE size = ?1")?
+        }
+        None => conn.prepare_cached(
+            "SELECT size, root, note, signed_at FROM checkpoints WHERE ?1 IS NULL ORDER BY size DESC LIMIT 1",
+        )?,
+    };
+    stmt.query_row(params![size.map(to_i64)], checkpoint_row)
+        .optional()?
+        .transpose()
+}
+
+/// Every checkpoint, oldest first.
+pub fn checkpoints(conn: &Connection) -> Result<Vec<StoredCheckpoint>, StoreError> {
+    let mut stmt =
+        conn.prepare_cached("SELECT size, root, note, signed_at FROM checkpoints ORDER BY size")?;
+    let rows = stmt.query_map([], checkpoint_row)?;
+    rows.map(|r| r?).collect()
+}
+
+fn checkpoint_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<StoredCheckpoint, StoreError>> {
+    let (size, root, note, signed_at): (i64, Vec<u8>, String, i64) =
+        (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?);
+    Ok(<[u8; 32]>::try_from(root)
+        .map_err(|_| StoreError::Corrupt {
+            table: "checkpoints",
+            reason: "root is not 32 bytes".into(),
+        })
+        .map(|root| StoredCheckpoint {
+            size: to_u64(size),
+            root,
+            note,
+            signed_at: to_u64(signed_at),
+        }))
 }

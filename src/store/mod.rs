@@ -115,6 +115,29 @@ const MIGRATIONS: &[&str] = &[
         BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
     CREATE TRIGGER merkle_nodes_no_update BEFORE UPDATE ON merkle_nodes
         BEGIN SELECT RAISE(ABORT, 'the Merkle tree is append-only'); END;",
+    // 4: the log key (one row, made once) and the signed checkpoints.
+    "CREATE TABLE log_key (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        kind TEXT NOT NULL CHECK (kind IN ('ed25519', 'p256')),
+        key_label TEXT NOT NULL,
+        key_id BLOB NOT NULL,
+        public_key BLOB NOT NULL,
+        attributes TEXT NOT NULL,
+        origin TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE checkpoints (
+        size INTEGER PRIMARY KEY CHECK (size >= 0),
+        root BLOB NOT NULL CHECK (length(root) = 32),
+        note TEXT NOT NULL,
+        signed_at INTEGER NOT NULL
+    ) STRICT;
+    CREATE TRIGGER log_key_no_update BEFORE UPDATE ON log_key
+        BEGIN SELECT RAISE(ABORT, 'the log key is set once'); END;
+    CREATE TRIGGER checkpoints_no_update BEFORE UPDATE ON checkpoints
+        BEGIN SELECT RAISE(ABORT, 'checkpoints are append-only'); END;
+    CREATE TRIGGER checkpoints_no_delete BEFORE DELETE ON checkpoints
+        BEGIN SELECT RAISE(ABORT, 'checkpoints are append-only'); END;",
 ];
 
 /// A store failure. Messages carry no secrets (the store holds none).
@@ -342,7 +365,7 @@ fn wallet_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<WalletRecord, 
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct StoredAttributes {
+pub(crate) struct StoredAttributes {
     token: bool,
     private: bool,
     sensitive: bool,
