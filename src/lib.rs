@@ -7,7 +7,7 @@
 //! | module | owns |
 //! |---|---|
 //! | [`approval`] | approval messages: canonical encoding, strict parsing, low-S signature verification |
-//! | [`audit`] | the audit log: entries and their RFC 6962 Merkle tree, roots and proofs |
+//! | [`audit`] | the audit log: entries and their RFC 6962 Merkle tree, roots and proofs, and the offline replay |
 //! | [`api`] | the only code that knows prost types: `TryFrom` conversions, gRPC services, the error-to-`Status` mapping |
 //! | [`custody`] | the custody engine: withdrawals, votes, signing, and policy governance over the store and HSM |
 //! | [`failpoint`] | debug-build crash points for the crash-consistency tests |

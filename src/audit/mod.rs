@@ -1,8 +1,9 @@
 //! The audit log: an append-only log of every custody event, hashed into an
 //! RFC 6962 Merkle tree so that auditors can check inclusion and consistency
-//! proofs, and replay every decision, offline.
+//! proofs, and replay every decision, offline ([`replay`]).
 
 pub mod checkpoints;
 pub mod entry;
 pub mod merkle;
 pub mod note;
+pub mod replay;

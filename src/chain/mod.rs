@@ -10,6 +10,7 @@
 pub mod bitcoin;
 pub mod ethereum;
 pub mod intent;
+pub mod recompute;
 
 pub use intent::{Asset, Destination, FeeTerms, Intent, Network};
 

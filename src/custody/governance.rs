@@ -113,10 +113,12 @@ fn admin_key_set(policy: &Policy) -> BTreeSet<Vec<u8>> {
         .collect()
 }
 
-/// Admins of `governing` whose stored signatures over `target` verify now.
-fn valid_signers(
+/// Admins of `governing` whose stored signatures over the policy `hash` of
+/// `version` verify. The audit replay applies the same rule to the log.
+pub(crate) fn valid_signers(
     governing: &Policy,
-    target: &PolicyRow,
+    hash: &[u8; 32],
+    version: u64,
     signatures: &[PolicySignatureRow],
     service_id: &str,
 ) -> Vec<String> {
@@ -128,8 +130,8 @@ fn valid_signers(
             let PublicKey::Secp256k1(key) = key;
             let bound = m.action == GovernanceAction::ActivatePolicy
                 && m.service_id == service_id
-                && m.subject == target.hash
-                && m.sequence == target.version
+                && m.subject == *hash
+                && m.sequence == version
                 && m.signer == s.admin
                 && m.expires_at > s.signed_at;
             (bound && crate::approval::verify_prehash(&m.digest(), &s.signature, key).is_ok())
@@ -188,7 +190,8 @@ impl Custody {
                             }
                             Some(previous) => {
                                 let signatures = gov_store::policy_signatures(tx, &row.hash)?;
-                                let signers = valid_signers(&previous.policy, row, &signatures, &service_id);
+                                let signers =
+                                    valid_signers(&previous.policy, &row.hash, row.version, &signatures, &service_id);
                                 if signers.len() < previous.policy.admin_quorum {
                                     return Err(precondition(
                                         "policy_history_unverified",
@@ -375,7 +378,13 @@ impl Custody {
                         },
                     )?;
                     let signatures = gov_store::policy_signatures(tx, &row.hash)?;
-                    let signers = valid_signers(&active.policy, &row, &signatures, &this.service_id);
+                    let signers = valid_signers(
+                        &active.policy,
+                        &row.hash,
+                        row.version,
+                        &signatures,
+                        &this.service_id,
+                    );
                     let required = active.policy.admin_quorum;
                     let activated = if signers.len() >= required {
                         gov_store::activate(tx, &row.hash, row.version, now)?;

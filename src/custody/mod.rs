@@ -34,7 +34,7 @@ use crate::audit::entry::{Event as AuditEvent, WindowUsage};
 use crate::chain::{self, Intent, TxRefusal, UnsignedTx, bitcoin as bitcoin_chain, ethereum};
 use crate::config::ChainConfig;
 use crate::lifecycle::{Event, FirstDecision, IllegalTransition, State};
-use crate::policy::{self, Decision, DenyReason, Outcome, Policy, Usage, Vote};
+use crate::policy::{self, Decision, DenyReason, Outcome, Policy, RollingUsage, Usage, Vote};
 use crate::store::audit as audit_store;
 use crate::store::governance as gov_store;
 use crate::store::withdrawals::{self as wd_store, ApprovalRow, DecisionRecord, WithdrawalRow};
@@ -852,11 +852,12 @@ fn usage(
 }
 
 /// Usage of each window of the withdrawal's limit, before and after this
-/// decision (after = before plus this withdrawal, if it now counts).
-fn window_usage(
+/// decision (after = before plus this withdrawal, if it now counts). The
+/// audit replay computes the same from the log.
+pub(crate) fn window_usage<U: RollingUsage + ?Sized>(
     policy: &Policy,
     w: &policy::Withdrawal<'_>,
-    usage: &Usage,
+    usage: &U,
     now: u64,
     counted: bool,
 ) -> Vec<WindowUsage> {
@@ -908,7 +909,7 @@ fn decision_event(row: &WithdrawalRow, usage: Vec<WindowUsage>) -> AuditEvent {
 }
 
 /// The decision as stored and served.
-fn record(decision: &Decision, version: u64) -> DecisionRecord {
+pub(crate) fn record(decision: &Decision, version: u64) -> DecisionRecord {
     let (reason_code, reason) = match &decision.outcome {
         Outcome::Deny(reason) => (Some(reason.code().to_owned()), Some(reason.to_string())),
         _ => (None, None),
@@ -928,7 +929,8 @@ fn record(decision: &Decision, version: u64) -> DecisionRecord {
     }
 }
 
-fn frozen_decision(active: Option<&ActivePolicy>) -> DecisionRecord {
+/// The decision on a withdrawal created while custody is frozen.
+pub(crate) fn frozen_decision(active: Option<&ActivePolicy>) -> DecisionRecord {
     DecisionRecord {
         policy_hash: active.map(|a| hex::encode(a.policy.hash)).unwrap_or_default(),
         policy_version: active.map_or(0, |a| a.policy.version),
@@ -940,7 +942,8 @@ fn frozen_decision(active: Option<&ActivePolicy>) -> DecisionRecord {
     }
 }
 
-fn no_policy_decision() -> DecisionRecord {
+/// The decision on a withdrawal created while no policy is active.
+pub(crate) fn no_policy_decision() -> DecisionRecord {
     DecisionRecord {
         reason_code: Some("no_policy".into()),
         reason: Some("no policy is active; the default is deny".into()),

@@ -62,6 +62,22 @@ impl Usage {
     }
 }
 
+/// Rolling usage as the limit checks read it. [`Usage`] is what the engine
+/// reads from the store; the audit replay keeps its own running totals
+/// (`crate::audit::replay`), so that replaying a long log costs O(log n) per
+/// decision rather than a scan of every counted withdrawal.
+pub trait RollingUsage {
+    /// Amount and count of counted withdrawals stamped after `now - seconds`,
+    /// including any stamped after `now`.
+    fn within(&self, now: u64, seconds: u64) -> (U256, u64);
+}
+
+impl RollingUsage for Usage {
+    fn within(&self, now: u64, seconds: u64) -> (U256, u64) {
+        Usage::within(self, now, seconds)
+    }
+}
+
 /// An approver's vote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Vote {
@@ -285,10 +301,10 @@ pub struct Decision {
 }
 
 /// Decides one withdrawal. Pure: the same inputs always give the same decision.
-pub fn evaluate(
+pub fn evaluate<U: RollingUsage + ?Sized>(
     policy: &Policy,
     w: &Withdrawal<'_>,
-    usage: &Usage,
+    usage: &U,
     approvals: &[Approval],
     now: u64,
 ) -> Decision {
@@ -322,7 +338,12 @@ pub fn evaluate(
     }
 }
 
-fn check_limits(policy: &Policy, w: &Withdrawal<'_>, usage: &Usage, now: u64) -> Result<(), DenyReason> {
+fn check_limits<U: RollingUsage + ?Sized>(
+    policy: &Policy,
+    w: &Withdrawal<'_>,
+    usage: &U,
+    now: u64,
+) -> Result<(), DenyReason> {
     let intent = w.intent;
     let wallet = policy
         .wallets

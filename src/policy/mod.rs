@@ -17,7 +17,7 @@ pub use document::{
     WalletLimit, policy_hash,
 };
 pub use evaluate::{
-    AllowlistMiss, Approval, Decision, DenyReason, Outcome, Usage, Vote, Withdrawal, evaluate,
+    AllowlistMiss, Approval, Decision, DenyReason, Outcome, RollingUsage, Usage, Vote, Withdrawal, evaluate,
 };
 
 #[cfg(test)]

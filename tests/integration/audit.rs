@@ -10,6 +10,7 @@ use tonic::Code;
 
 use custos::audit::entry::{Entry, Event};
 use custos::audit::merkle::{self, MemoryNodes};
+use custos::audit::replay::{ReplayReport, Replayer};
 use custos::proto::{self, WithdrawalState, withdrawal_service_client::WithdrawalServiceClient};
 use custos::store::audit::SqlNodes;
 
@@ -180,5 +181,197 @@ fn nothing_is_signed_or_stored_while_the_log_cannot_be_written() {
         let log = entries(&db);
         let signed = log.iter().filter(|e| matches!(e.event, Event::Signed { .. })).count();
         assert_eq!(signed, 1, "one signed entry for one signature");
+    });
+}
+
+/// Indexes from 0 again, after entries were inserted.
+fn renumber(log: &mut [Entry]) {
+    for (i, e) in log.iter_mut().enumerate() {
+        e.index = i as u64;
+    }
+}
+
+/// Replays one entry at a time, and again with the signature checks done
+/// ahead on all cores; both must agree.
+fn replay(log: &[Entry]) -> ReplayReport {
+    let mut replayer = Replayer::for_service("custos-dev");
+    for e in log {
+        replayer.push(e);
+    }
+    let report = replayer.finish();
+    let mut batched = Replayer::for_service("custos-dev");
+    batched.push_all(log);
+    assert_eq!(batched.finish(), report, "push_all and push disagree");
+    report
+}
+
+fn found(report: &ReplayReport) -> Vec<(u64, &'static str)> {
+    report.findings.iter().map(|f| (f.index, f.code)).collect()
+}
+
+/// The real log of a governed story replays offline with no findings: a
+/// small withdrawal signed at once, a large one signed after alice's and
+/// bob's approvals, a freeze with a withdrawal denied under it and an
+/// unfreeze, a new policy version by admin signature, and a withdrawal to an
+/// address that version backdates into its allowlist, denied because the
+/// time-lock runs from the activation. Then forged copies of the log are
+/// flagged at the forged entry: a signature copied onto the denied
+/// withdrawal, the denied withdrawal's decision turned into an approval, and
+/// a signature byte changed.
+#[test]
+fn the_real_log_replays_clean_and_forgeries_are_flagged_where_they_are() {
+    use custos::audit::replay::code;
+    use custos::governance::GovernanceAction;
+    use custos::policy::{Vote, policy_hash};
+    use custos::proto::policy_service_client::PolicyServiceClient;
+
+    const ETHER: u128 = 1_000_000_000_000_000_000;
+    const LATE: &str = "0x5757575757575757575757575757575757575757";
+    support::runtime().block_on(async {
+        let dev = crate::withdrawals::Dev::start().await;
+        let genesis = dev.dev_policy();
+        let small = dev.create("small", EXCHANGE, ETHER / 10, 0, "ops").await.unwrap();
+        assert_eq!(small.state(), WithdrawalState::Signed);
+        let large = dev.create("large", EXCHANGE, 5 * ETHER, 1, "ops").await.unwrap();
+        assert_eq!(large.state(), WithdrawalState::PendingApproval);
+        dev.vote(&large, "alice", Vote::Approve).await.unwrap();
+        let large = dev.vote(&large, "bob", Vote::Approve).await.unwrap();
+        assert_eq!(large.state(), WithdrawalState::Signed);
+
+        let mut policies: PolicyServiceClient<_> = dev.policies();
+        let freeze = dev.governance(GovernanceAction::Freeze, 0, [0; 32], "admin").await;
+        policies
+            .freeze(proto::FreezeRequest { freeze: Some(freeze) })
+            .await
+            .unwrap();
+        let frozen = dev.create("frozen", EXCHANGE, ETHER / 10, 2, "ops").await.unwrap();
+        assert_eq!(frozen.decision.clone().unwrap().reason_code, "frozen");
+        let unfreeze = dev.governance(GovernanceAction::Unfreeze, 1, [0; 32], "admin").await;
+        policies
+            .unfreeze(proto::UnfreezeRequest {
+                signatures: vec![unfreeze],
+            })
+            .await
+            .unwrap();
+        let thawed = dev.create("thawed", EXCHANGE, ETHER / 10, 3, "ops").await.unwrap();
+        assert_eq!(thawed.state(), WithdrawalState::Signed);
+
+        let v2 = genesis.replace("version = 1", "version = 2").replace(
+            "entries = [\n",
+            &format!("entries = [\n  {{ address = \"{LATE}\", added_at = 1 }},\n"),
+        );
+        assert!(dev.activate(&v2).await.activated);
+        let late = dev.create("late", LATE, ETHER / 10, 4, "ops").await.unwrap();
+        assert_eq!(late.state(), WithdrawalState::Denied);
+        assert_eq!(late.decision.clone().unwrap().reason_code, "not_allowlisted");
+
+        let db = rusqlite::Connection::open(dev.server.path("store")).unwrap();
+        let log = entries(&db);
+        let report = replay(&log);
+        assert_eq!(report.findings, [], "{:#?}", report.findings);
+        assert_eq!(report.entries, log.len() as u64);
+        assert_eq!(
+            (
+                report.policy_versions,
+                report.withdrawals,
+                report.decisions,
+                report.votes,
+                report.signatures
+            ),
+            (2, 5, 7, 2, 3)
+        );
+        assert_eq!(report.genesis_policy_hash, Some(policy_hash(genesis.as_bytes())));
+
+        let late_id = late.name.trim_start_matches("withdrawals/");
+        let late_decision = log.len() - 1;
+        assert!(matches!(&log[late_decision].event, Event::Decision { withdrawal_id, .. } if withdrawal_id == late_id));
+        let thawed_signature = log
+            .iter()
+            .rposition(|e| matches!(e.event, Event::Signed { .. }))
+            .unwrap();
+        let copied_signature = |onto: &str| {
+            let mut e = log[thawed_signature].clone();
+            let Event::Signed { withdrawal_id, .. } = &mut e.event else {
+                unreachable!()
+            };
+            *withdrawal_id = onto.to_owned();
+            e
+        };
+
+        // (a) A signature, copied from another withdrawal, for the one
+        // denied while frozen, right after its decision: every later entry
+        // moves up by one.
+        let frozen_id = frozen.name.trim_start_matches("withdrawals/");
+        let frozen_decision = log
+            .iter()
+            .position(|e| matches!(&e.event, Event::Decision { withdrawal_id, .. } if withdrawal_id == frozen_id))
+            .unwrap();
+        let mut forged = log.clone();
+        forged.insert(frozen_decision + 1, copied_signature(frozen_id));
+        renumber(&mut forged);
+        let at = frozen_decision as u64 + 1;
+        let report = replay(&forged);
+        assert_eq!(
+            found(&report),
+            [(at, code::SIGNATURE_UNAUTHORIZED)],
+            "{:#?}",
+            report.findings
+        );
+
+        // (d) The denied withdrawal approved under the backdated entry before
+        // its time-lock ended, then signed.
+        let mut forged = log.clone();
+        let Event::Decision {
+            state,
+            rule,
+            reason_code,
+            reason,
+            usage,
+            ..
+        } = &mut forged[late_decision].event
+        else {
+            unreachable!()
+        };
+        *state = "APPROVED".into();
+        *rule = "auto-small".into();
+        reason_code.clear();
+        reason.clear();
+        for window in usage.iter_mut() {
+            window.count_after += 1;
+        }
+        forged.push(copied_signature(late_id));
+        renumber(&mut forged);
+        let report = replay(&forged);
+        let at = late_decision as u64;
+        assert_eq!(
+            found(&report),
+            [
+                (at, code::DECISION_MISMATCH),
+                (at + 1, code::SIGNATURE_UNAUTHORIZED),
+                (at + 1, code::SIGNATURE_INVALID),
+            ],
+            "{:#?}",
+            report.findings
+        );
+        let detail = &report.findings[0].detail;
+        assert!(
+            detail.contains("not_allowlisted") && detail.contains("time-lock ends at"),
+            "{detail}"
+        );
+
+        // A changed byte in a real signature.
+        let mut forged = log.clone();
+        let Event::Signed { signed_tx, .. } = &mut forged[thawed_signature].event else {
+            unreachable!()
+        };
+        let last = signed_tx.len() - 1;
+        signed_tx[last] ^= 1;
+        let report = replay(&forged);
+        assert_eq!(
+            found(&report),
+            [(thawed_signature as u64, code::SIGNATURE_INVALID)],
+            "{:#?}",
+            report.findings
+        );
     });
 }

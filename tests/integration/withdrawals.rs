@@ -35,13 +35,13 @@ fn now() -> u64 {
 }
 
 /// A client of one dev server, with the dev keys.
-struct Dev {
-    server: DevServer,
+pub(crate) struct Dev {
+    pub(crate) server: DevServer,
     channel: Channel,
 }
 
 impl Dev {
-    async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         let server = DevServer::start();
         let channel = server.channel().await;
         Self { server, channel }
@@ -64,11 +64,11 @@ impl Dev {
         ApprovalServiceClient::new(self.channel.clone())
     }
 
-    fn policies(&self) -> PolicyServiceClient<Channel> {
+    pub(crate) fn policies(&self) -> PolicyServiceClient<Channel> {
         PolicyServiceClient::new(self.channel.clone())
     }
 
-    async fn create(
+    pub(crate) async fn create(
         &self,
         request_id: &str,
         to: &str,
@@ -129,7 +129,7 @@ impl Dev {
         self.submit(m.encode(), signature.to_vec()).await
     }
 
-    async fn vote(
+    pub(crate) async fn vote(
         &self,
         w: &proto::Withdrawal,
         approver: &str,
@@ -139,7 +139,7 @@ impl Dev {
         self.submit_signed(&m, approver).await
     }
 
-    async fn governance(
+    pub(crate) async fn governance(
         &self,
         action: GovernanceAction,
         sequence: u64,
@@ -161,7 +161,7 @@ impl Dev {
     }
 
     /// Proposes `document` and signs it with the dev admin key (quorum 1).
-    async fn activate(&self, document: &str) -> proto::PolicyProposal {
+    pub(crate) async fn activate(&self, document: &str) -> proto::PolicyProposal {
         let proposal = self
             .policies()
             .propose_policy(proto::ProposePolicyRequest {
@@ -187,7 +187,7 @@ impl Dev {
             .into_inner()
     }
 
-    fn dev_policy(&self) -> String {
+    pub(crate) fn dev_policy(&self) -> String {
         std::fs::read_to_string(self.server.data_dir.join("policy.toml")).unwrap()
     }
 

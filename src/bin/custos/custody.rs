@@ -7,8 +7,7 @@ use std::path::PathBuf;
 use clap::Subcommand;
 
 use custos::approval::ApprovalMessage;
-use custos::chain::ethereum::{self, EthereumNetwork, Token};
-use custos::chain::{Intent, bitcoin as btc};
+use custos::chain::{Intent, recompute};
 use custos::config::TokenSelector;
 use custos::policy::{Policy, Vote, policy_hash};
 use custos::proto::{
@@ -493,18 +492,13 @@ fn confirm(verb: &str) -> Result<(), String> {
 
 /// The intent of a withdrawal's transaction, derived here: the wallet's
 /// address from its public key, the network and token registry from the
-/// policy the vote will name.
+/// policy the vote will name ([`custos::chain::recompute`]).
 fn recompute_intent(
     w: &proto::Withdrawal,
     wallet: &proto::Wallet,
     policy: &Policy,
 ) -> Result<Intent, String> {
     let wallet_id = w.wallet.trim_start_matches("wallets/");
-    let network = &policy
-        .wallets
-        .get(wallet_id)
-        .ok_or_else(|| format!("the active policy does not govern wallet {wallet_id}"))?
-        .network;
     let public = k256::ecdsa::VerifyingKey::from_sec1_bytes(&wallet.public_key)
         .map_err(|_| "the wallet's public key is malformed".to_owned())?;
     use proto::unsigned_transaction::Kind;
@@ -513,58 +507,20 @@ fn recompute_intent(
         .as_ref()
         .and_then(|t| t.kind.as_ref())
         .ok_or("the withdrawal carries no transaction")?;
-    match kind {
+    let (chain, bytes) = match kind {
         Kind::Ethereum(eth) => {
             let Some(proto::ethereum_transaction::Encoding::Rlp(rlp)) = &eth.encoding else {
                 return Err("the withdrawal's Ethereum transaction is not in its canonical encoding".into());
             };
-            let chain_id: u64 = network
-                .strip_prefix("eip155:")
-                .and_then(|id| id.parse().ok())
-                .ok_or_else(|| format!("wallet {wallet_id} is on {network}, not an eip155 network"))?;
-            let tokens = policy
-                .assets
-                .iter()
-                .filter(|a| &a.network == network)
-                .map(|a| {
-                    Ok(Token {
-                        symbol: a.symbol.clone(),
-                        contract: custos::api::transaction::address(&a.contract)
-                            .map_err(|e| e.to_string())?,
-                        decimals: a.decimals,
-                    })
-                })
-                .collect::<Result<Vec<_>, String>>()?;
-            let tx = ethereum::decode_unsigned(rlp).map_err(|e| e.to_string())?;
-            let from = custos::address::ethereum_address(&public);
-            Ok(ethereum::parse(tx, &EthereumNetwork { chain_id, tokens }, from)
-                .map_err(|e| e.to_string())?
-                .intent()
-                .clone())
+            ("ethereum", rlp)
         }
-        Kind::Bitcoin(btc_tx) => {
-            let net = bitcoin_network(network)?;
-            let psbt = btc::decode_psbt(&btc_tx.psbt).map_err(|e| e.to_string())?;
-            let key = custos::address::bitcoin_public_key(&public);
-            Ok(btc::parse(psbt, net, &key)
-                .map_err(|e| e.to_string())?
-                .intent()
-                .clone())
-        }
-    }
-}
-
-/// The Bitcoin network of a `bip122:` CAIP-2 id (the genesis block hash prefix).
-fn bitcoin_network(caip2: &str) -> Result<::bitcoin::Network, String> {
-    [
-        ::bitcoin::Network::Bitcoin,
-        ::bitcoin::Network::Testnet,
-        ::bitcoin::Network::Signet,
-        ::bitcoin::Network::Regtest,
-    ]
-    .into_iter()
-    .find(|n| custos::chain::Network::Bitcoin(*n).caip2() == caip2)
-    .ok_or_else(|| format!("{caip2} is not a supported Bitcoin network"))
+        Kind::Bitcoin(btc_tx) => ("bitcoin", &btc_tx.psbt),
+    };
+    let tx = recompute::decode(chain, bytes).map_err(|e| e.to_string())?;
+    Ok(recompute::parse_under_policy(tx, policy, wallet_id, &public)
+        .map_err(|e| e.to_string())?
+        .intent()
+        .clone())
 }
 
 fn withdrawal_json(w: &proto::Withdrawal) -> serde_json::Value {
