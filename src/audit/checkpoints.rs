@@ -8,7 +8,10 @@
 //!
 //! [`Checkpointer::issue`] signs the tree's current size and root as a C2SP
 //! checkpoint, verifies the HSM's signature before trusting it, and stores
-//! the note. [`run`] issues one every N entries or T seconds and a last one
+//! the note. It never signs a tree that contradicts the last checkpoint it
+//! signed or found verified at startup: a store edited under a checkpoint
+//! stops the checkpoints (and says so in the log) instead of getting a
+//! signature. [`run`] issues one every N entries or T seconds and a last one
 //! on shutdown.
 
 use std::sync::Arc;
@@ -39,6 +42,10 @@ pub enum CheckpointError {
     /// The HSM's signature did not verify under the log key.
     #[error("the HSM's checkpoint signature does not verify under the log key")]
     BadSignature,
+    /// The stored log contradicts a checkpoint already signed: it was
+    /// altered, and custos refuses to sign it.
+    #[error("the stored log contradicts the checkpoint at size {0}; refusing to sign it")]
+    Contradicted(u64),
     /// A blocking worker was lost.
     #[error("worker task failed")]
     Worker,
@@ -53,8 +60,9 @@ pub struct Checkpointer {
     verifier: NoteVerifier,
     every_entries: u64,
     every: Duration,
-    /// One issuer at a time, so two signings never race for one size.
-    issuing: tokio::sync::Mutex<()>,
+    /// The last checkpoint signed or verified here, (size, root); held by
+    /// the one issuer at a time, so two signings never race for one size.
+    anchor: tokio::sync::Mutex<Option<(u64, [u8; 32])>>,
 }
 
 impl Checkpointer {
@@ -86,6 +94,19 @@ impl Checkpointer {
         };
         let verifier = NoteVerifier::new(&key.origin, key.kind, &key.public_key)
             .map_err(|e| CheckpointError::KeyMismatch(e.to_string()))?;
+        let latest = blocking(&store, |conn| log::checkpoint(conn, None)).await?;
+        let anchor = match latest {
+            None => None,
+            Some(stored) => match verifier.open_checkpoint(&stored.note) {
+                Ok(c) if c.size == stored.size && c.root == stored.root => Some((c.size, c.root)),
+                _ => {
+                    return Err(CheckpointError::KeyMismatch(format!(
+                        "the stored checkpoint at size {} does not verify under the log key",
+                        stored.size
+                    )));
+                }
+            },
+        };
         tracing::info!(
             origin = %key.origin,
             algorithm = key.kind.name(),
@@ -99,7 +120,7 @@ impl Checkpointer {
             verifier,
             every_entries: config.checkpoint_every_entries,
             every: config.checkpoint_every,
-            issuing: tokio::sync::Mutex::new(()),
+            anchor: tokio::sync::Mutex::new(anchor),
         })
     }
 
@@ -117,13 +138,34 @@ impl Checkpointer {
     /// latest checkpoint already covers every entry (or the log is empty).
     /// Returns the checkpoint now latest.
     pub async fn issue(&self) -> Result<Option<StoredCheckpoint>, CheckpointError> {
-        let _one_at_a_time = self.issuing.lock().await;
-        let (size, root, latest) = blocking(&self.store, |conn| {
+        let mut anchor = self.anchor.lock().await;
+        let anchor_size = anchor.map(|(size, _)| size);
+        let (size, root, latest, proof) = blocking(&self.store, move |conn| {
+            let nodes = SqlNodes(conn);
             let size = log::size(conn)?;
-            let root = merkle::root(&SqlNodes(conn), size).map_err(merkle_store_error)?;
-            Ok((size, root, log::checkpoint(conn, None)?))
+            let root = merkle::root(&nodes, size).map_err(merkle_store_error)?;
+            let proof = match anchor_size {
+                Some(old) if old <= size => {
+                    Some(merkle::consistency_proof(&nodes, old, size).map_err(merkle_store_error)?)
+                }
+                _ => None,
+            };
+            Ok((size, root, log::checkpoint(conn, None)?, proof))
         })
         .await?;
+        if let Some((old_size, old_root)) = *anchor {
+            let consistent = proof.is_some_and(|proof| {
+                merkle::verify_consistency(old_size, size, &old_root, &root, &proof).is_ok()
+            });
+            if !consistent {
+                tracing::error!(
+                    checkpoint_size = old_size,
+                    log_size = size,
+                    "the stored audit log contradicts a signed checkpoint: it was altered; no more checkpoints are signed"
+                );
+                return Err(CheckpointError::Contradicted(old_size));
+            }
+        }
         if size == 0 || latest.as_ref().is_some_and(|c| c.size >= size) {
             return Ok(latest);
         }
@@ -161,6 +203,7 @@ impl Checkpointer {
         };
         let to_store = stored.clone();
         write(&self.store, move |conn| log::insert_checkpoint(conn, &to_store)).await?;
+        *anchor = Some((size, root));
         tracing::debug!(size, "checkpoint signed");
         Ok(Some(stored))
     }

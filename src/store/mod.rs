@@ -137,7 +137,9 @@ const MIGRATIONS: &[&str] = &[
     CREATE TRIGGER checkpoints_no_update BEFORE UPDATE ON checkpoints
         BEGIN SELECT RAISE(ABORT, 'checkpoints are append-only'); END;
     CREATE TRIGGER checkpoints_no_delete BEFORE DELETE ON checkpoints
-        BEGIN SELECT RAISE(ABORT, 'checkpoints are append-only'); END;",
+        BEGIN SELECT RAISE(ABORT, 'checkpoints are append-only'); END;
+    CREATE TRIGGER merkle_nodes_no_delete BEFORE DELETE ON merkle_nodes
+        BEGIN SELECT RAISE(ABORT, 'the Merkle tree is append-only'); END;",
 ];
 
 /// A store failure. Messages carry no secrets (the store holds none).
