@@ -62,6 +62,14 @@ echo "== 3. A withdrawal to an address that is not on the allowlist is denied, w
 custos withdrawal create --request-id demo-unknown --wallet hot --initiator ops \
     --to 0x7777777777777777777777777777777777777777 --value-wei 100000000000000000 --chain-id $chain --nonce 2
 echo
+echo "== 4. The auditor: pin the log key, wait for the signed checkpoint, export and verify every entry"
+log_key=$(field log_verifier_key < "$ready")
+custos audit key
+sleep 3   # dev mode signs a checkpoint once entries have waited 2 s
+custos audit checkpoint > "$data_dir/seen.note"
+custos audit export --out "$data_dir/audit-export"
+custos audit verify --key "$log_key" --dir "$data_dir/audit-export" --previous-checkpoint "$data_dir/seen.note"
+echo
 kill -TERM "$server"
 wait "$server"
 trap - EXIT

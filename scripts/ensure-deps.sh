@@ -29,6 +29,16 @@ if ! command -v python3 >/dev/null; then
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 >/dev/null
 fi
 
+if ! python3 -c "import cryptography" 2>/dev/null; then
+    # The checkpoint test verifies signed notes with an independent Python
+    # implementation built on the `cryptography` package.
+    echo "ensure-deps: installing the Python cryptography package ..." >&2
+    python3 -m pip install --quiet cryptography 2>/dev/null || {
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-cryptography >/dev/null
+    }
+fi
+
 if ! command -v cargo >/dev/null; then
     echo "ensure-deps: cargo not found; custos needs a Rust toolchain >= 1.85 (https://rustup.rs)" >&2
     exit 1

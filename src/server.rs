@@ -179,8 +179,6 @@ pub async fn run(
         .max_decoding_message_size(MAX_REQUEST_BYTES)
         .max_encoding_message_size(MAX_RESPONSE_BYTES);
 
-    // Withdrawals a crash or outage left APPROVED are signed now, and ended
-    // approval windows expire, before and while serving.
     let audit_service = AuditServiceServer::new(AuditApi::new(
         Arc::clone(&app.store),
         Arc::clone(&app.checkpointer),
@@ -188,6 +186,8 @@ pub async fn run(
     .max_decoding_message_size(MAX_REQUEST_BYTES)
     .max_encoding_message_size(MAX_RESPONSE_BYTES);
 
+    // Withdrawals a crash or outage left APPROVED are signed now, and ended
+    // approval windows expire, before and while serving.
     let sweeper = tokio::spawn(sweep(Arc::clone(&app.custody)));
     let (stop_checkpoints, checkpoints_stopped) = tokio::sync::oneshot::channel::<()>();
     let checkpoint_issuer = tokio::spawn(checkpoints::run(Arc::clone(&app.checkpointer), async {

@@ -11,7 +11,9 @@
 mod support;
 
 mod audit;
+mod checkpoints;
 mod formats;
 mod signing_core;
+mod store_faults;
 mod transactions;
 mod withdrawals;

@@ -27,8 +27,8 @@ use k256::pkcs8::DecodePrivateKey;
 use crate::support::{self, DevServer};
 
 const CHAIN: u64 = custos::dev::DEV_CHAIN_ID;
-const EXCHANGE: &str = custos::dev::DEV_ALLOWLISTED;
-const ETHER: u128 = 1_000_000_000_000_000_000;
+pub(crate) const EXCHANGE: &str = custos::dev::DEV_ALLOWLISTED;
+pub(crate) const ETHER: u128 = 1_000_000_000_000_000_000;
 
 fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
@@ -47,7 +47,7 @@ impl Dev {
         Self { server, channel }
     }
 
-    async fn on(server: DevServer) -> Self {
+    pub(crate) async fn on(server: DevServer) -> Self {
         let channel = server.channel().await;
         Self { server, channel }
     }

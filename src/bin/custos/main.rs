@@ -3,11 +3,13 @@
 //! `main` holds the command tree and shared output helpers; `custody` the
 //! withdrawal and approval commands (including the approver's local
 //! recomputation of the intent hash); `governance` policy, freeze and
-//! unfreeze, signed with the admin's or security officer's own key.
+//! unfreeze, signed with the admin's or security officer's own key; `audit`
+//! the auditor's key, export and verify commands.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod audit;
 mod custody;
 mod governance;
 
@@ -73,6 +75,9 @@ enum Command {
     Freeze(governance::FreezeArgs),
     /// Lift a freeze (the admin quorum).
     Unfreeze(governance::UnfreezeArgs),
+    /// Read, export and verify the signed audit log (auditor).
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -155,6 +160,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         Command::Policy(command) => governance::policy(command, server, json).await,
         Command::Freeze(args) => governance::freeze(args, server, json).await,
         Command::Unfreeze(args) => governance::unfreeze(args, server, json).await,
+        Command::Audit(command) => audit::audit(command, server, json).await,
     }
 }
 
