@@ -316,6 +316,35 @@ fn p256_log_key_signs_checkpoints_and_is_bound_to_the_log() {
             key.public_key,
             "the same key on restart"
         );
+        drop(app);
+
+        // Another key planted under the log key's CKA_ID: refused to start.
+        {
+            let pkcs11 = cryptoki::context::Pkcs11::new(support::module_path()).unwrap();
+            pkcs11
+                .initialize(cryptoki::context::CInitializeArgs::new(
+                    cryptoki::context::CInitializeFlags::OS_LOCKING_OK,
+                ))
+                .ok();
+            let session = pkcs11
+                .open_rw_session(support::slot_with_label(&pkcs11, support::TEST_TOKEN_LABEL))
+                .unwrap();
+            session
+                .login(
+                    cryptoki::session::UserType::User,
+                    Some(&cryptoki::types::AuthPin::new(support::TEST_USER_PIN.into())),
+                )
+                .unwrap();
+            for object in session
+                .find_objects(&[cryptoki::object::Attribute::Id(key.key_id.clone())])
+                .unwrap()
+            {
+                session.destroy_object(object).unwrap();
+            }
+            support::plant_key_pair(&session, &key.key_id, b"planted", false);
+        }
+        let err = custos::server::App::open(&config).await.unwrap_err();
+        assert!(err.to_string().contains("audit log"), "{err}");
     });
 }
 
