@@ -320,7 +320,7 @@ fn merkle_store_error(e: merkle::MerkleError<StoreError>) -> StoreError {
 
 async fn write<T: Send + 'static>(
     store: &Arc<Store>,
-    f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, StoreError> + Send + 'static,
+    f: impl FnOnce(&rusqlite::Connection) -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, CheckpointError> {
     let store = Arc::clone(store);
     tokio::task::spawn_blocking(move || store.write(f))

@@ -20,12 +20,12 @@
 //! (policy versions, freeze) is in [`governance`].
 
 pub mod governance;
+mod usage;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use alloy_primitives::U256;
 use k256::sha2::{Digest, Sha256};
 use tokio::sync::broadcast;
 
@@ -40,6 +40,7 @@ use crate::store::governance as gov_store;
 use crate::store::withdrawals::{self as wd_store, ApprovalRow, DecisionRecord, WithdrawalRow};
 use crate::store::{Store, StoreError};
 use crate::wallet::{Wallet, WalletError, WalletId, Wallets};
+use usage::UsageCache;
 
 pub use governance::{ActivePolicy, GovernanceView, ProposalView};
 
@@ -202,6 +203,8 @@ pub struct Custody {
     policies: RwLock<HashMap<u64, Arc<ActivePolicy>>>,
     updates: broadcast::Sender<String>,
     signing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Rolling limit usage, read and updated only inside write closures.
+    usage: Arc<Mutex<UsageCache>>,
 }
 
 impl Custody {
@@ -217,6 +220,7 @@ impl Custody {
             policies: RwLock::new(HashMap::new()),
             updates,
             signing: Mutex::new(HashMap::new()),
+            usage: Arc::new(Mutex::new(UsageCache::default())),
         }
     }
 
@@ -277,8 +281,9 @@ impl Custody {
                         ),
                         (None, false) => (FirstDecision::Deny, no_policy_decision(), 0, Vec::new()),
                         (Some(active), false) => {
-                            let usage = usage(tx, &active.policy, &w, now)?;
-                            let decision = policy::evaluate(&active.policy, &w, &usage, &[], now);
+                            let mut cache = this.usage.lock().unwrap_or_else(PoisonError::into_inner);
+                            let usage = usage(&mut cache, store, tx, &active.policy, &w, now)?;
+                            let decision = policy::evaluate(&active.policy, &w, usage, &[], now);
                             let first = match decision.outcome {
                                 Outcome::Allow => FirstDecision::Allow,
                                 Outcome::Pending(_) => FirstDecision::Pending,
@@ -289,7 +294,7 @@ impl Custody {
                                 first,
                                 record(&decision, active.policy.version),
                                 active.policy.approval_window_secs,
-                                window_usage(&active.policy, &w, &usage, now, counted),
+                                window_usage(&active.policy, &w, usage, now, counted),
                             )
                         }
                     };
@@ -332,6 +337,10 @@ impl Custody {
                         },
                     )?;
                     audit_store::append(tx, now, decision_event(&row, windows))?;
+                    if let Some(at) = row.counted_at {
+                        let mut cache = this.usage.lock().unwrap_or_else(PoisonError::into_inner);
+                        cache.counted(&row.wallet_id, &row.asset, at, intent.total_amount());
+                    }
                     Ok(row)
                 })
             })
@@ -516,8 +525,9 @@ impl Custody {
                         intent_hash: row.intent_hash,
                         initiator: &row.initiator,
                     };
-                    let usage = usage(tx, policy, &w, now)?;
-                    let decision = policy::evaluate(policy, &w, &usage, &approvals, now);
+                    let mut cache = this.usage.lock().unwrap_or_else(PoisonError::into_inner);
+                    let usage = usage(&mut cache, store, tx, policy, &w, now)?;
+                    let decision = policy::evaluate(policy, &w, usage, &approvals, now);
                     let stored = record(&decision, policy.version);
                     let (to, counted_at) = match &decision.outcome {
                         Outcome::Allow => (row.state.apply(Event::QuorumMet)?, Some(now)),
@@ -526,10 +536,13 @@ impl Custody {
                         Outcome::Pending(_) => (row.state, None),
                     };
                     wd_store::set_state(tx, id, row.state, to, &stored, counted_at, now)?;
-                    let windows = window_usage(policy, &w, &usage, now, counted_at.is_some());
+                    let windows = window_usage(policy, &w, usage, now, counted_at.is_some());
                     let row = wd_store::by_id(tx, id)?
                         .ok_or_else(|| CustodyError::NotFound(format!("withdrawal {id}")))?;
                     audit_store::append(tx, now, decision_event(&row, windows))?;
+                    if let Some(at) = counted_at {
+                        cache.counted(&row.wallet_id, &row.asset, at, intent.total_amount());
+                    }
                     Ok(row)
                 })
             })
@@ -548,6 +561,7 @@ impl Custody {
         let lock = self.signing_lock(withdrawal_id);
         let _held = lock.lock().await;
         let id = withdrawal_id.to_owned();
+        let usage_cache = Arc::clone(&self.usage);
         self.blocking(move |store| {
             store.write(|tx| {
                 let row = wd_store::by_id(tx, &id)?.ok_or_else(|| CustodyError::NotFound(format!("withdrawal {id}")))?;
@@ -570,6 +584,10 @@ impl Custody {
                         state: to.name().to_owned(),
                     },
                 )?;
+                if row.counted_at.is_some() {
+                    let mut cache = usage_cache.lock().unwrap_or_else(PoisonError::into_inner);
+                    cache.forget(&row.wallet_id, &row.asset);
+                }
                 Ok(())
             })
         })
@@ -721,6 +739,7 @@ impl Custody {
                 .read()
                 .unwrap_or_else(PoisonError::into_inner)
                 .clone(),
+            usage: Arc::clone(&self.usage),
         })
     }
 
@@ -739,6 +758,7 @@ impl Custody {
 struct Snapshot {
     service_id: String,
     policies: HashMap<u64, Arc<ActivePolicy>>,
+    usage: Arc<Mutex<UsageCache>>,
 }
 
 impl Snapshot {
@@ -820,12 +840,17 @@ fn stored_approvals(
 
 /// Rolling usage of the withdrawal's wallet and asset over the policy's
 /// longest window for them.
-fn usage(
+/// The rolling usage `evaluate` needs for `w`, from the cache (loaded
+/// through the write transaction `conn` when missing).
+fn usage<'c>(
+    cache: &'c mut UsageCache,
+    store: &Store,
     conn: &rusqlite::Connection,
     policy: &Policy,
     w: &policy::Withdrawal<'_>,
     now: u64,
-) -> Result<Usage, CustodyError> {
+) -> Result<&'c dyn RollingUsage, CustodyError> {
+    static NONE: Usage = Usage { entries: Vec::new() };
     let longest = policy
         .limits
         .iter()
@@ -833,22 +858,9 @@ fn usage(
         .flat_map(|l| l.windows.iter().map(|win| win.seconds))
         .max();
     let Some(longest) = longest else {
-        return Ok(Usage::default());
+        return Ok(&NONE);
     };
-    let entries = wd_store::usage(
-        conn,
-        w.wallet,
-        &w.intent.asset.symbol,
-        now.saturating_sub(longest),
-    )?
-    .into_iter()
-    .map(|(at, amount)| {
-        crate::api::transaction::decimal(&amount)
-            .map(|a| (at, a))
-            .map_err(|e| CustodyError::Inconsistent(format!("stored amount {amount:?}: {e}")))
-    })
-    .collect::<Result<Vec<(u64, U256)>, _>>()?;
-    Ok(Usage { entries })
+    Ok(cache.list(store, conn, w.wallet, &w.intent.asset.symbol, now, longest)?)
 }
 
 /// Usage of each window of the withdrawal's limit, before and after this

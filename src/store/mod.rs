@@ -3,17 +3,25 @@
 //! The store owns the schema and every SQL statement: wallets here, withdrawals
 //! and approvals in [`withdrawals`], policy versions and freeze state in
 //! [`governance`]. Uniqueness is enforced by constraints, not only by checks in
-//! code. [`Store::write`] runs a closure in one `BEGIN IMMEDIATE` transaction
-//! under the store's single connection, which is how check-and-reserve of
-//! request ids and limits happens atomically. Callers run these blocking
-//! methods off the async runtime.
+//! code. Callers run these blocking methods off the async runtime.
+//!
+//! Writes go through one connection, one closure at a time, so whatever a
+//! [`Store::write`] closure reads stays true until it commits: that is how
+//! check-and-reserve of request ids and limits happens atomically. Writers
+//! that arrive while another is running share its commit (group commit):
+//! each closure runs in its own savepoint inside one `BEGIN IMMEDIATE`
+//! transaction, and the last writer in line commits for all of them, so one
+//! fsync covers the group. No writer returns before the commit that holds its
+//! changes succeeded, and a failed commit fails every writer in the group.
+//! Reads use a second connection, which only ever sees committed data.
 
 pub mod audit;
 pub mod governance;
 pub mod withdrawals;
 
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
 use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 
@@ -159,6 +167,9 @@ pub enum StoreError {
     /// SQLite reported an error.
     #[error("SQLite error: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// The group commit holding this write failed; nothing of it is stored.
+    #[error("commit failed: {0}")]
+    CommitFailed(String),
     /// A stored row does not decode.
     #[error("corrupt row in {table}: {reason}")]
     Corrupt {
@@ -192,7 +203,27 @@ pub struct WalletRecord {
 
 /// The SQLite store.
 pub struct Store {
-    conn: Mutex<Connection>,
+    writer: Mutex<Writer>,
+    /// Signalled when a group commit finishes.
+    group_done: Condvar,
+    /// Writers waiting for the writer lock; while there are any, a writer
+    /// leaves the transaction open for them to commit.
+    writers_waiting: AtomicUsize,
+    /// Group commits that failed, counted before the next writer runs.
+    commit_failures: AtomicU64,
+    reader: Mutex<Connection>,
+}
+
+/// The write connection and its group-commit state.
+struct Writer {
+    conn: Connection,
+    /// The group whose transaction is open, if any.
+    open: Option<u64>,
+    /// The last group number handed out.
+    groups: u64,
+    /// The last group finished, and whether its commit failed (why).
+    finished: u64,
+    failed: Vec<(u64, String)>,
 }
 
 impl std::fmt::Debug for Store {
@@ -204,37 +235,52 @@ impl std::fmt::Debug for Store {
 impl Store {
     /// Opens (creating if needed) the database and applies pending migrations.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let conn = Connection::open(path)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        let store = Self {
-            conn: Mutex::new(conn),
+        let connect = || -> Result<Connection, StoreError> {
+            let conn = Connection::open(path)?;
+            conn.pragma_update(None, "journal_mode", "WAL")?;
+            conn.pragma_update(None, "synchronous", "FULL")?;
+            conn.pragma_update(None, "foreign_keys", "ON")?;
+            conn.busy_timeout(std::time::Duration::from_secs(5))?;
+            Ok(conn)
         };
-        store.migrate()?;
-        Ok(store)
+        let mut conn = connect()?;
+        migrate(&mut conn)?;
+        Ok(Self {
+            writer: Mutex::new(Writer {
+                conn,
+                open: None,
+                groups: 0,
+                finished: 0,
+                failed: Vec::new(),
+            }),
+            group_done: Condvar::new(),
+            writers_waiting: AtomicUsize::new(0),
+            commit_failures: AtomicU64::new(0),
+            reader: Mutex::new(connect()?),
+        })
     }
+}
 
-    fn migrate(&self) -> Result<(), StoreError> {
-        let mut conn = self.conn();
-        let version: usize = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
-        if version > MIGRATIONS.len() {
-            return Err(StoreError::TooNew {
-                found: version,
-                supported: MIGRATIONS.len(),
-            });
-        }
-        for (index, sql) in MIGRATIONS.iter().enumerate().skip(version) {
-            let tx = conn.transaction()?;
-            tx.execute_batch(sql)?;
-            tx.pragma_update(None, "user_version", index + 1)?;
-            tx.commit()?;
-            tracing::info!(version = index + 1, "store migrated");
-        }
-        Ok(())
+/// Applies pending migrations. `PRAGMA user_version` records how many ran.
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let version: usize = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    if version > MIGRATIONS.len() {
+        return Err(StoreError::TooNew {
+            found: version,
+            supported: MIGRATIONS.len(),
+        });
     }
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", index + 1)?;
+        tx.commit()?;
+        tracing::info!(version = index + 1, "store migrated");
+    }
+    Ok(())
+}
 
+impl Store {
     /// Inserts a wallet and its audit entry in one transaction;
     /// [`StoreError::Conflict`] if its id, label, key id or public key is
     /// already registered.
@@ -301,32 +347,97 @@ impl Store {
         rows.map(|row| row?).collect()
     }
 
-    /// Runs `f` in one `BEGIN IMMEDIATE` transaction and commits it if `f`
-    /// returns `Ok`; otherwise rolls back. Writers are serialized by the
-    /// store's one connection, so whatever `f` reads stays true until commit.
-    pub fn write<T, E: From<StoreError>>(
-        &self,
-        f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, E>,
-    ) -> Result<T, E> {
-        let mut conn = self.conn();
-        let tx = conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(StoreError::from)?;
-        let value = f(&tx)?;
-        tx.commit().map_err(StoreError::from)?;
-        Ok(value)
+    /// Runs `f` as one atomic unit of a `BEGIN IMMEDIATE` transaction and
+    /// returns once that transaction committed; if `f` fails, its changes
+    /// are rolled back and the error returned. Writers run one at a time, so
+    /// whatever `f` reads stays true until commit; writers that queued up
+    /// meanwhile share one commit (see the module docs).
+    pub fn write<T, E: From<StoreError>>(&self, f: impl FnOnce(&Connection) -> Result<T, E>) -> Result<T, E> {
+        self.writers_waiting.fetch_add(1, Ordering::SeqCst);
+        let mut writer = lock(&self.writer);
+        self.writers_waiting.fetch_sub(1, Ordering::SeqCst);
+        let group = match writer.open {
+            Some(group) => group,
+            None => {
+                writer
+                    .conn
+                    .execute_batch("BEGIN IMMEDIATE")
+                    .map_err(StoreError::from)?;
+                writer.groups += 1;
+                let group = writer.groups;
+                writer.open = Some(group);
+                group
+            }
+        };
+        let result = run_in_savepoint(&writer.conn, f);
+        if self.writers_waiting.load(Ordering::SeqCst) > 0 {
+            // A writer is in line: it (or the last one after it) commits.
+            while writer.finished < group {
+                writer = self
+                    .group_done
+                    .wait(writer)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+        } else {
+            let committed = writer.conn.execute_batch("COMMIT");
+            if let Err(e) = &committed {
+                let _ = writer.conn.execute_batch("ROLLBACK");
+                self.commit_failures.fetch_add(1, Ordering::SeqCst);
+                writer.failed.push((group, e.to_string()));
+                // Only recent failures can still have a waiter.
+                if writer.failed.len() > 64 {
+                    writer.failed.remove(0);
+                }
+            }
+            writer.open = None;
+            writer.finished = group;
+            self.group_done.notify_all();
+        }
+        if let Some((_, why)) = writer.failed.iter().find(|(g, _)| *g == group) {
+            tracing::error!(error = %why, "store commit failed");
+            return Err(StoreError::CommitFailed(why.clone()).into());
+        }
+        result
     }
 
-    /// Runs `f` with the connection, for reads.
+    /// How many group commits failed so far. Whatever a writer cached from
+    /// uncommitted writes is void once this changes; it changes before the
+    /// next writer runs.
+    pub fn commit_failures(&self) -> u64 {
+        self.commit_failures.load(Ordering::SeqCst)
+    }
+
+    /// Runs `f` with the read connection, which sees committed data only.
     pub fn read<T, E: From<StoreError>>(&self, f: impl FnOnce(&Connection) -> Result<T, E>) -> Result<T, E> {
-        f(&self.conn())
+        f(&lock(&self.reader))
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
-        // A panic while holding the connection cannot leave a transaction
-        // half-applied (SQLite rolls back an unfinished one), so continue.
-        self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.reader)
     }
+}
+
+/// Runs `f` in a savepoint of the open transaction: released when `f`
+/// succeeds, rolled back when it fails, so a failed writer leaves nothing
+/// behind in a group another writer commits.
+fn run_in_savepoint<T, E: From<StoreError>>(
+    conn: &Connection,
+    f: impl FnOnce(&Connection) -> Result<T, E>,
+) -> Result<T, E> {
+    conn.execute_batch("SAVEPOINT writer").map_err(StoreError::from)?;
+    let result = f(conn);
+    let end = match result {
+        Ok(_) => conn.execute_batch("RELEASE writer"),
+        Err(_) => conn.execute_batch("ROLLBACK TO writer; RELEASE writer"),
+    };
+    end.map_err(StoreError::from)?;
+    result
+}
+
+// A panic while holding a connection cannot leave a change half-applied
+// (an unfinished savepoint is rolled back before anyone commits), so continue.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Maps a uniqueness violation to [`StoreError::Conflict`] naming `what`.
@@ -392,6 +503,73 @@ impl From<StoredAttributes> for KeyAttributes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Writers from many threads: every successful write is durable and
+    /// visible to the reader once `write` returns, a failing writer leaves
+    /// nothing behind even though others commit its group, and limits read
+    /// inside a write stay exact (a counter incremented by every writer).
+    #[test]
+    fn concurrent_writers_share_commits_and_a_failed_one_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(Store::open(&dir.path().join("g.db")).unwrap());
+        store
+            .write(|c| {
+                c.execute_batch("CREATE TABLE t (v INTEGER PRIMARY KEY); CREATE TABLE n (id INTEGER PRIMARY KEY, k INTEGER);")?;
+                c.execute("INSERT INTO n VALUES (1, 0)", [])?;
+                Ok::<_, StoreError>(())
+            })
+            .unwrap();
+        let threads: Vec<_> = (0..8u32)
+            .map(|t| {
+                let store = std::sync::Arc::clone(&store);
+                std::thread::spawn(move || {
+                    for i in 0..50u32 {
+                        let v = t * 1000 + i;
+                        let result = store.write(|c| {
+                            c.execute("INSERT INTO t VALUES (?1)", [v])?;
+                            c.execute("UPDATE n SET k = k + 1 WHERE id = 1", [])?;
+                            if v % 10 == 0 {
+                                return Err(StoreError::Conflict("refused on purpose"));
+                            }
+                            Ok(())
+                        });
+                        assert_eq!(result.is_ok(), v % 10 != 0);
+                        if result.is_ok() {
+                            let seen: i64 = store
+                                .read(|c| {
+                                    Ok::<_, StoreError>(c.query_row(
+                                        "SELECT COUNT(*) FROM t WHERE v = ?1",
+                                        [v],
+                                        |r| r.get(0),
+                                    )?)
+                                })
+                                .unwrap();
+                            assert_eq!(seen, 1, "a returned write is visible to readers");
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let (rows, failed, counter): (i64, i64, i64) = store
+            .read(|c| {
+                Ok::<_, StoreError>((
+                    c.query_row("SELECT COUNT(*) FROM t", [], |r| r.get(0))?,
+                    c.query_row("SELECT COUNT(*) FROM t WHERE v % 10 = 0", [], |r| r.get(0))?,
+                    c.query_row("SELECT k FROM n", [], |r| r.get(0))?,
+                ))
+            })
+            .unwrap();
+        assert_eq!((rows, failed, counter), (8 * 45, 0, 8 * 45));
+        drop(store);
+        let reopened = Store::open(&dir.path().join("g.db")).unwrap();
+        let durable: i64 = reopened
+            .read(|c| Ok::<_, StoreError>(c.query_row("SELECT COUNT(*) FROM t", [], |r| r.get(0))?))
+            .unwrap();
+        assert_eq!(durable, 8 * 45);
+    }
 
     fn record(id: &str, key: u8) -> WalletRecord {
         WalletRecord {
