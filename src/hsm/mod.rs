@@ -25,6 +25,7 @@
 mod error;
 mod keys;
 pub mod personal;
+pub mod raw_bench;
 mod token;
 
 use std::collections::HashMap;

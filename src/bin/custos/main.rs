@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 
 mod audit;
+mod bench;
 mod custody;
 mod governance;
 
@@ -78,6 +79,12 @@ enum Command {
     /// Read, export and verify the signed audit log (auditor).
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// Measure custos against the HSM: raw C_Sign, the auto path and the
+    /// quorum path, on a fresh `custosd --dev` (docs/performance.md).
+    Bench(bench::BenchArgs),
+    /// The raw C_Sign measurement of `bench`, run as its child process.
+    #[command(hide = true)]
+    BenchRawSign(bench::RawSignArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -132,7 +139,7 @@ enum WalletCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => return fail(&format!("tokio runtime: {e}")),
     };
@@ -161,6 +168,8 @@ async fn run(cli: Cli) -> Result<(), String> {
         Command::Freeze(args) => governance::freeze(args, server, json).await,
         Command::Unfreeze(args) => governance::unfreeze(args, server, json).await,
         Command::Audit(command) => audit::audit(command, server, json).await,
+        Command::Bench(args) => bench::bench(args, json).await,
+        Command::BenchRawSign(args) => bench::raw_sign(args),
     }
 }
 

@@ -1,0 +1,519 @@
+//! `custos bench`: custos's cost next to the HSM's own, in one run.
+//!
+//! It starts a real `custosd --dev` on a fresh SoftHSM token and store, and
+//! this process is the gRPC load generator. It measures:
+//! - raw: `C_Sign` straight through cryptoki on the same token and key, with
+//!   as many sessions as custosd's pool (in a child process, since SoftHSM
+//!   reads `SOFTHSM2_CONF` once per process);
+//! - the auto path: CreateWithdrawal to an allowlisted address, SIGNED in the
+//!   reply, at each concurrency level;
+//! - the quorum path: create, two approvals signed by the dev approvers'
+//!   keys, SIGNED in the reply to the second.
+//!
+//! The dev policy's hourly count limit would stop a long run, so the bench
+//! first activates version 2 of the dev policy with the limits raised, signed
+//! by the dev admin key, through the normal governance path.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use tonic::transport::Channel;
+
+use custos::approval::ApprovalMessage;
+use custos::config::TokenSelector;
+use custos::governance::{GovernanceAction, GovernanceMessage};
+use custos::policy::{Vote, policy_hash};
+use custos::proto::{
+    self, WithdrawalState, approval_service_client::ApprovalServiceClient,
+    policy_service_client::PolicyServiceClient, wallet_service_client::WalletServiceClient,
+    withdrawal_service_client::WithdrawalServiceClient,
+};
+use custos::secret::{Pin, PinSource};
+use custos::signer::KeyFile;
+
+use crate::{describe, emit};
+
+const ETHER: u128 = 1_000_000_000_000_000_000;
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Seconds measured per phase.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Concurrency levels of the auto path.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,64")]
+    concurrency: Vec<usize>,
+    /// Concurrency of the quorum path.
+    #[arg(long, default_value_t = 16)]
+    quorum_concurrency: usize,
+    /// The PKCS#11 module (SoftHSMv2).
+    #[arg(long, default_value = "/usr/lib/softhsm/libsofthsm2.so")]
+    module: PathBuf,
+    /// custosd to run (default: next to this binary).
+    #[arg(long)]
+    custosd: Option<PathBuf>,
+    /// Keep the dev data directory instead of deleting it.
+    #[arg(long)]
+    keep: bool,
+}
+
+/// The hidden child that measures raw `C_Sign` with `SOFTHSM2_CONF` set.
+#[derive(Debug, Args)]
+pub struct RawSignArgs {
+    #[arg(long)]
+    module: PathBuf,
+    #[arg(long)]
+    token_label: String,
+    #[arg(long)]
+    pin_file: PathBuf,
+    #[arg(long)]
+    key_label: String,
+    #[arg(long)]
+    sessions: usize,
+    #[arg(long)]
+    seconds: u64,
+}
+
+/// Throughput and latency of one phase.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Phase {
+    name: String,
+    concurrency: usize,
+    completed: u64,
+    errors: u64,
+    seconds: f64,
+    per_second: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+}
+
+fn phase(
+    name: &str,
+    concurrency: usize,
+    histogram: &Histogram<u64>,
+    errors: u64,
+    elapsed: Duration,
+) -> Phase {
+    let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1e6;
+    let seconds = elapsed.as_secs_f64();
+    Phase {
+        name: name.to_owned(),
+        concurrency,
+        completed: histogram.len(),
+        errors,
+        seconds,
+        per_second: histogram.len() as f64 / seconds,
+        p50_ms: ms(0.5),
+        p99_ms: ms(0.99),
+        p999_ms: ms(0.999),
+    }
+}
+
+/// An empty latency histogram: nanoseconds, 1 µs to 60 s, 3 significant digits.
+fn histogram() -> Result<Histogram<u64>, String> {
+    Histogram::new_with_bounds(1_000, 60_000_000_000, 3).map_err(|e| e.to_string())
+}
+
+/// The raw child: prints one JSON `Phase`.
+pub fn raw_sign(args: RawSignArgs) -> Result<(), String> {
+    let pin = Pin::load(&PinSource::File(args.pin_file)).map_err(|e| e.to_string())?;
+    let run = custos::hsm::raw_bench::raw_sign(
+        &args.module,
+        &TokenSelector::Label(args.token_label),
+        &pin,
+        &args.key_label,
+        args.sessions,
+        Duration::from_secs(args.seconds),
+    )
+    .map_err(|e| e.to_string())?;
+    let mut h = histogram()?;
+    for ns in &run.latencies_ns {
+        let _ = h.record(*ns);
+    }
+    let result = phase("raw C_Sign", args.sessions, &h, 0, run.elapsed);
+    emit(
+        true,
+        &serde_json::to_value(&result).map_err(|e| e.to_string())?,
+        "",
+    )
+}
+
+/// custosd --dev as a child, stopped with SIGTERM on drop.
+struct Server {
+    child: Child,
+    ready: serde_json::Value,
+    data_dir: PathBuf,
+    keep: bool,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.data_dir);
+        }
+    }
+}
+
+impl Server {
+    fn path(&self, key: &str) -> PathBuf {
+        PathBuf::from(self.ready[key].as_str().unwrap_or_default())
+    }
+}
+
+fn start_server(args: &BenchArgs) -> Result<Server, String> {
+    let custosd = match &args.custosd {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()
+            .map_err(|e| e.to_string())?
+            .with_file_name("custosd"),
+    };
+    let data_dir = std::env::temp_dir().join(format!("custos-bench-{}", std::process::id()));
+    let mut child = Command::new(&custosd)
+        .args(["--dev", "--listen", "127.0.0.1:0", "--module"])
+        .arg(&args.module)
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", custosd.display()))?;
+    let mut line = String::new();
+    if let Some(stdout) = child.stdout.take() {
+        let _ = BufReader::new(stdout).read_line(&mut line);
+    }
+    let ready: serde_json::Value = serde_json::from_str(&line).map_err(|_| {
+        let _ = child.kill();
+        format!("custosd --dev did not start (ready line {line:?})")
+    })?;
+    Ok(Server {
+        child,
+        ready,
+        data_dir,
+        keep: args.keep,
+    })
+}
+
+fn now() -> u64 {
+    custos::custody::unix_now()
+}
+
+/// Activates the dev policy with its limits raised so a long run is not denied.
+async fn raise_limits(channel: &Channel, server: &Server) -> Result<(), String> {
+    let dev_policy = std::fs::read_to_string(server.path("policy")).map_err(|e| e.to_string())?;
+    let document = dev_policy
+        .replacen("version = 1", "version = 2", 1)
+        .replace("count = 1000 ", "count = 1000000000 ")
+        .replace("\"150000000000000000000\"", "\"1000000000000000000000000000\"")
+        .replace("\"400000000000000000000\"", "\"1000000000000000000000000000\"");
+    let mut policies = PolicyServiceClient::new(channel.clone());
+    let proposal = policies
+        .propose_policy(proto::ProposePolicyRequest {
+            document: document.as_bytes().to_vec(),
+        })
+        .await
+        .map_err(describe)?
+        .into_inner();
+    let service_id = policies
+        .get_policy(proto::GetPolicyRequest { version: 0 })
+        .await
+        .map_err(describe)?
+        .into_inner()
+        .service_id;
+    let message = GovernanceMessage {
+        service_id,
+        action: GovernanceAction::ActivatePolicy,
+        sequence: proposal.version,
+        subject: policy_hash(document.as_bytes()),
+        expires_at: now() + 600,
+        signer: "admin".into(),
+    };
+    let admin = KeyFile::load(&server.path("admin_key")).map_err(|e| e.to_string())?;
+    let signature = admin.sign_prehash(&message.digest()).map_err(|e| e.to_string())?;
+    let activated = policies
+        .approve_policy(proto::ApprovePolicyRequest {
+            approval: Some(proto::SignedMessage {
+                message: message.encode(),
+                signature: signature.to_vec(),
+            }),
+        })
+        .await
+        .map_err(describe)?
+        .into_inner();
+    if !activated.activated {
+        return Err("the bench policy was not activated".into());
+    }
+    Ok(())
+}
+
+fn create_request(id: String, wei: u128, nonce: u64) -> proto::CreateWithdrawalRequest {
+    use proto::ethereum_transaction_fields::Type;
+    proto::CreateWithdrawalRequest {
+        request_id: id,
+        wallet: format!("wallets/{}", custos::dev::DEV_WALLET),
+        initiator: "bench".into(),
+        transaction: Some(proto::UnsignedTransaction {
+            kind: Some(proto::unsigned_transaction::Kind::Ethereum(
+                proto::EthereumTransaction {
+                    encoding: Some(proto::ethereum_transaction::Encoding::Fields(
+                        proto::EthereumTransactionFields {
+                            r#type: Type::Eip1559.into(),
+                            chain_id: custos::dev::DEV_CHAIN_ID,
+                            nonce,
+                            gas_limit: 21_000,
+                            gas_price: String::new(),
+                            max_fee_per_gas: "30000000000".into(),
+                            max_priority_fee_per_gas: "1000000000".into(),
+                            to: custos::dev::DEV_ALLOWLISTED.into(),
+                            value: wei.to_string(),
+                            data: vec![],
+                        },
+                    )),
+                },
+            )),
+        }),
+    }
+}
+
+/// What one quorum-path approver needs.
+struct Approvers {
+    service_id: String,
+    policy_hash: [u8; 32],
+    keys: Vec<(String, KeyFile)>,
+}
+
+/// Runs `concurrency` workers for `duration`; each loop of `one` is one
+/// sample. Returns the histogram, the error count and the elapsed time.
+async fn drive<F, Fut>(
+    concurrency: usize,
+    duration: Duration,
+    one: F,
+) -> Result<(Histogram<u64>, u64, Duration), String>
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let one = Arc::new(one);
+    let empty = histogram()?;
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut workers = tokio::task::JoinSet::new();
+    for worker in 0..concurrency {
+        let one = Arc::clone(&one);
+        let mut h = empty.clone();
+        workers.spawn(async move {
+            let mut errors = 0;
+            let mut n = 0;
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                if one(worker, n).await {
+                    let _ = h.record(t.elapsed().as_nanos() as u64);
+                } else {
+                    errors += 1;
+                }
+                n += 1;
+            }
+            (h, errors)
+        });
+    }
+    let mut total = empty;
+    let mut errors = 0;
+    while let Some(Ok((h, e))) = workers.join_next().await {
+        let _ = total.add(&h);
+        errors += e;
+    }
+    Ok((total, errors, started.elapsed()))
+}
+
+pub async fn bench(args: BenchArgs, json: bool) -> Result<(), String> {
+    let bar = ProgressBar::new_spinner();
+    if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} [{elapsed}]") {
+        bar.set_style(style);
+    }
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar.set_message("starting custosd --dev on a fresh SoftHSM token");
+    let server = start_server(&args)?;
+    let endpoint = server.ready["endpoint"].as_str().unwrap_or_default().to_owned();
+    let channel = crate::connect(&endpoint).await?;
+    raise_limits(&channel, &server).await?;
+    let wallet = WalletServiceClient::new(channel.clone())
+        .get_wallet(proto::GetWalletRequest {
+            name: format!("wallets/{}", custos::dev::DEV_WALLET),
+        })
+        .await
+        .map_err(describe)?
+        .into_inner();
+    let sessions = 4; // custosd --dev's pool (hsm.sessions)
+    let duration = Duration::from_secs(args.seconds);
+
+    bar.set_message(format!("raw C_Sign, {sessions} sessions"));
+    let raw = measure_raw(&args, &server, &wallet.key_label, sessions)?;
+
+    let mut auto = Vec::new();
+    let run = std::process::id();
+    for &concurrency in &args.concurrency {
+        bar.set_message(format!("auto path, concurrency {concurrency}"));
+        let client = WithdrawalServiceClient::new(channel.clone());
+        let (h, errors, elapsed) = drive(concurrency, duration, move |worker, n| {
+            let mut client = client.clone();
+            async move {
+                let id = format!("auto-{run}-{concurrency}-{worker}-{n}");
+                let reply = client.create_withdrawal(create_request(id, 1, n)).await;
+                reply.is_ok_and(|r| r.into_inner().state() == WithdrawalState::Signed)
+            }
+        })
+        .await?;
+        auto.push(phase("auto", concurrency, &h, errors, elapsed));
+    }
+
+    bar.set_message(format!("quorum path, concurrency {}", args.quorum_concurrency));
+    let policy = PolicyServiceClient::new(channel.clone())
+        .get_policy(proto::GetPolicyRequest { version: 0 })
+        .await
+        .map_err(describe)?
+        .into_inner();
+    let keys_dir = server.data_dir.join("keys");
+    let approvers = Arc::new(Approvers {
+        service_id: policy.service_id.clone(),
+        policy_hash: hex::decode(&policy.hash)
+            .ok()
+            .and_then(|h| h.try_into().ok())
+            .ok_or("policy hash")?,
+        keys: ["alice", "bob"]
+            .iter()
+            .map(|who| {
+                Ok((
+                    (*who).to_owned(),
+                    KeyFile::load(&keys_dir.join(format!("{who}.pem")))?,
+                ))
+            })
+            .collect::<Result<_, custos::signer::SignerError>>()
+            .map_err(|e| e.to_string())?,
+    });
+    let (h, errors, elapsed) = drive(args.quorum_concurrency, duration, {
+        let channel = channel.clone();
+        move |worker, n| {
+            let channel = channel.clone();
+            let approvers = Arc::clone(&approvers);
+            async move {
+                quorum_once(&channel, &approvers, format!("quorum-{run}-{worker}-{n}"), n)
+                    .await
+                    .unwrap_or(false)
+            }
+        }
+    })
+    .await?;
+    let quorum = phase("quorum", args.quorum_concurrency, &h, errors, elapsed);
+    bar.finish_and_clear();
+    report(&raw, &auto, &quorum, json)
+}
+
+fn measure_raw(args: &BenchArgs, server: &Server, key_label: &str, sessions: usize) -> Result<Phase, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let output = Command::new(exe)
+        .args(["bench-raw-sign", "--module"])
+        .arg(&args.module)
+        .arg("--token-label")
+        .arg(
+            server.ready["token_label"]
+                .as_str()
+                .unwrap_or(custos::dev::DEV_TOKEN_LABEL),
+        )
+        .arg("--pin-file")
+        .arg(server.path("user_pin_file"))
+        .arg("--key-label")
+        .arg(key_label)
+        .arg("--sessions")
+        .arg(sessions.to_string())
+        .arg("--seconds")
+        .arg(args.seconds.to_string())
+        .env("SOFTHSM2_CONF", server.path("softhsm2_conf"))
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !output.status.success() {
+        return Err(format!(
+            "raw C_Sign run failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    serde_json::from_slice(&output.stdout).map_err(|e| format!("raw C_Sign output: {e}"))
+}
+
+/// One quorum withdrawal: create, alice approves, bob approves; true when
+/// the second approval's reply is SIGNED.
+async fn quorum_once(
+    channel: &Channel,
+    approvers: &Approvers,
+    id: String,
+    nonce: u64,
+) -> Result<bool, tonic::Status> {
+    let created = WithdrawalServiceClient::new(channel.clone())
+        .create_withdrawal(create_request(id, 2 * ETHER, nonce))
+        .await?
+        .into_inner();
+    let mut approvals = ApprovalServiceClient::new(channel.clone());
+    let mut last = created.state();
+    for (who, key) in &approvers.keys {
+        let message = ApprovalMessage {
+            service_id: approvers.service_id.clone(),
+            withdrawal_id: created.name.trim_start_matches("withdrawals/").to_owned(),
+            intent_hash: created.intent_hash.clone().try_into().unwrap_or_default(),
+            policy_hash: approvers.policy_hash,
+            vote: Vote::Approve,
+            expires_at: now() + 600,
+            approver: who.clone(),
+        };
+        let Ok(signature) = key.sign_prehash(&message.digest()) else {
+            return Ok(false);
+        };
+        last = approvals
+            .submit_approval(proto::SubmitApprovalRequest {
+                message: message.encode(),
+                signature: signature.to_vec(),
+            })
+            .await?
+            .into_inner()
+            .state();
+    }
+    Ok(last == WithdrawalState::Signed)
+}
+
+fn report(raw: &Phase, auto: &[Phase], quorum: &Phase, json: bool) -> Result<(), String> {
+    let best = auto.iter().map(|p| p.per_second).fold(0.0, f64::max);
+    let at_one = auto.iter().find(|p| p.concurrency == 1);
+    let ratios = serde_json::json!({
+        "auto_over_raw": best / raw.per_second,
+        "quorum_over_raw": quorum.per_second / raw.per_second,
+        "added_p50_ms_at_concurrency_1": at_one.map(|p| p.p50_ms - raw.p50_ms),
+    });
+    let value = serde_json::json!({ "raw": raw, "auto": auto, "quorum": quorum, "ratios": ratios });
+    let mut text = format!(
+        "{:<12} {:>5} {:>9} {:>7} {:>10} {:>9} {:>9} {:>9}\n",
+        "path", "conc", "done", "errors", "per sec", "p50 ms", "p99 ms", "p999 ms"
+    );
+    for p in std::iter::once(raw).chain(auto).chain(std::iter::once(quorum)) {
+        text.push_str(&format!(
+            "{:<12} {:>5} {:>9} {:>7} {:>10.1} {:>9.3} {:>9.3} {:>9.3}\n",
+            p.name, p.concurrency, p.completed, p.errors, p.per_second, p.p50_ms, p.p99_ms, p.p999_ms
+        ));
+    }
+    text.push_str(&format!(
+        "\nauto/raw (best concurrency): {:.2}   quorum/raw: {:.2}   auto p50 - raw p50 at concurrency 1: {}\n",
+        best / raw.per_second,
+        quorum.per_second / raw.per_second,
+        at_one.map_or("n/a".to_owned(), |p| format!("{:.3} ms", p.p50_ms - raw.p50_ms)),
+    ));
+    emit(json, &value, &text)
+}
