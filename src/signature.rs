@@ -6,7 +6,6 @@
 //! faults and key substitution), and computes the recovery id that Ethereum
 //! needs. Nothing leaves this module unless it verified.
 
-use k256::ecdsa::signature::hazmat::PrehashVerifier;
 use k256::ecdsa::{RecoveryId, Signature, VerifyingKey};
 use k256::elliptic_curve::scalar::IsHigh;
 
@@ -52,6 +51,12 @@ impl RecoverableSignature {
 }
 
 /// Normalises, verifies and makes recoverable a raw `r || s` from the HSM.
+///
+/// Verification is by recovery: the public key recovered with some recovery
+/// id must be the wallet's. Recovery solves the verification equation for
+/// the key, so a match proves the signature valid for that key, at the cost
+/// of one or two variable-time multiplications instead of a verification
+/// plus the trial recoveries.
 pub fn finalize(
     raw: &[u8],
     digest: &[u8; 32],
@@ -63,14 +68,17 @@ pub fn finalize(
     let signature = Signature::from_slice(raw)
         .map_err(|_| SignatureError::Malformed(raw.len()))?
         .normalize_s();
-    key.verify_prehash(digest, &signature)
-        .map_err(|_| SignatureError::VerificationFailed)?;
-    let recovery_id = RecoveryId::trial_recovery_from_prehash(key, digest, &signature)
-        .map_err(|_| SignatureError::Unrecoverable)?;
-    Ok(RecoverableSignature {
-        signature,
-        recovery_id,
-    })
+    (0..=3)
+        .map(RecoveryId::from_byte)
+        .find_map(|id| {
+            let id = id?;
+            let recovered = VerifyingKey::recover_from_prehash(digest, &signature, id).ok()?;
+            (recovered == *key).then_some(RecoverableSignature {
+                signature,
+                recovery_id: id,
+            })
+        })
+        .ok_or(SignatureError::VerificationFailed)
 }
 
 /// Whether `s` is in the lower half of the group order (BIP-62/146, EIP-2).
@@ -81,6 +89,7 @@ pub fn is_low_s(signature: &Signature) -> bool {
 #[cfg(test)]
 mod tests {
     use k256::ecdsa::SigningKey;
+    use k256::ecdsa::signature::hazmat::PrehashVerifier;
 
     use super::*;
 
@@ -105,6 +114,10 @@ mod tests {
         for raw in [low.to_bytes(), high.to_bytes()] {
             let done = finalize(&raw, &digest, key.verifying_key()).unwrap();
             assert!(is_low_s(done.signature()));
+            // What recovery accepted, standard verification accepts too.
+            key.verifying_key()
+                .verify_prehash(&digest, done.signature())
+                .unwrap();
             let recovered =
                 VerifyingKey::recover_from_prehash(&digest, done.signature(), done.recovery_id()).unwrap();
             assert_eq!(&recovered, key.verifying_key());
