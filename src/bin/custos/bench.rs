@@ -61,6 +61,11 @@ pub struct BenchArgs {
     /// Keep the dev data directory instead of deleting it.
     #[arg(long)]
     keep: bool,
+    /// Seed the store with about this many prior log entries (signed
+    /// withdrawals, three entries each) before measuring, to show how
+    /// history affects startup and throughput.
+    #[arg(long, default_value_t = 0)]
+    prior_entries: u64,
 }
 
 /// The hidden child that measures raw `C_Sign` with `SOFTHSM2_CONF` set.
@@ -172,14 +177,13 @@ impl Server {
     }
 }
 
-fn start_server(args: &BenchArgs) -> Result<Server, String> {
+fn start_server(args: &BenchArgs, data_dir: PathBuf) -> Result<Server, String> {
     let custosd = match &args.custosd {
         Some(path) => path.clone(),
         None => std::env::current_exe()
             .map_err(|e| e.to_string())?
             .with_file_name("custosd"),
     };
-    let data_dir = std::env::temp_dir().join(format!("custos-bench-{}", std::process::id()));
     let mut child = Command::new(&custosd)
         .args(["--dev", "--listen", "127.0.0.1:0", "--module"])
         .arg(&args.module)
@@ -344,10 +348,28 @@ pub async fn bench(args: BenchArgs, json: bool) -> Result<(), String> {
     }
     bar.enable_steady_tick(Duration::from_millis(120));
     bar.set_message("starting custosd --dev on a fresh SoftHSM token");
-    let server = start_server(&args)?;
-    let endpoint = server.ready["endpoint"].as_str().unwrap_or_default().to_owned();
-    let channel = crate::connect(&endpoint).await?;
+    let data_dir = std::env::temp_dir().join(format!("custos-bench-{}", std::process::id()));
+    let mut server = start_server(&args, data_dir.clone())?;
+    let mut channel = crate::connect(&server_endpoint(&server)).await?;
     raise_limits(&channel, &server).await?;
+    let mut startup = None;
+    if args.prior_entries > 0 {
+        bar.set_message(format!("seeding {} prior log entries", args.prior_entries));
+        let seed = WithdrawalServiceClient::new(channel.clone())
+            .create_withdrawal(create_request(format!("seed-{}", std::process::id()), 1, 0))
+            .await
+            .map_err(describe)?
+            .into_inner();
+        let store_path = server.path("store");
+        server.keep = true;
+        drop(server);
+        seed_history(&store_path, &seed.name, args.prior_entries)?;
+        bar.set_message("restarting custosd on the seeded store");
+        let started = Instant::now();
+        server = start_server(&args, data_dir.clone())?;
+        startup = Some(started.elapsed());
+        channel = crate::connect(&server_endpoint(&server)).await?;
+    }
     let wallet = WalletServiceClient::new(channel.clone())
         .get_wallet(proto::GetWalletRequest {
             name: format!("wallets/{}", custos::dev::DEV_WALLET),
@@ -416,8 +438,112 @@ pub async fn bench(args: BenchArgs, json: bool) -> Result<(), String> {
     })
     .await?;
     let quorum = phase("quorum", args.quorum_concurrency, &h, errors, elapsed);
+    let scale = Scale {
+        prior_entries: args.prior_entries,
+        startup_seconds: startup.map(|d| d.as_secs_f64()),
+        server_max_rss_mb: max_rss_mb(server.child.id()),
+    };
     bar.finish_and_clear();
-    report(&raw, &auto, &quorum, json)
+    report(&raw, &auto, &quorum, &scale, json)
+}
+
+fn server_endpoint(server: &Server) -> String {
+    server.ready["endpoint"].as_str().unwrap_or_default().to_owned()
+}
+
+/// History and footprint of the measured server.
+#[derive(Debug, serde::Serialize)]
+struct Scale {
+    prior_entries: u64,
+    /// From spawning custosd on the seeded store to its ready line.
+    startup_seconds: Option<f64>,
+    /// The server's peak resident set (VmHWM) at the end of the run.
+    server_max_rss_mb: Option<f64>,
+}
+
+fn max_rss_mb(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+/// Appends copies of one real signed withdrawal (its row and its three log
+/// entries, under new ids, counted long ago so no limit window sees them)
+/// until the log has grown by about `entries`. The copies reuse the real
+/// transaction, so a replay of this bench log reports them; the point is the
+/// size of the history, not its story.
+fn seed_history(store_path: &std::path::Path, withdrawal_name: &str, entries: u64) -> Result<(), String> {
+    use custos::audit::entry::{Entry, Event};
+    use custos::store::{Store, StoreError, audit as log, withdrawals as wd};
+    let store = Store::open(store_path).map_err(|e| e.to_string())?;
+    let id = withdrawal_name.trim_start_matches("withdrawals/").to_owned();
+    let (row, template) = store
+        .read(|c| {
+            let row = wd::by_id(c, &id)?.ok_or(StoreError::Conflict("seed withdrawal"))?;
+            let size = log::size(c)?;
+            let events: Vec<Event> = log::entries(c, size.saturating_sub(3), size)?
+                .iter()
+                .filter_map(|bytes| Entry::decode(bytes).ok().map(|e| e.event))
+                .collect();
+            Ok::<_, StoreError>((row, events))
+        })
+        .map_err(|e| e.to_string())?;
+    let month_ago = now().saturating_sub(30 * 86_400);
+    let copies = entries / 3;
+    let mut done = 0;
+    while done < copies {
+        let batch = (copies - done).min(5_000);
+        store
+            .write(|c| {
+                for i in done..done + batch {
+                    let new_id = format!("wd_seed{i:012}");
+                    let mut copy = row.clone();
+                    copy.withdrawal_id = new_id.clone();
+                    copy.request_id = format!("seed-{i}");
+                    copy.created_at = month_ago;
+                    copy.updated_at = month_ago;
+                    copy.counted_at = Some(month_ago);
+                    copy.state = custos::lifecycle::State::Approved;
+                    wd::insert(c, &copy)?;
+                    wd::set_signed(
+                        c,
+                        &new_id,
+                        row.signed_tx.as_deref().unwrap_or_default(),
+                        row.signed_tx_hash.as_deref().unwrap_or_default(),
+                        month_ago,
+                    )?;
+                    for event in &template {
+                        let mut event = event.clone();
+                        match &mut event {
+                            Event::WithdrawalCreated {
+                                withdrawal_id,
+                                request_id,
+                                ..
+                            } => {
+                                withdrawal_id.clone_from(&new_id);
+                                request_id.clone_from(&copy.request_id);
+                            }
+                            Event::Decision { withdrawal_id, .. } | Event::Signed { withdrawal_id, .. } => {
+                                withdrawal_id.clone_from(&new_id);
+                            }
+                            _ => {}
+                        }
+                        log::append(c, month_ago, event)?;
+                    }
+                }
+                Ok::<_, StoreError>(())
+            })
+            .map_err(|e| e.to_string())?;
+        done += batch;
+    }
+    Ok(())
 }
 
 fn measure_raw(args: &BenchArgs, server: &Server, key_label: &str, sessions: usize) -> Result<Phase, String> {
@@ -490,7 +616,7 @@ async fn quorum_once(
     Ok(last == WithdrawalState::Signed)
 }
 
-fn report(raw: &Phase, auto: &[Phase], quorum: &Phase, json: bool) -> Result<(), String> {
+fn report(raw: &Phase, auto: &[Phase], quorum: &Phase, scale: &Scale, json: bool) -> Result<(), String> {
     let best = auto.iter().map(|p| p.per_second).fold(0.0, f64::max);
     let at_one = auto.iter().find(|p| p.concurrency == 1);
     let ratios = serde_json::json!({
@@ -498,7 +624,8 @@ fn report(raw: &Phase, auto: &[Phase], quorum: &Phase, json: bool) -> Result<(),
         "quorum_over_raw": quorum.per_second / raw.per_second,
         "added_p50_ms_at_concurrency_1": at_one.map(|p| p.p50_ms - raw.p50_ms),
     });
-    let value = serde_json::json!({ "raw": raw, "auto": auto, "quorum": quorum, "ratios": ratios });
+    let value =
+        serde_json::json!({ "raw": raw, "auto": auto, "quorum": quorum, "ratios": ratios, "scale": scale });
     let mut text = format!(
         "{:<12} {:>5} {:>9} {:>7} {:>10} {:>9} {:>9} {:>9}\n",
         "path", "conc", "done", "errors", "per sec", "p50 ms", "p99 ms", "p999 ms"
@@ -514,6 +641,16 @@ fn report(raw: &Phase, auto: &[Phase], quorum: &Phase, json: bool) -> Result<(),
         best / raw.per_second,
         quorum.per_second / raw.per_second,
         at_one.map_or("n/a".to_owned(), |p| format!("{:.3} ms", p.p50_ms - raw.p50_ms)),
+    ));
+    text.push_str(&format!(
+        "prior log entries: {}   startup: {}   custosd max RSS: {}\n",
+        scale.prior_entries,
+        scale
+            .startup_seconds
+            .map_or("n/a".to_owned(), |s| format!("{s:.2} s")),
+        scale
+            .server_max_rss_mb
+            .map_or("n/a".to_owned(), |m| format!("{m:.0} MB")),
     ));
     emit(json, &value, &text)
 }
