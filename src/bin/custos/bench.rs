@@ -506,7 +506,7 @@ fn seed_history(store_path: &std::path::Path, withdrawal_name: &str, entries: u6
                     let new_id = format!("wd_seed{i:012}");
                     let mut copy = row.clone();
                     copy.withdrawal_id = new_id.clone();
-                    copy.request_id = format!("seed-{i}");
+                    copy.request_id = format!("prior-{i}");
                     copy.created_at = month_ago;
                     copy.updated_at = month_ago;
                     copy.counted_at = Some(month_ago);
