@@ -150,6 +150,9 @@ const MIGRATIONS: &[&str] = &[
         BEGIN SELECT RAISE(ABORT, 'the Merkle tree is append-only'); END;",
 ];
 
+/// The most writers one group commit holds.
+const MAX_GROUP: usize = 64;
+
 /// A store failure. Messages carry no secrets (the store holds none).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -219,6 +222,8 @@ struct Writer {
     conn: Connection,
     /// The group whose transaction is open, if any.
     open: Option<u64>,
+    /// Writers in the open group so far.
+    members: usize,
     /// The last group number handed out.
     groups: u64,
     /// The last group finished, and whether its commit failed (why).
@@ -249,6 +254,7 @@ impl Store {
             writer: Mutex::new(Writer {
                 conn,
                 open: None,
+                members: 0,
                 groups: 0,
                 finished: 0,
                 failed: Vec::new(),
@@ -366,11 +372,15 @@ impl Store {
                 writer.groups += 1;
                 let group = writer.groups;
                 writer.open = Some(group);
+                writer.members = 0;
                 group
             }
         };
+        writer.members += 1;
         let result = run_in_savepoint(&writer.conn, f);
-        if self.writers_waiting.load(Ordering::SeqCst) > 0 {
+        // A bounded group: under a steady stream of writers someone must
+        // commit, or the first in the group would wait for ever.
+        if self.writers_waiting.load(Ordering::SeqCst) > 0 && writer.members < MAX_GROUP {
             // A writer is in line: it (or the last one after it) commits.
             while writer.finished < group {
                 writer = self
