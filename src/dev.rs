@@ -319,6 +319,43 @@ pub async fn bootstrap(paths: &DevPaths, wallets: Arc<Wallets>) -> Result<(), St
     write_new(&paths.policy, policy.as_bytes(), 0o644).map_err(|e| e.to_string())
 }
 
+/// A CreateWithdrawal request for an EIP-1559 ETH transfer of `wei` from the
+/// dev wallet on the dev chain, as the bench and the tests send it.
+pub fn transfer_request(
+    request_id: &str,
+    to: &str,
+    wei: u128,
+    nonce: u64,
+    initiator: &str,
+) -> crate::proto::CreateWithdrawalRequest {
+    use crate::proto::{self, ethereum_transaction_fields::Type};
+    proto::CreateWithdrawalRequest {
+        request_id: request_id.into(),
+        wallet: format!("wallets/{DEV_WALLET}"),
+        initiator: initiator.into(),
+        transaction: Some(proto::UnsignedTransaction {
+            kind: Some(proto::unsigned_transaction::Kind::Ethereum(
+                proto::EthereumTransaction {
+                    encoding: Some(proto::ethereum_transaction::Encoding::Fields(
+                        proto::EthereumTransactionFields {
+                            r#type: Type::Eip1559.into(),
+                            chain_id: DEV_CHAIN_ID,
+                            nonce,
+                            gas_limit: 21_000,
+                            gas_price: String::new(),
+                            max_fee_per_gas: "30000000000".into(),
+                            max_priority_fee_per_gas: "1000000000".into(),
+                            to: to.into(),
+                            value: wei.to_string(),
+                            data: vec![],
+                        },
+                    )),
+                },
+            )),
+        }),
+    }
+}
+
 /// A fresh data directory under the system temp dir, for `--dev` without `--data-dir`.
 pub fn fresh_data_dir() -> Result<PathBuf, DevError> {
     let mut suffix = [0u8; 6];

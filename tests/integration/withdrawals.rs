@@ -26,7 +26,6 @@ use k256::pkcs8::DecodePrivateKey;
 
 use crate::support::{self, DevServer};
 
-const CHAIN: u64 = custos::dev::DEV_CHAIN_ID;
 pub(crate) const EXCHANGE: &str = custos::dev::DEV_ALLOWLISTED;
 pub(crate) const ETHER: u128 = 1_000_000_000_000_000_000;
 
@@ -211,32 +210,7 @@ pub(crate) fn create_request(
     nonce: u64,
     initiator: &str,
 ) -> proto::CreateWithdrawalRequest {
-    use proto::ethereum_transaction_fields::Type;
-    proto::CreateWithdrawalRequest {
-        request_id: request_id.into(),
-        wallet: "wallets/hot".into(),
-        initiator: initiator.into(),
-        transaction: Some(proto::UnsignedTransaction {
-            kind: Some(proto::unsigned_transaction::Kind::Ethereum(
-                proto::EthereumTransaction {
-                    encoding: Some(proto::ethereum_transaction::Encoding::Fields(
-                        proto::EthereumTransactionFields {
-                            r#type: Type::Eip1559.into(),
-                            chain_id: CHAIN,
-                            nonce,
-                            gas_limit: 21_000,
-                            gas_price: String::new(),
-                            max_fee_per_gas: "30000000000".into(),
-                            max_priority_fee_per_gas: "1000000000".into(),
-                            to: to.into(),
-                            value: wei.to_string(),
-                            data: vec![],
-                        },
-                    )),
-                },
-            )),
-        }),
-    }
+    custos::dev::transfer_request(request_id, to, wei, nonce, initiator)
 }
 
 fn reason(status: &tonic::Status) -> String {
