@@ -27,8 +27,8 @@ use tonic::transport::Channel;
 
 use custos::approval::ApprovalMessage;
 use custos::config::TokenSelector;
-use custos::governance::{GovernanceAction, GovernanceMessage};
-use custos::policy::{Vote, policy_hash};
+use custos::custody::unix_now as now;
+use custos::policy::Vote;
 use custos::proto::{
     self, WithdrawalState, approval_service_client::ApprovalServiceClient,
     policy_service_client::PolicyServiceClient, wallet_service_client::WalletServiceClient,
@@ -210,10 +210,6 @@ fn start_server(args: &BenchArgs, data_dir: PathBuf) -> Result<Server, String> {
     })
 }
 
-fn now() -> u64 {
-    custos::custody::unix_now()
-}
-
 /// Activates the dev policy with its limits raised so a long run is not denied.
 async fn raise_limits(channel: &Channel, server: &Server) -> Result<(), String> {
     let dev_policy = std::fs::read_to_string(server.path("policy")).map_err(|e| e.to_string())?;
@@ -230,32 +226,16 @@ async fn raise_limits(channel: &Channel, server: &Server) -> Result<(), String> 
         .await
         .map_err(describe)?
         .into_inner();
-    let service_id = policies
-        .get_policy(proto::GetPolicyRequest { version: 0 })
-        .await
-        .map_err(describe)?
-        .into_inner()
-        .service_id;
-    let message = GovernanceMessage {
-        service_id,
-        action: GovernanceAction::ActivatePolicy,
-        sequence: proposal.version,
-        subject: policy_hash(document.as_bytes()),
-        expires_at: now() + 600,
-        signer: "admin".into(),
-    };
     let admin = KeyFile::load(&server.path("admin_key")).map_err(|e| e.to_string())?;
-    let signature = admin.sign_prehash(&message.digest()).map_err(|e| e.to_string())?;
-    let activated = policies
-        .approve_policy(proto::ApprovePolicyRequest {
-            approval: Some(proto::SignedMessage {
-                message: message.encode(),
-                signature: signature.to_vec(),
-            }),
-        })
-        .await
-        .map_err(describe)?
-        .into_inner();
+    let activated = crate::governance::sign_activation(
+        &mut policies,
+        document.as_bytes(),
+        proposal.version,
+        "admin".into(),
+        600,
+        |digest| admin.sign_prehash(digest).map_err(|e| e.to_string()),
+    )
+    .await?;
     if !activated.activated {
         return Err("the bench policy was not activated".into());
     }
@@ -263,32 +243,7 @@ async fn raise_limits(channel: &Channel, server: &Server) -> Result<(), String> 
 }
 
 fn create_request(id: String, wei: u128, nonce: u64) -> proto::CreateWithdrawalRequest {
-    use proto::ethereum_transaction_fields::Type;
-    proto::CreateWithdrawalRequest {
-        request_id: id,
-        wallet: format!("wallets/{}", custos::dev::DEV_WALLET),
-        initiator: "bench".into(),
-        transaction: Some(proto::UnsignedTransaction {
-            kind: Some(proto::unsigned_transaction::Kind::Ethereum(
-                proto::EthereumTransaction {
-                    encoding: Some(proto::ethereum_transaction::Encoding::Fields(
-                        proto::EthereumTransactionFields {
-                            r#type: Type::Eip1559.into(),
-                            chain_id: custos::dev::DEV_CHAIN_ID,
-                            nonce,
-                            gas_limit: 21_000,
-                            gas_price: String::new(),
-                            max_fee_per_gas: "30000000000".into(),
-                            max_priority_fee_per_gas: "1000000000".into(),
-                            to: custos::dev::DEV_ALLOWLISTED.into(),
-                            value: wei.to_string(),
-                            data: vec![],
-                        },
-                    )),
-                },
-            )),
-        }),
-    }
+    custos::dev::transfer_request(&id, custos::dev::DEV_ALLOWLISTED, wei, nonce, "bench")
 }
 
 /// What one quorum-path approver needs.

@@ -75,6 +75,38 @@ async fn state(
         .into_inner())
 }
 
+/// Signs, as `admin`, the activation of `document` as `version` (valid for
+/// `valid_for` seconds) with `sign`, and submits it; returns the proposal.
+pub(crate) async fn sign_activation(
+    client: &mut PolicyServiceClient<tonic::transport::Channel>,
+    document: &[u8],
+    version: u64,
+    admin: String,
+    valid_for: u64,
+    sign: impl FnOnce(&[u8; 32]) -> Result<[u8; 64], String>,
+) -> Result<proto::PolicyProposal, String> {
+    let current = state(client).await?;
+    let message = GovernanceMessage {
+        service_id: current.service_id,
+        action: GovernanceAction::ActivatePolicy,
+        sequence: version,
+        subject: policy_hash(document),
+        expires_at: now().saturating_add(valid_for),
+        signer: admin,
+    };
+    let signature = sign(&message.digest())?;
+    Ok(client
+        .approve_policy(proto::ApprovePolicyRequest {
+            approval: Some(proto::SignedMessage {
+                message: message.encode(),
+                signature: signature.to_vec(),
+            }),
+        })
+        .await
+        .map_err(describe)?
+        .into_inner())
+}
+
 fn show_state(s: &proto::PolicyState, with_document: bool, json: bool) -> Result<(), String> {
     let value = serde_json::json!({
         "version": s.version,
@@ -153,26 +185,15 @@ pub async fn policy(command: PolicyCommand, server: &str, json: bool) -> Result<
         } => {
             let document = std::fs::read(&file).map_err(|e| format!("{}: {e}", file.display()))?;
             let policy = Policy::parse(&document).map_err(|e| format!("{}: {e}", file.display()))?;
-            let current = state(&mut client).await?;
-            let message = GovernanceMessage {
-                service_id: current.service_id,
-                action: GovernanceAction::ActivatePolicy,
-                sequence: policy.version,
-                subject: policy_hash(&document),
-                expires_at: now().saturating_add(valid_for),
-                signer: admin,
-            };
-            let signature = signer.sign(&message.digest())?;
-            let p = client
-                .approve_policy(proto::ApprovePolicyRequest {
-                    approval: Some(proto::SignedMessage {
-                        message: message.encode(),
-                        signature: signature.to_vec(),
-                    }),
-                })
-                .await
-                .map_err(describe)?
-                .into_inner();
+            let p = sign_activation(
+                &mut client,
+                &document,
+                policy.version,
+                admin,
+                valid_for,
+                |digest| signer.sign(digest),
+            )
+            .await?;
             show_proposal(&p, json)
         }
     }
