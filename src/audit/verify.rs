@@ -18,7 +18,9 @@
 //! trusted either: when it hashes to a signed root, it pins down exactly
 //! which entry was altered.
 
-use std::io::Read;
+use std::fs::File;
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
@@ -395,6 +397,89 @@ fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
         }
     }
     Ok(filled)
+}
+
+/// Writes an export directory as entries arrive, without holding the log
+/// in memory.
+#[derive(Debug)]
+pub struct ExportWriter {
+    dir: PathBuf,
+    entries: BufWriter<File>,
+    leaves: BufWriter<File>,
+    frame: Vec<u8>,
+}
+
+impl ExportWriter {
+    /// Creates `dir` (and `dir/checkpoints`) with empty entry files.
+    pub fn create(dir: &Path) -> std::io::Result<Self> {
+        let checkpoints = dir.join("checkpoints");
+        std::fs::create_dir_all(&checkpoints).map_err(|e| at(&checkpoints, e))?;
+        let open = |name: &str| {
+            let path = dir.join(name);
+            File::create(&path).map(BufWriter::new).map_err(|e| at(&path, e))
+        };
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            entries: open("entries")?,
+            leaves: open("leaves")?,
+            frame: Vec::new(),
+        })
+    }
+
+    /// Appends the next entry and its leaf hash.
+    pub fn entry(&mut self, entry: &[u8]) -> std::io::Result<()> {
+        self.frame.clear();
+        write_frame(&mut self.frame, entry);
+        self.entries.write_all(&self.frame)?;
+        self.leaves.write_all(&merkle::leaf_hash(entry))
+    }
+
+    /// Writes the signed checkpoint at `size`, verbatim.
+    pub fn checkpoint(&self, size: u64, note: &str) -> std::io::Result<()> {
+        let path = self.dir.join("checkpoints").join(checkpoint_file_name(size));
+        std::fs::write(&path, note).map_err(|e| at(&path, e))
+    }
+
+    /// Flushes the entry files.
+    pub fn finish(mut self) -> std::io::Result<()> {
+        self.entries.flush()?;
+        self.leaves.flush()
+    }
+}
+
+/// Feeds the export in `dir` to `verifier`: every checkpoint note, then the
+/// entries with the leaf hashes the export recorded. `progress` is told how
+/// many entries were read so far.
+pub fn read_export(dir: &Path, verifier: &mut LogVerifier, progress: impl FnMut(u64)) -> std::io::Result<()> {
+    let checkpoint_dir = dir.join("checkpoints");
+    let mut notes: Vec<PathBuf> = std::fs::read_dir(&checkpoint_dir)
+        .map_err(|e| at(&checkpoint_dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    notes.sort();
+    for path in &notes {
+        let note = std::fs::read(path).map_err(|e| at(path, e))?;
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        // Not UTF-8 is not a note; the control character makes it refused.
+        verifier.add_checkpoint(&name, &String::from_utf8(note).unwrap_or_else(|_| "\u{0}".into()));
+    }
+    let entries_path = dir.join("entries");
+    let entries = File::open(&entries_path).map_err(|e| at(&entries_path, e))?;
+    let leaves = File::open(dir.join("leaves")).ok();
+    read_entries(entries, leaves, verifier, progress).map_err(|e| at(&entries_path, e))
+}
+
+/// How many entries an export holds, from its leaves file (for a progress
+/// total; 0 when it has none).
+pub fn export_len(dir: &Path) -> u64 {
+    std::fs::metadata(dir.join("leaves")).map_or(0, |m| m.len() / 32)
+}
+
+fn at(path: &Path, error: std::io::Error) -> std::io::Error {
+    std::io::Error::new(error.kind(), format!("{}: {error}", path.display()))
 }
 
 /// Appends one entry frame to `out`.

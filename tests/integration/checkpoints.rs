@@ -355,18 +355,7 @@ fn export(server: &DevServer, dir: &Path) {
 
 fn verify_dir(key: &str, dir: &Path, previous: Option<&Path>) -> VerifyReport {
     let mut verifier = LogVerifier::new(NoteVerifier::parse(key).unwrap(), Some("custos-dev"));
-    let mut names: Vec<PathBuf> = std::fs::read_dir(dir.join("checkpoints"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    names.sort();
-    for path in names {
-        let note = String::from_utf8_lossy(&std::fs::read(&path).unwrap()).into_owned();
-        verifier.add_checkpoint(&path.file_name().unwrap().to_string_lossy(), &note);
-    }
-    let entries = std::fs::File::open(dir.join("entries")).unwrap();
-    let leaves = std::fs::File::open(dir.join("leaves")).ok();
-    verify::read_entries(entries, leaves, &mut verifier, |_| {}).unwrap();
+    verify::read_export(dir, &mut verifier, |_| {}).unwrap();
     if let Some(previous) = previous {
         verifier.check_previous("previous", &std::fs::read_to_string(previous).unwrap());
     }

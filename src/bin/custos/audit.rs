@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use custos::audit::merkle;
 use custos::audit::note::NoteVerifier;
-use custos::audit::verify::{self, LogVerifier, VerifyReport};
+use custos::audit::verify::{self, ExportWriter, LogVerifier, VerifyReport};
 use custos::proto::{self, audit_service_client::AuditServiceClient};
 
 use crate::{connect, describe, emit};
@@ -173,33 +173,34 @@ async fn export(server: &str, out: &Path, json: bool) -> Result<(), String> {
     let mut audit = client(server).await?;
     let checkpoints = fetch_checkpoints(&mut audit).await?;
     let end = checkpoints.iter().map(|c| c.tree_size).max().unwrap_or(0);
-    let write = |path: &Path, bytes: &[u8]| {
-        std::fs::write(path, bytes).map_err(|e| format!("cannot write {}: {e}", path.display()))
-    };
-    let checkpoint_dir = out.join("checkpoints");
-    std::fs::create_dir_all(&checkpoint_dir)
-        .map_err(|e| format!("cannot create {}: {e}", checkpoint_dir.display()))?;
+    let mut writer = ExportWriter::create(out).map_err(|e| format!("cannot write the export: {e}"))?;
     let bar = progress_bar(end);
     bar.set_message("exporting");
-    let (mut entries, mut leaves) = (Vec::new(), Vec::new());
+    let (mut written, mut failed) = (0u64, None);
     // Entries up to the latest checkpoint: what an auditor can check.
     fetch_entries(&mut audit, end, |data| {
-        verify::write_frame(&mut entries, data);
-        leaves.extend_from_slice(&merkle::leaf_hash(data));
-        if (leaves.len() as u64 / 32) % PROGRESS_STEP == 0 {
-            bar.set_position(leaves.len() as u64 / 32);
+        if failed.is_none()
+            && let Err(e) = writer.entry(data)
+        {
+            failed = Some(e);
+        }
+        written += 1;
+        if written % PROGRESS_STEP == 0 {
+            bar.set_position(written);
         }
     })
     .await?;
     bar.finish_and_clear();
-    write(&out.join("entries"), &entries)?;
-    write(&out.join("leaves"), &leaves)?;
-    for c in &checkpoints {
-        write(
-            &checkpoint_dir.join(verify::checkpoint_file_name(c.tree_size)),
-            c.note.as_bytes(),
-        )?;
-    }
+    let written = failed.map_or_else(
+        || {
+            checkpoints
+                .iter()
+                .try_for_each(|c| writer.checkpoint(c.tree_size, &c.note))
+                .and_then(|()| writer.finish())
+        },
+        Err,
+    );
+    written.map_err(|e| format!("cannot write the export in {}: {e}", out.display()))?;
     let value = serde_json::json!({
         "dir": out.display().to_string(),
         "entries": end,
@@ -306,41 +307,14 @@ async fn verify_log(args: VerifyArgs, server: &str, json: bool) -> Result<(), St
 }
 
 fn read_export(dir: &Path, verifier: &mut LogVerifier) -> Result<(), String> {
-    let checkpoint_dir = dir.join("checkpoints");
-    let mut names: Vec<PathBuf> = std::fs::read_dir(&checkpoint_dir)
-        .map_err(|e| format!("cannot read {}: {e}", checkpoint_dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .collect();
-    names.sort();
-    for path in &names {
-        let note = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        match String::from_utf8(note) {
-            Ok(note) => verifier.add_checkpoint(&name, &note),
-            Err(_) => verifier.add_checkpoint(&name, "\u{0}"),
-        }
-    }
-    let entries_path = dir.join("entries");
-    let entries = std::fs::File::open(&entries_path)
-        .map_err(|e| format!("cannot read {}: {e}", entries_path.display()))?;
-    let total = entries.metadata().map(|m| m.len()).unwrap_or(0);
-    let leaves = std::fs::File::open(dir.join("leaves")).ok();
-    let bar = progress_bar(
-        leaves
-            .as_ref()
-            .and_then(|l| l.metadata().ok())
-            .map_or(total, |m| m.len() / 32),
-    );
+    let bar = progress_bar(verify::export_len(dir));
     bar.set_message("verifying");
-    verify::read_entries(entries, leaves, verifier, |n| {
+    verify::read_export(dir, verifier, |n| {
         if n % PROGRESS_STEP == 0 {
             bar.set_position(n);
         }
     })
-    .map_err(|e| format!("reading {}: {e}", entries_path.display()))?;
+    .map_err(|e| format!("reading the export: {e}"))?;
     bar.finish_and_clear();
     Ok(())
 }
