@@ -4,7 +4,7 @@ use cryptoki::context::Function;
 use cryptoki::error::{Error as CkError, RvError};
 
 /// A failure in the HSM adapter. Messages carry no PIN and no key material.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum HsmError {
     /// The PKCS#11 module could not be loaded.
     #[error("cannot load PKCS#11 module {path}: {reason}")]
@@ -41,8 +41,10 @@ pub enum HsmError {
         /// cryptoki's message.
         message: String,
     },
-    /// The session or login was lost and the single retry also failed: fail closed.
-    #[error("HSM unavailable after one recovery attempt: {0}")]
+    /// The session, the login or the token was lost, and recovering it failed
+    /// (or is backing off after a failure), or the single retry after
+    /// recovery failed too: fail closed. Carries the underlying cause.
+    #[error("HSM unavailable, failing closed: {0}")]
     Unavailable(Box<HsmError>),
     /// A key's attributes, read back from the token, are not the required ones.
     #[error("key {label:?} refused: {attribute} is {actual}, required {required}")]
@@ -76,6 +78,7 @@ pub enum HsmError {
 impl HsmError {
     /// Wraps a cryptoki error, naming the C function when the module returned a code.
     pub(crate) fn from_cryptoki(context: &'static str, error: CkError) -> Self {
+        crate::metrics::hsm_error(&error);
         match error {
             CkError::Pkcs11(rv, function) => HsmError::Pkcs11 {
                 function: c_function_name(function),
@@ -97,19 +100,33 @@ impl HsmError {
         }
     }
 
-    /// Whether this error means the session or login is gone, so that reopening
-    /// and logging in again may succeed.
+    /// Whether this error means the session, the login or the token is gone,
+    /// so that reopening the session, logging in again or re-initializing the
+    /// module may succeed. Besides the codes for a lost session or login,
+    /// this covers what SoftHSMv2 returns once its token files vanished
+    /// (`CKR_GENERAL_ERROR` from `C_GetTokenInfo` and `C_Login`), what a
+    /// module re-initialized under us returns (`CKR_CRYPTOKI_NOT_INITIALIZED`,
+    /// `CKR_SLOT_ID_INVALID`), and a token that is not found at all.
     pub fn is_session_loss(&self) -> bool {
-        matches!(
-            self.rv(),
-            Some(
-                RvError::SessionHandleInvalid
-                    | RvError::SessionClosed
-                    | RvError::UserNotLoggedIn
-                    | RvError::DeviceRemoved
-                    | RvError::TokenNotPresent
+        if matches!(self, HsmError::Unavailable(_)) {
+            return false;
+        }
+        matches!(self, HsmError::TokenNotFound { .. })
+            || matches!(
+                self.rv(),
+                Some(
+                    RvError::SessionHandleInvalid
+                        | RvError::SessionClosed
+                        | RvError::UserNotLoggedIn
+                        | RvError::DeviceRemoved
+                        | RvError::DeviceError
+                        | RvError::TokenNotPresent
+                        | RvError::TokenNotRecognized
+                        | RvError::GeneralError
+                        | RvError::CryptokiNotInitialized
+                        | RvError::SlotIdInvalid
+                )
             )
-        ) && !matches!(self, HsmError::Unavailable(_))
     }
 
     /// Whether a cached object handle no longer names an object on the token.
@@ -150,9 +167,15 @@ mod tests {
             (RvError::UserNotLoggedIn, true),
             (RvError::DeviceRemoved, true),
             (RvError::TokenNotPresent, true),
+            (RvError::DeviceError, true),
+            (RvError::GeneralError, true),
+            (RvError::CryptokiNotInitialized, true),
+            (RvError::SlotIdInvalid, true),
             (RvError::PinIncorrect, false),
             (RvError::KeyHandleInvalid, false),
-            (RvError::GeneralError, false),
+            (RvError::ObjectHandleInvalid, false),
+            (RvError::FunctionFailed, false),
+            (RvError::UserAlreadyLoggedIn, false),
         ] {
             let err = HsmError::Pkcs11 {
                 function: "C_Sign".into(),
@@ -160,5 +183,12 @@ mod tests {
             };
             assert_eq!(err.is_session_loss(), lost, "{rv:?}");
         }
+        let missing = HsmError::TokenNotFound {
+            selector: "label \"custos\"".into(),
+            present: "none".into(),
+        };
+        assert!(missing.is_session_loss());
+        assert!(!HsmError::LoginRefused(RvError::PinIncorrect).is_session_loss());
+        assert!(!HsmError::KeyMissing("00".into()).is_session_loss());
     }
 }

@@ -7,20 +7,51 @@
 //!
 //! Every PKCS#11 call runs on tokio's blocking pool, holding one of
 //! `sessions` permits until the call returns, and is abandoned (failing
-//! closed) after the configured timeout. A call that fails because the
-//! session or login was lost (`CKR_SESSION_HANDLE_INVALID`,
-//! `CKR_SESSION_CLOSED`, `CKR_USER_NOT_LOGGED_IN`, `CKR_DEVICE_REMOVED`,
-//! `CKR_TOKEN_NOT_PRESENT`) is retried once after the token is found again and
-//! a new anchor is logged in; if that fails too, the call fails closed with
-//! [`HsmError::Unavailable`]. Key generation is never retried automatically,
-//! so a lost reply cannot create a second key.
+//! closed) after the configured timeout.
 //!
-//! Recovery starts a new *epoch*: sessions and key handles from an older
-//! epoch are discarded rather than reused. Handles are re-resolved by CKA_ID,
-//! and the public key found must equal the one cached for that id, or the key
-//! is refused. A private key planted under a wallet's id next to the genuine
-//! public key can still be asked to sign once; its signature then fails
-//! verification against the wallet's public key and is never released.
+//! # Losing the token, and getting it back
+//!
+//! A call that fails because the session, the login or the token was lost
+//! (see [`HsmError::is_session_loss`]) is retried once after recovery; if
+//! recovery or the retry fails, the call fails closed with
+//! [`HsmError::Unavailable`], which the API maps to gRPC `UNAVAILABLE`.
+//! Recovery first reopens: it finds the token again, opens and logs in a new
+//! anchor. If that fails it re-initializes the module (`C_Finalize`, then
+//! `C_Initialize`), which is the only way SoftHSMv2 sees a token whose files
+//! vanished and came back, or a token re-created under the same label: it
+//! reads its token directory only in `C_Initialize`, and a token whose files
+//! went away stays broken in memory (`CKR_GENERAL_ERROR`) even after they
+//! return. Re-initialization holds a process-wide gate exclusively, so it
+//! waits for every call in flight and none starts until it is done.
+//!
+//! After a failed recovery the token is *down*: calls fail at once, without
+//! touching the module, until a backoff (250 ms doubling to 2 s) lets the next
+//! call try again. So a dead token is not hammered, and the service recovers
+//! by itself, without a restart, once the token is back. A token that refuses
+//! the PIN is not logged in to again automatically (that could lock it); it
+//! needs a restart once the PIN is fixed. Key generation is never retried
+//! automatically, so a lost reply cannot create a second key.
+//!
+//! A missing key or a stale handle is not taken at its word: a logged-out
+//! session cannot see private objects, and SoftHSMv2 whose token files are
+//! gone finds nothing and reports `CKR_OBJECT_HANDLE_INVALID`. The session's
+//! login and the token (`C_GetTokenInfo`) are checked first, and a failure
+//! there is the real, recoverable, error.
+//!
+//! Recovery starts a new *epoch*, and re-initialization a new module
+//! *generation*: sessions and key handles from before are discarded rather
+//! than reused (handle numbers start again after `C_Initialize`, so an old
+//! handle may name another object). Handles are re-resolved by CKA_ID, and
+//! the public key found must equal the one cached for that id, or the key is
+//! refused. A token re-created with the same label and PIN but without the
+//! wallet keys therefore signs nothing ([`HsmError::KeyMissing`]). A private
+//! key planted under a wallet's id next to the genuine public key can still be
+//! asked to sign once; its signature then fails verification against the
+//! wallet's public key and is never released.
+//!
+//! A retried `C_Sign` is safe: the first attempt returned no signature, so at
+//! most one signature per call ever leaves this module, and custody logs it
+//! before releasing it.
 
 mod error;
 mod keys;
@@ -30,11 +61,12 @@ mod token;
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cryptoki::context::Pkcs11;
+use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::object::{Attribute, ObjectHandle};
 use cryptoki::session::{Session, SessionState};
 use cryptoki::slot::Slot;
@@ -105,8 +137,8 @@ pub struct LoadedKey {
 #[derive(Debug, Clone)]
 struct CachedKey {
     kind: KeyKind,
-    /// The private key handle and the epoch it was resolved in.
-    private: Option<(u64, ObjectHandle)>,
+    /// The private key handle and when it was resolved.
+    private: Option<(Stamp, ObjectHandle)>,
     public_key: Vec<u8>,
 }
 
@@ -120,26 +152,95 @@ pub struct Hsm {
     call_timeout: Duration,
 }
 
+/// Serialises re-initialization of the PKCS#11 module against every other call
+/// into it, process-wide (initialization is per process, not per context):
+/// `C_Finalize` while another thread is inside the module is undefined
+/// behaviour in most modules (SoftHSM frees its state). Every call holds it
+/// shared; only [`Inner::reinitialize`] holds it exclusively. Never taken
+/// twice by one thread.
+static MODULE_GATE: RwLock<()> = RwLock::new(());
+
+/// How many times this process re-initialized the module. Sessions and
+/// object handles from an older generation name nothing, or something else:
+/// handle numbers start again after `C_Initialize`.
+static MODULE_GENERATION: AtomicU64 = AtomicU64::new(0);
+
+/// First wait after a failed recovery before the next attempt.
+const BACKOFF_FIRST: Duration = Duration::from_millis(250);
+/// Longest wait between recovery attempts while the token is down.
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// When a session was opened or a handle resolved: valid only while both the
+/// module generation and the adapter's epoch are unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    generation: u64,
+    epoch: u64,
+}
+
 struct Inner {
     pkcs11: Pkcs11,
     selector: TokenSelector,
     pin: Pin,
     slot: Mutex<Slot>,
-    /// Incremented by every recovery; sessions and handles carry the epoch
-    /// they were opened or resolved in.
+    /// Incremented by every recovery.
     epoch: AtomicU64,
-    /// The login-holding session. Replaced only after a successor is logged in.
-    anchor: Mutex<Option<Session>>,
-    idle: Mutex<Vec<PooledSession>>,
+    /// Whether the last recovery failed; mirrors `recovery.outage` so that
+    /// the common path does not take the recovery lock.
+    down: AtomicBool,
+    /// Held by the one worker recovering at a time.
+    recovery: Mutex<Recovery>,
+    idle: Mutex<Vec<TokenSession>>,
     max_idle: usize,
     keys: RwLock<HashMap<KeyId, CachedKey>>,
     /// `C_Sign` calls made with wallet keys, successful or not.
     wallet_sign_calls: AtomicU64,
 }
 
-struct PooledSession {
-    epoch: u64,
+struct Recovery {
+    /// The login-holding session. Replaced only after a successor is logged
+    /// in; absent only while the token is down after a re-initialization.
+    anchor: Option<TokenSession>,
+    /// Serial number of the token found last, to log a replaced token.
+    serial: String,
+    outage: Option<Outage>,
+}
+
+/// The token is down: the last recovery attempt failed.
+struct Outage {
+    since: Instant,
+    failures: u32,
+    retry_at: Instant,
+    cause: HsmError,
+}
+
+impl Outage {
+    /// Whether the next recovery attempt may run now. Never after the token
+    /// refused the PIN: repeated attempts could lock it.
+    fn due(&self) -> bool {
+        !matches!(self.cause, HsmError::LoginRefused(_)) && Instant::now() >= self.retry_at
+    }
+}
+
+/// A session opened by this adapter, without cryptoki's close-on-drop: it is
+/// closed by [`TokenSession::retire`], and only if the module was not
+/// re-initialized since it was opened (its handle may by then name another
+/// session). Every PKCS#11 call on it happens under [`MODULE_GATE`].
+struct TokenSession {
     session: Session,
+    stamp: Stamp,
+}
+
+impl TokenSession {
+    fn retire(self) {
+        if self.stamp.generation != MODULE_GENERATION.load(Ordering::Acquire) {
+            return;
+        }
+        if let Err(e) = self.session.close() {
+            let e = HsmError::from_cryptoki("close session", e);
+            tracing::debug!(error = %e, "closing a retired HSM session failed");
+        }
+    }
 }
 
 /// Whether a failed call may be re-run after recovery.
@@ -172,14 +273,30 @@ impl Hsm {
 
     /// The blocking body of [`Hsm::open`], for callers outside a runtime.
     pub fn open_blocking(config: &HsmConfig, pin: Pin) -> Result<Self, HsmError> {
+        let _gate = read(&MODULE_GATE);
+        let stamp = Stamp {
+            generation: MODULE_GENERATION.load(Ordering::Acquire),
+            epoch: 0,
+        };
         let pkcs11 = token::load_module(&config.module)?;
-        let slot = token::find_slot(&pkcs11, &config.token)?;
-        let anchor = open_session(&pkcs11, slot)?;
-        token::login(&anchor, &pin)?;
+        let (slot, serial) = token::find_token(&pkcs11, &config.token)?;
+        let anchor = open_session(&pkcs11, slot, stamp)?;
+        if let Err(e) = token::login(&anchor.session, &pin) {
+            anchor.retire();
+            return Err(e);
+        }
         let sessions = config.sessions.get();
-        let idle = (0..sessions)
-            .map(|_| open_session(&pkcs11, slot).map(|session| PooledSession { epoch: 0, session }))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut idle = Vec::with_capacity(sessions);
+        for _ in 0..sessions {
+            match open_session(&pkcs11, slot, stamp) {
+                Ok(session) => idle.push(session),
+                Err(e) => {
+                    idle.into_iter().for_each(TokenSession::retire);
+                    anchor.retire();
+                    return Err(e);
+                }
+            }
+        }
         tracing::info!(slot = slot.id(), sessions, "HSM token opened and logged in");
         Ok(Self {
             inner: Arc::new(Inner {
@@ -188,7 +305,12 @@ impl Hsm {
                 pin,
                 slot: Mutex::new(slot),
                 epoch: AtomicU64::new(0),
-                anchor: Mutex::new(Some(anchor)),
+                down: AtomicBool::new(false),
+                recovery: Mutex::new(Recovery {
+                    anchor: Some(anchor),
+                    serial,
+                    outage: None,
+                }),
                 idle: Mutex::new(idle),
                 max_idle: sessions,
                 keys: RwLock::new(HashMap::new()),
@@ -341,31 +463,38 @@ impl Hsm {
 }
 
 impl Inner {
+    /// Runs `op`, recovering once from a lost session, login or token.
+    ///
+    /// While the token is down, `op` is not run until a recovery succeeds;
+    /// within the backoff the call fails at once.
     fn execute_blocking<T>(
         &self,
         retry: Retry,
         op: &dyn Fn(&Inner, &Session) -> Result<T, HsmError>,
     ) -> Result<T, HsmError> {
-        let first = self.run_pooled(op);
-        let Err((lost, seen_epoch)) = first else {
-            return first.map_err(|(e, _)| e);
+        let recovered_first = self.down.load(Ordering::Acquire);
+        if recovered_first {
+            self.recover_outage().map_err(unavailable)?;
+        }
+        let (lost, seen) = match self.run_pooled(op) {
+            Ok(value) => return Ok(value),
+            Err((e, _)) if !e.is_session_loss() => return Err(e),
+            Err(failure) => failure,
         };
-        if !lost.is_session_loss() {
-            return Err(lost);
+        if recovered_first {
+            self.mark_down(seen, &lost);
+            return Err(unavailable(lost));
         }
-        tracing::warn!(error = %lost, "HSM session lost; recovering");
-        if let Err(e) = self.recover(seen_epoch) {
-            tracing::error!(error = %e, "HSM recovery failed; failing closed");
-            return Err(HsmError::Unavailable(Box::new(e)));
-        }
+        tracing::warn!(error = %lost, "HSM session, login or token lost; recovering");
+        self.recover(seen).map_err(unavailable)?;
         if retry == Retry::Never {
-            return Err(HsmError::Unavailable(Box::new(lost)));
+            return Err(unavailable(lost));
         }
         match self.run_pooled(op) {
             Ok(value) => Ok(value),
-            Err((e, _)) if e.is_session_loss() => {
-                tracing::error!(error = %e, "HSM retry failed; failing closed");
-                Err(HsmError::Unavailable(Box::new(e)))
+            Err((e, seen)) if e.is_session_loss() => {
+                self.mark_down(seen, &e);
+                Err(unavailable(e))
             }
             // The session works again; what failed now is a real answer
             // (a missing or mismatched key, say) and is reported as such.
@@ -373,78 +502,272 @@ impl Inner {
         }
     }
 
-    /// Runs `op` on a session from the pool. On error, also returns the epoch
-    /// of the session used, so that recovery runs once per epoch.
+    fn stamp(&self) -> Stamp {
+        Stamp {
+            generation: MODULE_GENERATION.load(Ordering::Acquire),
+            epoch: self.epoch.load(Ordering::Acquire),
+        }
+    }
+
+    /// Runs `op` on a session from the pool, holding the module gate shared.
+    /// On error, also returns the stamp of the session used, so that
+    /// recovery runs once per failure.
     fn run_pooled<T>(
         &self,
         op: &dyn Fn(&Inner, &Session) -> Result<T, HsmError>,
-    ) -> Result<T, (HsmError, u64)> {
-        let pooled = self
-            .take_session()
-            .map_err(|e| (e, self.epoch.load(Ordering::Acquire)))?;
-        let result = op(self, &pooled.session).map_err(|e| reclassify_logged_out(&pooled.session, e));
+    ) -> Result<T, (HsmError, Stamp)> {
+        let _gate = read(&MODULE_GATE);
+        let pooled = self.take_session().map_err(|e| (e, self.stamp()))?;
+        let result = op(self, &pooled.session).map_err(|e| self.reclassify(&pooled.session, e));
+        let stamp = pooled.stamp;
         match result {
             Ok(value) => {
                 self.return_session(pooled);
                 Ok(value)
             }
-            Err(e) if e.is_session_loss() => Err((e, pooled.epoch)),
+            Err(e) if e.is_session_loss() => {
+                pooled.retire();
+                Err((e, stamp))
+            }
             Err(e) => {
-                let epoch = pooled.epoch;
                 self.return_session(pooled);
-                Err((e, epoch))
+                Err((e, stamp))
             }
         }
     }
 
-    fn take_session(&self) -> Result<PooledSession, HsmError> {
-        if let Some(pooled) = lock(&self.idle).pop() {
-            return Ok(pooled);
+    /// An idle session of the current stamp, or a new one. Called under the
+    /// module gate.
+    fn take_session(&self) -> Result<TokenSession, HsmError> {
+        let current = self.stamp();
+        loop {
+            let Some(pooled) = lock(&self.idle).pop() else {
+                break;
+            };
+            if pooled.stamp == current {
+                return Ok(pooled);
+            }
+            pooled.retire();
         }
-        let epoch = self.epoch.load(Ordering::Acquire);
         let slot = *lock(&self.slot);
-        Ok(PooledSession {
-            epoch,
-            session: open_session(&self.pkcs11, slot)?,
-        })
+        open_session(&self.pkcs11, slot, current)
     }
 
     /// Returns a session to the pool, unless it predates the last recovery or
     /// the pool is full (then it is closed; the anchor keeps the login).
-    fn return_session(&self, pooled: PooledSession) {
-        if pooled.epoch != self.epoch.load(Ordering::Acquire) {
+    /// Called under the module gate.
+    fn return_session(&self, pooled: TokenSession) {
+        if pooled.stamp != self.stamp() {
+            pooled.retire();
             return;
         }
         let mut idle = lock(&self.idle);
         if idle.len() < self.max_idle {
             idle.push(pooled);
+        } else {
+            drop(idle);
+            pooled.retire();
         }
     }
 
-    /// Re-finds the token, opens and logs in a new anchor, then starts a new
-    /// epoch: idle sessions and cached handles from before are discarded.
-    /// The new anchor is open before anything is closed, so the token never
-    /// loses its last session. A failure seen in an epoch that another worker
-    /// already recovered from needs no second recovery.
-    fn recover(&self, seen_epoch: u64) -> Result<(), HsmError> {
-        let mut anchor = lock(&self.anchor);
-        if self.epoch.load(Ordering::Acquire) != seen_epoch {
-            return Ok(());
+    /// Recovers from a failure seen at `seen`, unless another worker already
+    /// did, or the token is down and the backoff has not passed.
+    fn recover(&self, seen: Stamp) -> Result<(), HsmError> {
+        let mut recovery = lock(&self.recovery);
+        match &recovery.outage {
+            Some(outage) if self.stamp() != seen || !outage.due() => Err(outage.cause.clone()),
+            None if self.stamp() != seen => Ok(()),
+            _ => self.attempt(&mut recovery),
         }
-        let slot = token::find_slot(&self.pkcs11, &self.selector)?;
-        let fresh = open_session(&self.pkcs11, slot)?;
-        token::login(&fresh, &self.pin)?;
-        *lock(&self.slot) = slot;
+    }
+
+    /// While the token is down: recovers if the backoff has passed, fails at
+    /// once otherwise.
+    fn recover_outage(&self) -> Result<(), HsmError> {
+        let mut recovery = lock(&self.recovery);
+        match &recovery.outage {
+            None => Ok(()),
+            Some(outage) if !outage.due() => Err(outage.cause.clone()),
+            Some(_) => self.attempt(&mut recovery),
+        }
+    }
+
+    /// One recovery attempt: reopen (find the token, open and log in a new
+    /// anchor), and if that fails, re-initialize the module. While the token
+    /// is down, only re-initialization is tried.
+    fn attempt(&self, recovery: &mut Recovery) -> Result<(), HsmError> {
+        let result = if recovery.outage.is_none() {
+            self.reopen(recovery).or_else(|e| {
+                tracing::warn!(error = %e, "reopening the HSM session failed; re-initializing the PKCS#11 module");
+                self.reinitialize(recovery)
+            })
+        } else {
+            self.reinitialize(recovery)
+        };
+        match result {
+            Ok(()) => {
+                if let Some(outage) = recovery.outage.take() {
+                    tracing::info!(
+                        down_ms = outage.since.elapsed().as_millis() as u64,
+                        failed_attempts = outage.failures,
+                        "HSM token is back; service resumed"
+                    );
+                }
+                self.down.store(false, Ordering::Release);
+                Ok(())
+            }
+            Err(e) => {
+                self.record_outage(recovery, &e);
+                Err(e)
+            }
+        }
+    }
+
+    /// Records that a call failed again right after a recovery (at `seen`):
+    /// the token is down, and the next attempt re-initializes the module.
+    fn mark_down(&self, seen: Stamp, error: &HsmError) {
+        let mut recovery = lock(&self.recovery);
+        if recovery.outage.is_none() && self.stamp() != seen {
+            // Another worker recovered since; its sessions may work.
+            return;
+        }
+        self.record_outage(&mut recovery, error);
+    }
+
+    fn record_outage(&self, recovery: &mut Recovery, error: &HsmError) {
+        let now = Instant::now();
+        let outage = recovery.outage.get_or_insert_with(|| Outage {
+            since: now,
+            failures: 0,
+            retry_at: now,
+            cause: error.clone(),
+        });
+        outage.failures = outage.failures.saturating_add(1);
+        outage.cause = error.clone();
+        let backoff = backoff(outage.failures);
+        outage.retry_at = now + backoff;
+        self.down.store(true, Ordering::Release);
+        if matches!(error, HsmError::LoginRefused(_)) {
+            tracing::error!(
+                error = %error,
+                "the HSM token refused the PIN; custos will not log in again by itself (repeated attempts \
+                 could lock the token): fix the PIN and restart custosd"
+            );
+        } else if outage.failures == 1 {
+            tracing::error!(
+                error = %error,
+                retry_in_ms = backoff.as_millis() as u64,
+                "HSM recovery failed; failing closed until the token is back"
+            );
+        } else {
+            tracing::warn!(
+                error = %error,
+                failed_attempts = outage.failures,
+                retry_in_ms = backoff.as_millis() as u64,
+                "HSM still unavailable"
+            );
+        }
+    }
+
+    /// Finds the token again and logs in a new anchor, under the module gate.
+    fn reopen(&self, recovery: &mut Recovery) -> Result<(), HsmError> {
+        let _gate = read(&MODULE_GATE);
+        self.log_in_anchor(recovery)
+    }
+
+    /// `C_Finalize` and `C_Initialize`, then finds the token and logs in a new
+    /// anchor. Holds the module gate exclusively: it waits for every call in
+    /// flight, and no call starts until it is done. Everything this adapter
+    /// holds is closed first, while the module still knows the handles.
+    fn reinitialize(&self, recovery: &mut Recovery) -> Result<(), HsmError> {
+        let _gate = write(&MODULE_GATE);
+        std::mem::take(&mut *lock(&self.idle))
+            .into_iter()
+            .for_each(TokenSession::retire);
+        if let Some(anchor) = recovery.anchor.take() {
+            anchor.retire();
+        }
+        self.forget_handles();
+        match self.pkcs11.clone().finalize() {
+            Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiNotInitialized, _)) => {}
+            Err(e) => {
+                let e = HsmError::from_cryptoki("finalize module", e);
+                tracing::warn!(error = %e, "C_Finalize failed; initializing the module again anyway");
+            }
+        }
+        let generation = MODULE_GENERATION.fetch_add(1, Ordering::AcqRel) + 1;
+        token::initialize(&self.pkcs11)?;
+        tracing::info!(generation, "PKCS#11 module re-initialized");
+        self.log_in_anchor(recovery)
+    }
+
+    /// Finds the token, opens and logs in a new anchor, and starts a new
+    /// epoch: idle sessions and cached handles from before are discarded.
+    /// The new anchor is open before the old one is closed, so the token
+    /// never loses its last session. Called under the module gate.
+    fn log_in_anchor(&self, recovery: &mut Recovery) -> Result<(), HsmError> {
+        let (slot, serial) = token::find_token(&self.pkcs11, &self.selector)?;
+        let fresh = open_session(&self.pkcs11, slot, self.stamp())?;
+        if let Err(e) = token::login(&fresh.session, &self.pin) {
+            fresh.retire();
+            return Err(e);
+        }
         let epoch = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
+        *lock(&self.slot) = slot;
+        self.forget_handles();
+        std::mem::take(&mut *lock(&self.idle))
+            .into_iter()
+            .for_each(TokenSession::retire);
+        let fresh = TokenSession {
+            stamp: self.stamp(),
+            ..fresh
+        };
+        if let Some(stale) = recovery.anchor.replace(fresh) {
+            stale.retire();
+        }
+        if serial != recovery.serial {
+            tracing::warn!(
+                previous = %recovery.serial,
+                now = %serial,
+                "the HSM token was replaced (its serial number changed); every key is checked again by CKA_ID and public key"
+            );
+            recovery.serial = serial;
+        }
+        tracing::info!(slot = slot.id(), epoch, "HSM session recovered and logged in");
+        Ok(())
+    }
+
+    fn forget_handles(&self) {
         for key in write(&self.keys).values_mut() {
             key.private = None;
         }
-        let stale_idle = std::mem::take(&mut *lock(&self.idle));
-        let stale_anchor = anchor.replace(fresh);
-        drop(stale_idle);
-        drop(stale_anchor);
-        tracing::info!(slot = slot.id(), epoch, "HSM session recovered");
-        Ok(())
+    }
+
+    /// A lost login or token does not always say so: a logged-out session
+    /// cannot see private objects, and SoftHSMv2 whose token files vanished
+    /// finds nothing and reports `CKR_OBJECT_HANDLE_INVALID`. Before a
+    /// missing key or a stale handle is reported as such, the session's login
+    /// and the token itself are checked; a failure there is the real error,
+    /// and one the executor recovers from.
+    fn reclassify(&self, session: &Session, error: HsmError) -> HsmError {
+        if !(error.is_stale_handle() || matches!(error, HsmError::KeyMissing(_))) {
+            return error;
+        }
+        match session.get_session_info().map(|info| info.session_state()) {
+            Ok(SessionState::RoUser | SessionState::RwUser) => {}
+            Ok(_) => {
+                return HsmError::Pkcs11 {
+                    function: "C_GetSessionInfo".into(),
+                    rv: RvError::UserNotLoggedIn,
+                };
+            }
+            Err(e) => return HsmError::from_cryptoki("read session state", e),
+        }
+        let slot = *lock(&self.slot);
+        match self.pkcs11.get_token_info(slot) {
+            Ok(_) => error,
+            Err(e) => HsmError::from_cryptoki("read token info", e),
+        }
     }
 
     fn generate(&self, session: &Session, kind: KeyKind, label_base: &str) -> Result<GeneratedKey, HsmError> {
@@ -490,7 +813,7 @@ impl Inner {
             id.clone(),
             CachedKey {
                 kind,
-                private: Some((self.epoch.load(Ordering::Acquire), private)),
+                private: Some((self.stamp(), private)),
                 public_key: public_key.clone(),
             },
         );
@@ -534,7 +857,7 @@ impl Inner {
         private: ObjectHandle,
         public_key: &[u8],
     ) -> Result<(), HsmError> {
-        let epoch = self.epoch.load(Ordering::Acquire);
+        let stamp = self.stamp();
         let mut keys = write(&self.keys);
         if let Some(known) = keys.get(id)
             && (known.public_key != public_key || known.kind != kind)
@@ -546,7 +869,7 @@ impl Inner {
             id.clone(),
             CachedKey {
                 kind,
-                private: Some((epoch, private)),
+                private: Some((stamp, private)),
                 public_key: public_key.to_vec(),
             },
         );
@@ -557,14 +880,14 @@ impl Inner {
     /// wallet key is never used for log messages, nor the audit key for
     /// transactions.
     fn sign(&self, session: &Session, id: &KeyId, kind: KeyKind, input: &[u8]) -> Result<Vec<u8>, HsmError> {
-        let epoch = self.epoch.load(Ordering::Acquire);
+        let stamp = self.stamp();
         let cached = read(&self.keys)
             .get(id)
             .map(|k| (k.kind, k.private))
             .ok_or_else(|| HsmError::KeyMissing(id.to_string()))?;
         let handle = match cached {
             (cached_kind, _) if cached_kind != kind => return Err(HsmError::KeyMismatch(id.to_string())),
-            (_, Some((resolved_in, handle))) if resolved_in == epoch => handle,
+            (_, Some((resolved, handle))) if resolved == stamp => handle,
             _ => self.re_resolve(session, kind, id)?,
         };
         let count = || {
@@ -591,38 +914,51 @@ impl Inner {
     }
 }
 
-/// A logged-out session cannot see private objects, so the token reports a
-/// missing or invalid key handle rather than `CKR_USER_NOT_LOGGED_IN`. Such
-/// failures are re-labelled as the session loss they are, so that the
-/// executor logs in again instead of declaring the key gone.
-fn reclassify_logged_out(session: &Session, error: HsmError) -> HsmError {
-    if !(error.is_stale_handle() || matches!(error, HsmError::KeyMissing(_))) {
-        return error;
-    }
-    match session.get_session_info().map(|info| info.session_state()) {
-        Ok(SessionState::RoUser | SessionState::RwUser) => error,
-        Ok(_) => HsmError::Pkcs11 {
-            function: "C_GetSessionInfo".into(),
-            rv: cryptoki::error::RvError::UserNotLoggedIn,
-        },
-        Err(e) => HsmError::from_cryptoki("read session state", e),
-    }
-}
-
 fn sign_raw(session: &Session, kind: KeyKind, key: ObjectHandle, input: &[u8]) -> Result<Vec<u8>, HsmError> {
+    let _timer = crate::metrics::hsm_sign_timer(kind);
     session
         .sign(&kind.sign_mechanism(), key, input)
         .map_err(|e| HsmError::from_cryptoki("sign", e))
 }
 
-fn open_session(pkcs11: &Pkcs11, slot: Slot) -> Result<Session, HsmError> {
+/// Opens a read-write session that cryptoki does not close on drop (see
+/// [`TokenSession`]).
+fn open_session(pkcs11: &Pkcs11, slot: Slot, stamp: Stamp) -> Result<TokenSession, HsmError> {
     pkcs11
-        .open_rw_session(slot)
+        .open_rw_session_no_drop(slot)
+        .map(|session| TokenSession { session, stamp })
         .map_err(|e| HsmError::from_cryptoki("open session", e))
 }
 
+/// The wait before the next recovery attempt after `failures` failed ones:
+/// 250 ms, doubling, at most 2 s.
+fn backoff(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(8);
+    BACKOFF_FIRST.saturating_mul(1 << doublings).min(BACKOFF_MAX)
+}
+
+fn unavailable(cause: HsmError) -> HsmError {
+    match cause {
+        HsmError::Unavailable(_) => cause,
+        cause => HsmError::Unavailable(Box::new(cause)),
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let _gate = read(&MODULE_GATE);
+        let idle = std::mem::take(self.idle.get_mut().unwrap_or_else(PoisonError::into_inner));
+        idle.into_iter().for_each(TokenSession::retire);
+        let recovery = self.recovery.get_mut().unwrap_or_else(PoisonError::into_inner);
+        if let Some(anchor) = recovery.anchor.take() {
+            anchor.retire();
+        }
+    }
+}
+
 // A poisoned lock means a worker panicked mid-call; the guarded data (a
-// session list, a slot id, a handle cache) stays consistent, so keep going.
+// session list, a slot id, a handle cache, the module gate's unit) stays
+// consistent, so keep going.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -633,4 +969,23 @@ fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 
 fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     lock.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_its_cap() {
+        let waits: Vec<u64> = (1..=6).map(|n| backoff(n).as_millis() as u64).collect();
+        assert_eq!(waits, [250, 500, 1000, 2000, 2000, 2000]);
+        assert_eq!(backoff(u32::MAX), BACKOFF_MAX);
+    }
+
+    #[test]
+    fn unavailable_is_never_nested() {
+        let once = unavailable(HsmError::Worker);
+        let twice = unavailable(once.clone());
+        assert!(matches!(twice, HsmError::Unavailable(inner) if matches!(*inner, HsmError::Worker)));
+    }
 }

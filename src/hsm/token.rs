@@ -19,14 +19,27 @@ pub(crate) fn load_module(path: &std::path::Path) -> Result<Pkcs11, HsmError> {
         path: path.display().to_string(),
         reason: e.to_string(),
     })?;
+    initialize(&pkcs11)?;
+    Ok(pkcs11)
+}
+
+/// Calls `C_Initialize` with OS locking; a module already initialized by this
+/// process is accepted as is.
+pub(crate) fn initialize(pkcs11: &Pkcs11) -> Result<(), HsmError> {
     match pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(pkcs11),
+        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(()),
         Err(e) => Err(HsmError::from_cryptoki("initialize module", e)),
     }
 }
 
 /// Finds the slot whose initialized token matches the selector.
 pub(crate) fn find_slot(pkcs11: &Pkcs11, selector: &TokenSelector) -> Result<Slot, HsmError> {
+    find_token(pkcs11, selector).map(|(slot, _)| slot)
+}
+
+/// Finds the slot whose initialized token matches the selector, and returns
+/// it with the token's serial number.
+pub(crate) fn find_token(pkcs11: &Pkcs11, selector: &TokenSelector) -> Result<(Slot, String), HsmError> {
     let slots = pkcs11
         .get_slots_with_initialized_token()
         .map_err(|e| HsmError::from_cryptoki("list slots", e))?;
@@ -40,7 +53,7 @@ pub(crate) fn find_slot(pkcs11: &Pkcs11, selector: &TokenSelector) -> Result<Slo
             TokenSelector::Serial(serial) => info.serial_number().trim_end() == serial,
         };
         if matches {
-            return Ok(slot);
+            return Ok((slot, info.serial_number().trim_end().to_owned()));
         }
         present.push(format!("{:?}", info.label().trim_end()));
     }
