@@ -247,6 +247,7 @@ impl Custody {
         let intent_hash = intent.hash();
         let request_hash = request_hash(&request, chain, &unsigned);
         let withdrawal_id = new_withdrawal_id()?;
+        let fresh_id = withdrawal_id.clone(); // metrics: a retry returns an older row
         let this = self.snapshot();
         let row = self
             .blocking(move |store| {
@@ -345,6 +346,9 @@ impl Custody {
                 })
             })
             .await?;
+        if row.withdrawal_id == fresh_id {
+            crate::metrics::decided(row.state, &row.decision);
+        }
         self.announce(&row.withdrawal_id);
         self.finish(row).await
     }
@@ -548,6 +552,7 @@ impl Custody {
             })
             .await?;
         tracing::info!(withdrawal = %row.withdrawal_id, state = %row.state, "vote recorded");
+        crate::metrics::decided(row.state, &row.decision);
         if row.state == State::Approved {
             crate::failpoint::crash_if("after-approval-commit");
         }
