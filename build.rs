@@ -18,6 +18,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::fs::write(&descriptor_path, prost::Message::encode_to_vec(&descriptors))?;
 
     tonic_prost_build::configure()
+        // Messages carrying signatures, policy documents and customers'
+        // transactions get a redacted Debug (src/lib.rs, `proto`), so a stray
+        // `{:?}` in a log line prints sizes, not contents.
+        .skip_debug([
+            "custos.v1.CreateWithdrawalRequest",
+            "custos.v1.SubmitApprovalRequest",
+            "custos.v1.SignedMessage",
+            "custos.v1.ProposePolicyRequest",
+        ])
         .build_client(true)
         .build_server(true)
         .skip_protoc_run()

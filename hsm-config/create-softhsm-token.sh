@@ -46,4 +46,5 @@ path = "$dir/custos.db"
 [bitcoin]
 network = "regtest"
 TOML
-echo "token '$label' created; run: SOFTHSM2_CONF=$dir/softhsm2.conf custosd --config $dir/custosd.toml"
+echo "token '$label' created; add [tls] and [[clients]] to $dir/custosd.toml (see hsm-config/custosd.example.toml), then run: SOFTHSM2_CONF=$dir/softhsm2.conf custosd --config $dir/custosd.toml"
+echo "(for a first local try without certificates: append --insecure-plaintext; loopback only)"

@@ -7,8 +7,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/ensure-deps.sh
 
-cargo build --quiet --bins
-bin=target/debug
+# CUSTOS_BIN names a directory of already-built binaries (the secret-hygiene
+# test runs this story with its own build); otherwise build them here.
+if [ -n "${CUSTOS_BIN:-}" ]; then
+    bin=$CUSTOS_BIN
+else
+    cargo build --quiet --bins
+    bin=target/debug
+fi
 data_dir="${CUSTOS_DEMO_DIR:-$(mktemp -d /tmp/custos-demo.XXXXXX)}"
 ready="$data_dir.ready.json"
 log="$data_dir.log"
@@ -28,47 +34,54 @@ endpoint=$(sed -n 's/.*"endpoint":"\([^"]*\)".*/\1/p' "$ready")
 echo "== custosd --dev is listening on $endpoint"
 echo "   ready line: $(cat "$ready")"
 echo
-custos() { "$bin/custos" --server "$endpoint" "$@"; }
+tls="$data_dir/tls"
+# Every call presents the client certificate of one dev identity: the
+# backend, the admin, the auditor, or an approver (alice, bob).
+as_client() {
+    local who=$1; shift
+    "$bin/custos" --server "$endpoint" --tls-ca "$tls/ca.pem" \
+        --tls-cert "$tls/clients/$who.pem" --tls-key "$tls/clients/$who.key" "$@"
+}
 field() { sed -n "s/.*\"$1\":\"\([^\"]*\)\".*/\1/p"; }
 keys="$data_dir/keys"
 chain=11155111
 
 echo "== custos wallet list   (the dev wallet 'hot': its key was generated inside the SoftHSM token)"
-custos wallet list
+as_client admin wallet list
 echo
 echo "== custos policy show   (the genesis policy: auto-sign <= 1 ETH to the allowlist, 2 treasury approvals above, deny the rest)"
-custos policy show
+as_client admin policy show
 echo
 echo "== 1. A small withdrawal to an allowlisted exchange address is signed at once"
-custos withdrawal create --request-id demo-small --wallet hot --initiator ops \
+as_client backend withdrawal create --request-id demo-small --wallet hot --initiator ops \
     --to 0x3535353535353535353535353535353535353535 --value-wei 500000000000000000 --chain-id $chain --nonce 0
 echo
 echo "== 2. A large one (5 ETH) waits for two treasury approvers"
-large=$(custos --json withdrawal create --request-id demo-large --wallet hot --initiator ops \
+large=$(as_client backend --json withdrawal create --request-id demo-large --wallet hot --initiator ops \
     --to 0x3535353535353535353535353535353535353535 --value-wei 5000000000000000000 --chain-id $chain --nonce 1)
 large_id=$(echo "$large" | field name | sed 's#withdrawals/##')
-custos withdrawal get "$large_id"
+as_client backend withdrawal get "$large_id"
 echo
 echo "== custos pending   (what approvers see)"
-custos pending
+as_client alice pending
 echo
 echo "== custos approve $large_id --approver alice   (decodes the transaction locally and checks the intent hash)"
-custos approve "$large_id" --approver alice --key "$keys/alice.pem" --yes
+as_client alice approve "$large_id" --approver alice --key "$keys/alice.pem" --yes
 echo
 echo "== custos approve $large_id --approver bob   (the quorum is met: custos signs)"
-custos approve "$large_id" --approver bob --key "$keys/bob.pem" --yes
+as_client bob approve "$large_id" --approver bob --key "$keys/bob.pem" --yes
 echo
 echo "== 3. A withdrawal to an address that is not on the allowlist is denied, with the reason"
-custos withdrawal create --request-id demo-unknown --wallet hot --initiator ops \
+as_client backend withdrawal create --request-id demo-unknown --wallet hot --initiator ops \
     --to 0x7777777777777777777777777777777777777777 --value-wei 100000000000000000 --chain-id $chain --nonce 2
 echo
 echo "== 4. The auditor: pin the log key, wait for the signed checkpoint, export and verify every entry"
 log_key=$(field log_verifier_key < "$ready")
-custos audit key
+as_client auditor audit key
 sleep 3   # dev mode signs a checkpoint once entries have waited 2 s
-custos audit checkpoint > "$data_dir/seen.note"
-custos audit export --out "$data_dir/audit-export"
-custos audit verify --key "$log_key" --dir "$data_dir/audit-export" --previous-checkpoint "$data_dir/seen.note"
+as_client auditor audit checkpoint > "$data_dir/seen.note"
+as_client auditor audit export --out "$data_dir/audit-export"
+as_client auditor audit verify --key "$log_key" --dir "$data_dir/audit-export" --previous-checkpoint "$data_dir/seen.note"
 echo
 kill -TERM "$server"
 wait "$server"

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::access::{ClientEntry, ClientIdentity, ClientRegistry, Role, Roles};
 use crate::chain::ethereum::{EthereumNetwork, Token};
 use crate::secret::PinSource;
 
@@ -36,6 +37,64 @@ pub struct Config {
     pub policy: Option<PolicyConfig>,
     /// The audit log's origin, key and checkpoint cadence.
     pub audit: AuditConfig,
+    /// The Prometheus endpoint (`[metrics]`); `None` serves no metrics.
+    pub metrics: Option<MetricsConfig>,
+    /// The server's certificate and the client CA; `None` only when the
+    /// configuration has no `[tls]` section, which custosd serves only with
+    /// `--insecure-plaintext` on loopback.
+    pub tls: Option<TlsConfig>,
+    /// The client identities and their roles.
+    pub clients: ClientRegistry,
+    /// Request size, deadline, concurrency and rate limits.
+    pub limits: LimitsConfig,
+}
+
+/// mTLS material, as PEM files.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    /// The server's certificate chain.
+    pub cert_file: PathBuf,
+    /// The server's private key (PKCS#8 PEM).
+    pub key_file: PathBuf,
+    /// The CA (or CAs) client certificates must chain to.
+    pub client_ca_file: PathBuf,
+}
+
+/// Limits on what one request, and one identity, may cost.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LimitsConfig {
+    /// Largest request message accepted, in bytes; larger ones get RESOURCE_EXHAUSTED.
+    pub max_request_bytes: usize,
+    /// Largest response message sent, in bytes.
+    pub max_response_bytes: usize,
+    /// Longest any request may run before its reply; a client's shorter
+    /// `grpc-timeout` is honoured.
+    pub max_deadline: Duration,
+    /// Requests in flight across all clients; more get RESOURCE_EXHAUSTED.
+    pub max_concurrent_requests: usize,
+    /// Sustained requests per second per client identity.
+    pub requests_per_second: f64,
+    /// Requests a client identity may make at once above its sustained rate.
+    pub burst: f64,
+    /// HTTP/2 keepalive ping interval.
+    pub keepalive_interval: Duration,
+    /// How long a keepalive ping may go unanswered before the connection closes.
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_request_bytes: 1024 * 1024,
+            max_response_bytes: 4 * 1024 * 1024,
+            max_deadline: Duration::from_secs(30),
+            max_concurrent_requests: 512,
+            requests_per_second: 5000.0,
+            burst: 10000.0,
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 /// Default checkpoint cadence in entries.
@@ -57,6 +116,13 @@ pub struct AuditConfig {
     pub checkpoint_every: Duration,
 }
 
+/// The Prometheus `/metrics` endpoint (see `crate::metrics`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// Address to serve `GET /metrics` on, e.g. `127.0.0.1:9464`.
+    pub listen: SocketAddr,
+}
+
 /// Default `service.id`.
 pub const DEFAULT_SERVICE_ID: &str = "custos";
 
@@ -76,6 +142,10 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Log line format.
     pub log_format: LogFormat,
+    /// Serve plaintext gRPC without client authentication. Never read from
+    /// the file: only `custosd --insecure-plaintext` sets it, and only a
+    /// loopback listener may use it.
+    pub insecure_plaintext: bool,
 }
 
 /// Log line format.
@@ -195,6 +265,41 @@ struct RawConfig {
     policy: Option<RawPolicyConfig>,
     #[serde(default)]
     audit: RawAudit,
+    metrics: Option<RawMetrics>,
+    tls: Option<RawTls>,
+    #[serde(default)]
+    clients: Vec<RawClient>,
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    client_ca_file: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClient {
+    identity: String,
+    roles: Vec<Role>,
+    approver_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_request_bytes: Option<usize>,
+    max_response_bytes: Option<usize>,
+    max_deadline_ms: Option<u64>,
+    max_concurrent_requests: Option<usize>,
+    requests_per_second: Option<f64>,
+    burst: Option<f64>,
+    keepalive_interval_seconds: Option<u64>,
+    keepalive_timeout_seconds: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -204,6 +309,12 @@ struct RawAudit {
     key_algorithm: Option<String>,
     checkpoint_every_entries: Option<u64>,
     checkpoint_every_seconds: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: SocketAddr,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -321,9 +432,18 @@ impl TryFrom<RawConfig> for Config {
             service_id,
             policy,
             audit,
+            metrics: raw.metrics.map(|m| MetricsConfig { listen: m.listen }),
+            tls: raw.tls.map(|t| TlsConfig {
+                cert_file: t.cert_file,
+                key_file: t.key_file,
+                client_ca_file: t.client_ca_file,
+            }),
+            clients: parse_clients(raw.clients)?,
+            limits: parse_limits(raw.limits)?,
             server: ServerConfig {
                 listen: raw.server.listen,
                 log_format: raw.server.log_format,
+                insecure_plaintext: false,
             },
             hsm: HsmConfig {
                 module: raw.hsm.module,
@@ -339,6 +459,101 @@ impl TryFrom<RawConfig> for Config {
             },
         })
     }
+}
+
+fn parse_clients(raw: Vec<RawClient>) -> Result<ClientRegistry, ConfigError> {
+    let mut entries = Vec::with_capacity(raw.len());
+    for (index, client) in raw.into_iter().enumerate() {
+        let identity = ClientIdentity::parse(&client.identity).ok_or_else(|| {
+            ConfigError::Invalid(format!(
+                "clients[{index}].identity must be \"uri:<URI SAN>\" or \"dns:<DNS SAN>\""
+            ))
+        })?;
+        if let Some(id) = &client.approver_id
+            && !crate::policy::document::is_identifier(id)
+        {
+            return Err(ConfigError::Invalid(format!(
+                "clients[{index}].approver_id is not a valid approver id"
+            )));
+        }
+        entries.push(ClientEntry {
+            identity,
+            roles: Roles::of(&client.roles),
+            approver_id: client.approver_id,
+        });
+    }
+    ClientRegistry::new(entries).map_err(|e| ConfigError::Invalid(e.to_string()))
+}
+
+fn parse_limits(raw: RawLimits) -> Result<LimitsConfig, ConfigError> {
+    let defaults = LimitsConfig::default();
+    let within = |name: &str, value: u64, range: std::ops::RangeInclusive<u64>| {
+        if range.contains(&value) {
+            Ok(value)
+        } else {
+            Err(ConfigError::Invalid(format!(
+                "limits.{name} must be between {} and {}",
+                range.start(),
+                range.end()
+            )))
+        }
+    };
+    let max_request_bytes = within(
+        "max_request_bytes",
+        raw.max_request_bytes.unwrap_or(defaults.max_request_bytes) as u64,
+        1024..=64 * 1024 * 1024,
+    )? as usize;
+    let max_response_bytes = within(
+        "max_response_bytes",
+        raw.max_response_bytes.unwrap_or(defaults.max_response_bytes) as u64,
+        64 * 1024..=256 * 1024 * 1024,
+    )? as usize;
+    let deadline_ms = within(
+        "max_deadline_ms",
+        raw.max_deadline_ms
+            .unwrap_or(defaults.max_deadline.as_millis() as u64),
+        100..=3_600_000,
+    )?;
+    let max_concurrent_requests = within(
+        "max_concurrent_requests",
+        raw.max_concurrent_requests
+            .unwrap_or(defaults.max_concurrent_requests) as u64,
+        1..=100_000,
+    )? as usize;
+    let rate = raw.requests_per_second.unwrap_or(defaults.requests_per_second);
+    let burst = raw.burst.unwrap_or(defaults.burst);
+    if !(rate.is_finite() && (0.01..=1_000_000.0).contains(&rate)) {
+        return Err(ConfigError::Invalid(
+            "limits.requests_per_second must be between 0.01 and 1000000".into(),
+        ));
+    }
+    if !(burst.is_finite() && (1.0..=10_000_000.0).contains(&burst)) {
+        return Err(ConfigError::Invalid(
+            "limits.burst must be between 1 and 10000000".into(),
+        ));
+    }
+    let keepalive_interval = within(
+        "keepalive_interval_seconds",
+        raw.keepalive_interval_seconds
+            .unwrap_or(defaults.keepalive_interval.as_secs()),
+        1..=3600,
+    )?;
+    let keepalive_timeout = within(
+        "keepalive_timeout_seconds",
+        raw.keepalive_timeout_seconds
+            .unwrap_or(defaults.keepalive_timeout.as_secs()),
+        1..=600,
+    )?;
+    Ok(LimitsConfig {
+        max_request_bytes,
+        max_response_bytes,
+        max_deadline: Duration::from_millis(deadline_ms),
+        max_concurrent_requests,
+        requests_per_second: rate,
+        burst,
+        keepalive_interval: Duration::from_secs(keepalive_interval),
+        keepalive_timeout: Duration::from_secs(keepalive_timeout),
+    })
 }
 
 fn parse_audit(raw: RawAudit, service_id: &str) -> Result<AuditConfig, ConfigError> {
@@ -522,6 +737,16 @@ mod tests {
     }
 
     #[test]
+    fn metrics_section_is_optional_and_strict() {
+        assert_eq!(Config::parse(VALID).unwrap().metrics, None);
+        let with = format!("{VALID}\n[metrics]\nlisten = \"127.0.0.1:9464\"\n");
+        let listen = Config::parse(&with).unwrap().metrics.unwrap().listen;
+        assert_eq!(listen, "127.0.0.1:9464".parse().unwrap());
+        let typo = format!("{VALID}\n[metrics]\nlisten = \"127.0.0.1:9464\"\npath = \"/m\"\n");
+        assert!(Config::parse(&typo).unwrap_err().to_string().contains("path"));
+    }
+
+    #[test]
     fn token_registry_is_strict() {
         let lower = VALID.replace(
             "0x1c7D4B196Cb0C7B01d743Fbc6116a902379C7238",
@@ -562,8 +787,52 @@ mod tests {
     }
 
     #[test]
+    fn clients_and_limits_are_validated() {
+        let with = |extra: &str| Config::parse(&format!("{VALID}\n{extra}"));
+        let config = with(
+            "[[clients]]\nidentity = \"uri:spiffe://x/alice\"\nroles = [\"approver\"]\napprover_id = \"alice\"\n\
+             [limits]\nrequests_per_second = 2.5\nburst = 5\n",
+        )
+        .unwrap();
+        assert_eq!(config.clients.len(), 1);
+        assert_eq!(config.limits.requests_per_second, 2.5);
+        assert_eq!(
+            config.limits.max_request_bytes,
+            LimitsConfig::default().max_request_bytes
+        );
+        for (extra, expected) in [
+            (
+                "[[clients]]\nidentity = \"spiffe://x\"\nroles = [\"admin\"]\n",
+                "clients[0].identity",
+            ),
+            (
+                "[[clients]]\nidentity = \"dns:a\"\nroles = [\"root\"]\n",
+                "unknown variant",
+            ),
+            (
+                "[[clients]]\nidentity = \"dns:a\"\nroles = [\"approver\"]\n",
+                "approver_id is required",
+            ),
+            ("[[clients]]\nidentity = \"dns:a\"\nroles = []\n", "has no roles"),
+            ("[limits]\nmax_request_bytes = 10\n", "limits.max_request_bytes"),
+            (
+                "[limits]\nrequests_per_second = 0\n",
+                "limits.requests_per_second",
+            ),
+            ("[limits]\nmax_deadline_ms = 0\n", "limits.max_deadline_ms"),
+            ("[limits]\nmax_concurent_requests = 5\n", "unknown field"),
+            ("[tls]\ncert_file = \"/a\"\nkey_file = \"/b\"\n", "client_ca_file"),
+        ] {
+            let err = with(extra).unwrap_err().to_string();
+            assert!(err.contains(expected), "{extra:?}: {err}");
+        }
+    }
+
+    #[test]
     fn shipped_examples_parse() {
-        Config::parse(include_str!("../hsm-config/custosd.example.toml")).unwrap();
+        let example = Config::parse(include_str!("../hsm-config/custosd.example.toml")).unwrap();
+        assert!(example.tls.is_some());
+        assert_eq!(example.clients.len(), 4);
         let rest = "[server]\nlisten = \"127.0.0.1:0\"\n[store]\npath = \"/tmp/c.db\"\n";
         for vendor in [
             include_str!("../hsm-config/thales-luna.toml"),

@@ -32,6 +32,7 @@ use crate::config::{Config, ConfigError};
 use crate::hsm::{self, HsmError};
 use crate::secret::Pin;
 use crate::signer::{KeyFile, SignerError, public_key_string};
+use crate::tls::dev_pki::{self, DevPkiError, DevTlsPaths};
 use crate::wallet::{DisplayName, WalletError, WalletId, Wallets};
 
 /// Debian's SoftHSMv2 module, the dev-mode default.
@@ -64,6 +65,9 @@ pub struct DevPaths {
     pub approver_keys: std::collections::BTreeMap<String, PathBuf>,
     /// The admin key file (also the security officer), id `admin`.
     pub admin_key: PathBuf,
+    /// The dev CA, the server certificate and one client certificate per
+    /// dev identity (see [`crate::tls::dev_pki`]).
+    pub tls: DevTlsPaths,
 }
 
 /// Dev approvers and their groups.
@@ -98,6 +102,7 @@ impl DevPaths {
                 .map(|(id, _)| ((*id).to_owned(), data_dir.join("keys").join(format!("{id}.pem"))))
                 .collect(),
             admin_key: data_dir.join("keys").join("admin.pem"),
+            tls: DevTlsPaths::new(&data_dir.join("tls")),
         }
     }
 }
@@ -117,6 +122,9 @@ pub struct DevReady {
     pub token_label: &'static str,
     /// The audit log's note verifier key, for `custos audit verify --key`.
     pub log_verifier_key: String,
+    /// The Prometheus endpoint URL, e.g. `http://127.0.0.1:PORT/metrics`
+    /// (dev mode always serves one, on a free loopback port).
+    pub metrics_endpoint: Option<String>,
     /// Everything created.
     #[serde(flatten)]
     pub paths: DevPaths,
@@ -128,9 +136,12 @@ pub enum DevError {
     /// The PKCS#11 module is not there.
     #[error("PKCS#11 module {0} not found; install SoftHSMv2 (apt-get install softhsm2) or pass --module")]
     ModuleMissing(PathBuf),
-    /// Dev mode serves plaintext, so only on loopback.
-    #[error("--dev listens in plaintext and only on loopback; {0} is not a loopback address")]
+    /// Dev mode keeps its PINs and keys on disk, so it listens only on loopback.
+    #[error("--dev listens only on loopback; {0} is not a loopback address")]
     NotLoopback(SocketAddr),
+    /// The dev certificates could not be created.
+    #[error(transparent)]
+    Pki(#[from] DevPkiError),
     /// A file could not be written.
     #[error("cannot create {path}: {source}")]
     Io {
@@ -203,6 +214,20 @@ pub fn prepare(paths: &DevPaths, module: &Path, listen: Option<SocketAddr>) -> R
             KeyFile::generate()?.write_new(path)?;
         }
         let admin = public_key_string(KeyFile::load(&paths.admin_key)?.verifying_key());
+        let tls = dev_pki::ensure(&paths.data_dir.join("tls"))?;
+        let mut clients = String::new();
+        for entry in dev_pki::dev_client_entries() {
+            let roles: Vec<String> = entry.roles.iter().map(|r| format!("\"{r}\"")).collect();
+            clients.push_str(&format!(
+                "[[clients]]\nidentity = \"{}\"\nroles = [{}]\n",
+                entry.identity,
+                roles.join(", ")
+            ));
+            if let Some(id) = &entry.approver_id {
+                clients.push_str(&format!("approver_id = \"{id}\"\n"));
+            }
+            clients.push('\n');
+        }
         let config = format!(
             "# custosd configuration written by custosd --dev. See hsm-config/custosd.example.toml.\n\
              [server]\n\
@@ -226,11 +251,19 @@ pub fn prepare(paths: &DevPaths, module: &Path, listen: Option<SocketAddr>) -> R
              admin_keys = [\"{admin}\"]\n\n\
              [audit]\n\
              origin = \"custos.local/custos-dev\"\n\
-             checkpoint_every_seconds = 2\n",
+             checkpoint_every_seconds = 2\n\n\
+             [tls]\n\
+             cert_file = \"{}\"\n\
+             key_file = \"{}\"\n\
+             client_ca_file = \"{}\"\n\n\
+             {clients}",
             module.display(),
             paths.user_pin_file.display(),
             paths.store.display(),
             paths.policy.display(),
+            tls.server_cert.display(),
+            tls.server_key.display(),
+            tls.ca_cert.display(),
         );
         write_new(&paths.config, config.as_bytes(), 0o600)?;
     }

@@ -6,6 +6,7 @@
 //!
 //! | module | owns |
 //! |---|---|
+//! | [`access`] | who may call what: client identities, roles, the authorization matrix, and the guard enforcing it with request limits |
 //! | [`approval`] | approval messages: canonical encoding, strict parsing, low-S signature verification |
 //! | [`audit`] | the audit log: entries and their RFC 6962 Merkle tree, roots and proofs, and the offline replay |
 //! | [`api`] | the only code that knows prost types: `TryFrom` conversions, gRPC services, the error-to-`Status` mapping |
@@ -13,6 +14,7 @@
 //! | [`failpoint`] | debug-build crash points for the crash-consistency tests |
 //! | [`governance`] | governance messages (policy activation, freeze, unfreeze) and allowlist time anchoring |
 //! | [`lifecycle`] | the withdrawal state machine: the only legal transitions between states |
+//! | [`metrics`] | Prometheus `/metrics` on its own port: decision and HSM counters, store state read at each scrape |
 //! | [`policy`] | the withdrawal policy language, its hash, and the pure decision core `evaluate` |
 //! | [`server`] | `server::run(listener, shutdown)`: wiring, health, reflection, graceful shutdown |
 //! | [`config`] | the TOML configuration, parsed into validated types (unknown fields rejected) |
@@ -25,6 +27,7 @@
 //! | [`wallet`] | the wallet registry: creating HSM keys, caching them, signing digests with them |
 //! | [`store`] | SQLite persistence with versioned migrations |
 //! | [`secret`] | the HSM PIN in a zeroizing type with redacted `Debug` |
+//! | [`tls`] | the transport: TLS 1.3 with client certificates, each connection's peer identity, the dev PKI |
 //! | [`telemetry`] | tracing subscriber setup (text or JSON) |
 //!
 //! See `docs/ARCHITECTURE.md` for the invariants each module upholds.
@@ -32,6 +35,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod access;
 pub mod address;
 pub mod api;
 pub mod approval;
@@ -44,6 +48,7 @@ pub mod failpoint;
 pub mod governance;
 pub mod hsm;
 pub mod lifecycle;
+pub mod metrics;
 pub mod policy;
 pub mod secret;
 pub mod server;
@@ -51,6 +56,7 @@ pub mod signature;
 pub mod signer;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod wallet;
 
 /// Generated protobuf and gRPC code for `custos.v1`.
@@ -60,4 +66,82 @@ pub mod proto {
 
     /// Encoded `FileDescriptorSet` of every custos proto, served by gRPC reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/custos_descriptor.bin"));
+
+    use std::fmt;
+
+    /// Stands in for a field's contents in a redacted `Debug`.
+    struct Redacted(usize);
+
+    impl fmt::Debug for Redacted {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "<{} bytes redacted>", self.0)
+        }
+    }
+
+    impl fmt::Debug for CreateWithdrawalRequest {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("CreateWithdrawalRequest")
+                .field("request_id", &self.request_id)
+                .field("wallet", &self.wallet)
+                .field(
+                    "transaction",
+                    &Redacted(self.transaction.as_ref().map_or(0, prost::Message::encoded_len)),
+                )
+                .field("initiator", &self.initiator)
+                .finish()
+        }
+    }
+
+    impl fmt::Debug for SubmitApprovalRequest {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("SubmitApprovalRequest")
+                .field("message", &Redacted(self.message.len()))
+                .field("signature", &Redacted(self.signature.len()))
+                .finish()
+        }
+    }
+
+    impl fmt::Debug for SignedMessage {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("SignedMessage")
+                .field("message", &Redacted(self.message.len()))
+                .field("signature", &Redacted(self.signature.len()))
+                .finish()
+        }
+    }
+
+    impl fmt::Debug for ProposePolicyRequest {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("ProposePolicyRequest")
+                .field("document", &Redacted(self.document.len()))
+                .finish()
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn sensitive_messages_debug_as_sizes() {
+            let request = SubmitApprovalRequest {
+                message: b"secret-ish approval".to_vec(),
+                signature: vec![0xab; 64],
+            };
+            let text = format!("{request:?}");
+            assert_eq!(
+                text,
+                "SubmitApprovalRequest { message: <19 bytes redacted>, signature: <64 bytes redacted> }"
+            );
+            let signed = SignedMessage {
+                message: b"freeze".to_vec(),
+                signature: vec![1; 64],
+            };
+            assert!(!format!("{signed:?}").contains("102, 114"));
+            let propose = ProposePolicyRequest {
+                document: b"allowlist".to_vec(),
+            };
+            assert!(!format!("{propose:?}").contains("97, 108"));
+        }
+    }
 }

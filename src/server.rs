@@ -9,8 +9,8 @@ use std::future::Future;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
+use crate::access::guard::Guard;
 use crate::api::{ApprovalApi, AuditApi, PolicyApi, WalletApi, WithdrawalApi};
 use crate::audit::checkpoints::{self, CheckpointError, Checkpointer};
 use crate::config::{ChainConfig, Config};
@@ -24,12 +24,11 @@ use crate::proto::wallet_service_server::WalletServiceServer;
 use crate::proto::withdrawal_service_server::WithdrawalServiceServer;
 use crate::secret::{Pin, SecretError};
 use crate::store::{Store, StoreError};
+use crate::tls::{ServerTls, TlsError};
 use crate::wallet::{WalletError, Wallets};
 
-/// Largest request message accepted, in bytes. Unsigned transactions and
-/// PSBTs of realistic size fit with room to spare.
-pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
-/// Largest response message sent, in bytes.
+/// Largest response message a client of custos needs to accept, in bytes:
+/// the default `limits.max_response_bytes`.
 pub const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
 
 /// Why the server could not start or stopped with an error.
@@ -69,12 +68,18 @@ pub enum ServerError {
     /// The audit log key could not be made or loaded.
     #[error("audit log: {0}")]
     Audit(#[from] CheckpointError),
+    /// The TLS material could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// No `[tls]` section and no `--insecure-plaintext`, or plaintext off loopback.
+    #[error("{0}")]
+    Transport(String),
     /// gRPC reflection could not be built from the descriptors.
     #[error("reflection: {0}")]
     Reflection(String),
-    /// The transport failed.
+    /// The gRPC server failed.
     #[error("gRPC transport: {0}")]
-    Transport(#[from] tonic::transport::Error),
+    Serve(#[from] tonic::transport::Error),
 }
 
 /// Everything the services need, opened and checked.
@@ -92,6 +97,43 @@ pub struct App {
     pub store: Arc<Store>,
     /// The log key and checkpoint issuer.
     pub checkpointer: Arc<Checkpointer>,
+    /// mTLS, or `None` for plaintext (`--insecure-plaintext`, loopback only).
+    pub tls: Option<Arc<ServerTls>>,
+    /// Authorization and request limits in front of every service.
+    pub guard: Arc<Guard>,
+    /// The limits the guard and the transport enforce.
+    pub limits: crate::config::LimitsConfig,
+    /// The Prometheus listener [`run`] serves, if the caller bound one
+    /// (`custosd` does for `[metrics]`); see [`crate::metrics`].
+    pub metrics: Option<crate::metrics::Listener>,
+}
+
+/// The transport `config` asks for: mTLS from `[tls]`, or plaintext when
+/// `--insecure-plaintext` was given, which only a loopback listener may use.
+fn transport(config: &Config) -> Result<Option<Arc<ServerTls>>, ServerError> {
+    if config.server.insecure_plaintext {
+        if !config.server.listen.ip().is_loopback() {
+            return Err(ServerError::Transport(format!(
+                "--insecure-plaintext serves only on loopback; {} is not a loopback address",
+                config.server.listen
+            )));
+        }
+        tracing::warn!(
+            listen = %config.server.listen,
+            "--insecure-plaintext: no TLS and no client authentication; every caller holds every role"
+        );
+        return Ok(None);
+    }
+    let tls = config.tls.as_ref().ok_or_else(|| {
+        ServerError::Transport(
+            "the config has no [tls] section: custosd serves mTLS only (or plaintext on loopback with --insecure-plaintext)"
+                .into(),
+        )
+    })?;
+    if config.clients.is_empty() {
+        tracing::warn!("no [[clients]] configured: every RPC but health checks will be refused");
+    }
+    Ok(Some(Arc::new(ServerTls::load(tls, config.clients.clone())?)))
 }
 
 /// How often the background task expires ended approval windows and retries
@@ -112,6 +154,7 @@ impl App {
         F: FnOnce(Arc<Wallets>) -> Fut,
         Fut: Future<Output = Result<(), String>>,
     {
+        let tls = transport(config)?;
         let pin = Pin::load(&config.hsm.pin)?;
         let hsm = Hsm::open(&config.hsm, pin).await?;
         let path = config.store.path.clone();
@@ -154,6 +197,10 @@ impl App {
             custody: Arc::new(custody),
             store,
             checkpointer,
+            metrics: None,
+            tls,
+            guard: Guard::new(config.limits.clone()),
+            limits: config.limits.clone(),
         })
     }
 }
@@ -165,30 +212,35 @@ pub async fn run(
     app: App,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
+    // The guard refuses oversized messages first, with RESOURCE_EXHAUSTED;
+    // tonic's own limits stay as a backstop.
+    let (max_request, max_response) = (app.limits.max_request_bytes, app.limits.max_response_bytes);
     let wallet_service = WalletServiceServer::new(WalletApi::new(Arc::clone(&app.wallets)))
-        .max_decoding_message_size(MAX_REQUEST_BYTES)
-        .max_encoding_message_size(MAX_RESPONSE_BYTES);
+        .max_decoding_message_size(max_request)
+        .max_encoding_message_size(max_response);
 
     let withdrawal_service = WithdrawalServiceServer::new(WithdrawalApi::new(Arc::clone(&app.custody)))
-        .max_decoding_message_size(MAX_REQUEST_BYTES)
-        .max_encoding_message_size(MAX_RESPONSE_BYTES);
+        .max_decoding_message_size(max_request)
+        .max_encoding_message_size(max_response);
     let approval_service = ApprovalServiceServer::new(ApprovalApi::new(Arc::clone(&app.custody)))
-        .max_decoding_message_size(MAX_REQUEST_BYTES)
-        .max_encoding_message_size(MAX_RESPONSE_BYTES);
+        .max_decoding_message_size(max_request)
+        .max_encoding_message_size(max_response);
     let policy_service = PolicyServiceServer::new(PolicyApi::new(Arc::clone(&app.custody)))
-        .max_decoding_message_size(MAX_REQUEST_BYTES)
-        .max_encoding_message_size(MAX_RESPONSE_BYTES);
+        .max_decoding_message_size(max_request)
+        .max_encoding_message_size(max_response);
 
     let audit_service = AuditServiceServer::new(AuditApi::new(
         Arc::clone(&app.store),
         Arc::clone(&app.checkpointer),
     ))
-    .max_decoding_message_size(MAX_REQUEST_BYTES)
-    .max_encoding_message_size(MAX_RESPONSE_BYTES);
+    .max_decoding_message_size(max_request)
+    .max_encoding_message_size(max_response);
 
     // Withdrawals a crash or outage left APPROVED are signed now, and ended
     // approval windows expire, before and while serving.
     let sweeper = tokio::spawn(sweep(Arc::clone(&app.custody)));
+    // Metrics on their own port, for as long as this function runs.
+    let _metrics = crate::metrics::spawn(&app);
     let (stop_checkpoints, checkpoints_stopped) = tokio::sync::oneshot::channel::<()>();
     let checkpoint_issuer = tokio::spawn(checkpoints::run(Arc::clone(&app.checkpointer), async {
         let _ = checkpoints_stopped.await;
@@ -212,6 +264,10 @@ pub async fn run(
         tracing::info!(%addr, "custosd serving");
     }
     let result = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(app.limits.keepalive_interval))
+        .http2_keepalive_timeout(Some(app.limits.keepalive_timeout))
+        .max_concurrent_streams(u32::try_from(app.limits.max_concurrent_requests).ok())
+        .layer(app.guard.layer())
         .add_service(health_service)
         .add_service(reflection)
         .add_service(wallet_service)
@@ -219,7 +275,7 @@ pub async fn run(
         .add_service(approval_service)
         .add_service(policy_service)
         .add_service(audit_service)
-        .serve_with_incoming_shutdown(incoming(listener), async {
+        .serve_with_incoming_shutdown(crate::tls::incoming(listener, app.tls.clone()), async {
             shutdown.await;
             tracing::info!("shutdown requested; draining in-flight requests");
             health_reporter
@@ -238,20 +294,6 @@ pub async fn run(
 }
 
 /// Expires ended approval windows and signs APPROVED withdrawals, forever.
-/// Accepted connections with Nagle's algorithm off: a small reply must not
-/// wait for the client's delayed ACK (40 ms on Linux), which would dwarf the
-/// HSM's own signing time.
-fn incoming(
-    listener: TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use tokio_stream::StreamExt as _;
-    TcpListenerStream::new(listener).map(|accepted| {
-        let stream = accepted?;
-        stream.set_nodelay(true)?;
-        Ok(stream)
-    })
-}
-
 async fn sweep(custody: Arc<Custody>) {
     let mut interval = tokio::time::interval(SWEEP_INTERVAL);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

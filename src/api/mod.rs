@@ -26,6 +26,14 @@ pub use policy::PolicyApi;
 pub use wallet::WalletApi;
 pub use withdrawal::{ApprovalApi, WithdrawalApi};
 
+/// The request conversions that service methods run inline, reachable for
+/// the fuzz targets under `fuzz/`. Not a stable API.
+#[doc(hidden)]
+pub mod fuzz_api {
+    pub use super::wallet::{CreateWallet, ListWallets};
+    pub use super::withdrawal::{signed_message, state_filter, withdrawal_id};
+}
+
 use crate::custody::CustodyError;
 use crate::hsm::HsmError;
 use crate::wallet::WalletError;
@@ -273,12 +281,30 @@ mod tests {
     fn internal_details_do_not_reach_clients() {
         let err = WalletError::Hsm(HsmError::Pkcs11 {
             function: "C_Sign".into(),
-            rv: cryptoki::error::RvError::GeneralError,
+            rv: cryptoki::error::RvError::FunctionFailed,
         });
         let status = to_status(&err);
         assert_eq!(status.code(), Code::Internal);
         assert!(!status.message().contains("C_Sign"));
         assert_eq!(status.get_details_error_info().unwrap().reason, reason::INTERNAL);
+    }
+
+    #[test]
+    fn a_lost_token_is_unavailable_and_says_no_more() {
+        // What SoftHSMv2 returns once its token files are gone.
+        let lost = HsmError::Pkcs11 {
+            function: "C_GetTokenInfo".into(),
+            rv: cryptoki::error::RvError::GeneralError,
+        };
+        for err in [lost.clone(), HsmError::Unavailable(Box::new(lost))] {
+            let status = to_status(&WalletError::Hsm(err));
+            assert_eq!(status.code(), Code::Unavailable);
+            assert_eq!(status.message(), "the HSM is unavailable");
+            assert_eq!(
+                status.get_details_error_info().unwrap().reason,
+                reason::HSM_UNAVAILABLE
+            );
+        }
     }
 
     #[test]

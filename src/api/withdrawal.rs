@@ -5,9 +5,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use tokio_stream::Stream;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 
-use super::{FieldViolation, custody_status, paging};
+use super::{FieldViolation, custody_status, paging, reason, status};
+use crate::access::Principal;
 use crate::custody::{Custody, CustodyError, NewWithdrawal, RequestId, WithdrawalView};
 use crate::lifecycle::State;
 use crate::policy::document::is_identifier;
@@ -45,7 +46,7 @@ impl TryFrom<proto::CreateWithdrawalRequest> for NewWithdrawal {
 }
 
 /// Parses `withdrawals/{withdrawal_id}`.
-fn withdrawal_id(name: &str) -> Result<String, FieldViolation> {
+pub fn withdrawal_id(name: &str) -> Result<String, FieldViolation> {
     let id = name
         .strip_prefix("withdrawals/")
         .ok_or_else(|| FieldViolation::new("name", "must have the form withdrawals/{withdrawal_id}"))?;
@@ -61,7 +62,8 @@ fn withdrawal_id(name: &str) -> Result<String, FieldViolation> {
     Ok(id.to_owned())
 }
 
-fn state_filter(state: i32) -> Result<Option<State>, FieldViolation> {
+/// Parses a `WithdrawalState` filter; unspecified means every state.
+pub fn state_filter(state: i32) -> Result<Option<State>, FieldViolation> {
     use proto::WithdrawalState as S;
     Ok(match S::try_from(state) {
         Ok(S::Unspecified) => None,
@@ -90,7 +92,7 @@ fn state_proto(state: State) -> proto::WithdrawalState {
 }
 
 /// A signed message and signature from the wire, size-checked.
-pub(super) fn signed_message(
+pub fn signed_message(
     field: &str,
     message: Vec<u8>,
     signature: Vec<u8>,
@@ -374,9 +376,35 @@ impl ApprovalService for ApprovalApi {
         &self,
         request: Request<proto::SubmitApprovalRequest>,
     ) -> Result<Response<proto::Withdrawal>, Status> {
+        let principal = request.extensions().get::<Principal>().cloned();
         let request = request.into_inner();
         let (message, signature) = signed_message("", request.message, request.signature)
             .map_err(|v| FieldViolation::new(v.field.trim_start_matches('.'), v.description))?;
+        // The certificate binds the approver: an approver's client cannot
+        // submit a vote signed with someone else's key, even one it holds.
+        // A message that does not parse is refused by the custody engine,
+        // with its precise reason.
+        if let Ok(parsed) = crate::approval::ApprovalMessage::parse(&message) {
+            let Some(principal) = principal else {
+                return Err(status(
+                    Code::Unauthenticated,
+                    reason::NOT_AUTHORIZED,
+                    "no authenticated caller",
+                ));
+            };
+            if !principal.may_approve_as(&parsed.approver) {
+                tracing::warn!(caller = %principal.name(), approver = %parsed.approver, "approval for another approver refused");
+                return Err(status(
+                    Code::PermissionDenied,
+                    reason::NOT_AUTHORIZED,
+                    format!(
+                        "{} may not submit approvals for approver {:?}",
+                        principal.name(),
+                        parsed.approver
+                    ),
+                ));
+            }
+        }
         reply(self.custody.submit_approval(message, signature).await)
     }
 }

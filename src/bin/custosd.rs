@@ -1,8 +1,8 @@
 //! `custosd`: the custos signing server.
 //!
 //! `custosd --config FILE` serves with a configuration file;
-//! `custosd --dev` creates a SoftHSM token, config and store on the fly and
-//! serves in plaintext on loopback (see `custos::dev`).
+//! `custosd --dev` creates a SoftHSM token, config, store and mTLS
+//! certificates on the fly and serves on loopback (see `custos::dev`).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -31,8 +31,8 @@ struct Args {
         conflicts_with = "dev"
     )]
     config: Option<PathBuf>,
-    /// Development mode: fresh SoftHSM token, config and store under --data-dir,
-    /// plaintext gRPC on loopback only. Never for production.
+    /// Development mode: fresh SoftHSM token, config, store and dev mTLS
+    /// certificates under --data-dir, on loopback only. Never for production.
     #[arg(long)]
     dev: bool,
     /// Dev-mode data directory (default: a new directory under the system temp dir).
@@ -44,6 +44,11 @@ struct Args {
     /// Address to listen on, overriding the config (port 0 picks a free port).
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
+    /// Serve plaintext gRPC with no client authentication: every caller holds
+    /// every role. Only on a loopback address; logs a warning. For local
+    /// debugging with tools that cannot present a client certificate.
+    #[arg(long)]
+    insecure_plaintext: bool,
 }
 
 fn main() -> ExitCode {
@@ -68,6 +73,7 @@ fn run_config(args: &Args) -> Result<(), String> {
     if let Some(listen) = args.listen {
         config.server.listen = listen;
     }
+    config.server.insecure_plaintext = args.insecure_plaintext;
     telemetry::init(config.server.log_format);
     serve(config, None)
 }
@@ -85,9 +91,14 @@ fn run_dev(args: &Args) -> Result<(), String> {
     };
     dev::reexec_with_softhsm_conf(&paths, &args.module, &extra_args).map_err(|e| e.to_string())?;
     telemetry::init(LogFormat::Text);
-    let config = dev::prepare(&paths, &args.module, args.listen).map_err(|e| e.to_string())?;
+    let mut config = dev::prepare(&paths, &args.module, args.listen).map_err(|e| e.to_string())?;
+    // Dev mode always serves metrics, on a free loopback port unless the config names one.
+    config.metrics.get_or_insert(custos::config::MetricsConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+    });
+    config.server.insecure_plaintext = args.insecure_plaintext;
     tracing::warn!(
-        "development mode: SoftHSM token with PINs on disk, plaintext gRPC; never use in production"
+        "development mode: SoftHSM token with PINs, CA key and client keys on disk; never use in production"
     );
     serve(config, Some((paths, args.module.clone())))
 }
@@ -99,7 +110,7 @@ fn serve(config: Config, dev: Option<(DevPaths, PathBuf)>) -> Result<(), String>
         .map_err(|e| format!("tokio runtime: {e}"))?;
     runtime.block_on(async move {
         let shutdown = server::shutdown_signal();
-        let app = match &dev {
+        let mut app = match &dev {
             Some((paths, _)) => App::open_with(&config, |wallets| dev::bootstrap(paths, wallets)).await,
             None => App::open(&config).await,
         }
@@ -108,14 +119,25 @@ fn serve(config: Config, dev: Option<(DevPaths, PathBuf)>) -> Result<(), String>
             .await
             .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;
         let listen = listener.local_addr().map_err(|e| e.to_string())?;
+        if let Some(metrics) = &config.metrics {
+            let bound = custos::metrics::Listener::bind(metrics.listen)
+                .await
+                .map_err(|e| format!("cannot listen for metrics on {}: {e}", metrics.listen))?;
+            app.metrics = Some(bound);
+        }
         if let Some((paths, module)) = dev {
             let ready = DevReady {
                 event: "custosd.dev.ready",
                 listen,
-                endpoint: format!("http://{listen}"),
+                endpoint: if config.server.insecure_plaintext {
+                    format!("http://{listen}")
+                } else {
+                    format!("https://{listen}")
+                },
                 module,
                 token_label: dev::DEV_TOKEN_LABEL,
                 log_verifier_key: app.checkpointer.verifier().encode(),
+                metrics_endpoint: app.metrics.as_ref().map(|m| m.url()),
                 paths,
             };
             let line = serde_json::to_string(&ready).map_err(|e| e.to_string())?;

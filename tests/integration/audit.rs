@@ -39,7 +39,7 @@ fn entries(db: &rusqlite::Connection) -> Vec<Entry> {
 fn every_event_is_logged_and_the_stored_tree_matches_the_entries() {
     support::runtime().block_on(async {
         let server = DevServer::start();
-        let mut client = WithdrawalServiceClient::new(server.channel().await);
+        let mut client = WithdrawalServiceClient::new(server.channel_as("backend").await);
         let small = client
             .create_withdrawal(request("small", 10u128.pow(17), 0))
             .await
@@ -128,7 +128,7 @@ fn every_event_is_logged_and_the_stored_tree_matches_the_entries() {
 fn nothing_is_signed_or_stored_while_the_log_cannot_be_written() {
     support::runtime().block_on(async {
         let server = DevServer::start();
-        let mut client = WithdrawalServiceClient::new(server.channel().await);
+        let mut client = WithdrawalServiceClient::new(server.channel_as("backend").await);
         let db = rusqlite::Connection::open(server.path("store")).unwrap();
         db.busy_timeout(Duration::from_secs(5)).unwrap();
 

@@ -89,8 +89,7 @@ fn python_verify(key: &str, note: &str) -> Result<serde_json::Value, String> {
 
 fn cli(server: &DevServer, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_custos"))
-        .arg("--server")
-        .arg(&server.endpoint)
+        .args(server.cli_args("auditor"))
         .args(args)
         .output()
         .expect("run custos")
@@ -134,7 +133,7 @@ fn checkpoints_verify_independently_and_proofs_verify_against_them() {
     support::runtime().block_on(async {
         let dev = Dev::start().await;
         let key = verifier_key(&dev.server);
-        let mut audit = audit_client(dev.server.channel().await);
+        let mut audit = audit_client(dev.server.channel_as("auditor").await);
 
         let log_key = audit
             .get_log_key(proto::GetLogKeyRequest {})
@@ -413,7 +412,7 @@ fn export_verifies_and_every_tampering_is_detected_at_its_entry() {
         let dev = Dev::start().await;
         let key = verifier_key(&dev.server);
         story(&dev).await;
-        let mut audit = audit_client(dev.server.channel().await);
+        let mut audit = audit_client(dev.server.channel_as("auditor").await);
         let size = log_size(&mut audit).await;
         checkpoint_covering(&mut audit, size).await;
         let temp = tempfile::tempdir().unwrap();
@@ -572,7 +571,7 @@ fn export_verifies_and_every_tampering_is_detected_at_its_entry() {
 
         // A checkpoint from another log (another HSM key, same origin name).
         let other = Dev::start().await;
-        let mut other_audit = audit_client(other.server.channel().await);
+        let mut other_audit = audit_client(other.server.channel_as("auditor").await);
         let foreign = checkpoint_covering(&mut other_audit, 1).await;
         let _ = std::fs::remove_dir_all(&work);
         copy_dir(&clean, &work);
@@ -608,7 +607,7 @@ fn a_rewritten_history_is_a_fork_to_anyone_holding_an_older_checkpoint() {
         let key = verifier_key(&server);
         let dev = Dev::on(server).await;
         story(&dev).await;
-        let mut audit = audit_client(dev.server.channel().await);
+        let mut audit = audit_client(dev.server.channel_as("auditor").await);
         let size = log_size(&mut audit).await;
         let witnessed = checkpoint_covering(&mut audit, size).await;
         assert_eq!(witnessed.tree_size, size);
@@ -627,7 +626,7 @@ fn a_rewritten_history_is_a_fork_to_anyone_holding_an_older_checkpoint() {
         dev.create("after-rewrite", EXCHANGE, ETHER / 10, 4, "ops")
             .await
             .unwrap();
-        let mut audit = audit_client(dev.server.channel().await);
+        let mut audit = audit_client(dev.server.channel_as("auditor").await);
         tokio::time::sleep(Duration::from_secs(4)).await;
         let latest = audit
             .get_checkpoint(proto::GetCheckpointRequest { tree_size: 0 })
@@ -653,7 +652,7 @@ fn a_rewritten_history_is_a_fork_to_anyone_holding_an_older_checkpoint() {
                 .unwrap();
         }
         let server = DevServer::start_in(&data_dir, &[]);
-        let mut audit = audit_client(server.channel().await);
+        let mut audit = audit_client(server.channel_as("auditor").await);
         let forged = checkpoint_covering(&mut audit, size + 1).await;
         assert!(forged.tree_size > size);
         let dir = temp.path().join("forged");

@@ -37,7 +37,7 @@ fn create_request(id: &str) -> proto::CreateWalletRequest {
 fn wallet_key_created_over_grpc_cannot_be_read_by_another_process() {
     let server = DevServer::start();
     let wallet = support::runtime().block_on(async {
-        let mut client = WalletServiceClient::new(server.channel().await);
+        let mut client = WalletServiceClient::new(server.channel_as("admin").await);
         client
             .create_wallet(create_request("cold"))
             .await
@@ -328,7 +328,11 @@ fn startup_failures_exit_clearly_and_create_nothing() {
         let config = work.path().join(format!("{name}.toml"));
         std::fs::write(&config, support::config_text(module, label, pin_file, &store)).unwrap();
         let mut command = Command::new(env!("CARGO_BIN_EXE_custosd"));
-        command.arg("--config").arg(&config).env("SOFTHSM2_CONF", &conf);
+        command
+            .arg("--config")
+            .arg(&config)
+            .arg("--insecure-plaintext")
+            .env("SOFTHSM2_CONF", &conf);
         let output = support::output_within(command, std::time::Duration::from_secs(60));
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(!output.status.success(), "{name}: custosd started");
@@ -496,7 +500,7 @@ fn health_is_serving_and_reflection_lists_services() {
 
     let server = DevServer::start();
     support::runtime().block_on(async {
-        let channel = server.channel().await;
+        let channel = server.channel_as("auditor").await;
         let mut health = HealthClient::new(channel.clone());
         for service in ["", "custos.v1.WalletService"] {
             let status = health
@@ -546,7 +550,7 @@ fn wallet_rpcs_validate_page_and_survive_restart() {
     let data_dir = temp.path().join("dev");
     let mut server = DevServer::start_in(&data_dir, &[]);
     let before = support::runtime().block_on(async {
-        let mut client = WalletServiceClient::new(server.channel().await);
+        let mut client = WalletServiceClient::new(server.channel_as("admin").await);
         // Dev mode created `hot`; two more make three.
         for id in ["a", "b"] {
             client.create_wallet(create_request(id)).await.unwrap();
@@ -647,7 +651,7 @@ fn wallet_rpcs_validate_page_and_survive_restart() {
 
     let server = DevServer::start_in(&data_dir, &[]);
     let after = support::runtime().block_on(async {
-        let mut client = WalletServiceClient::new(server.channel().await);
+        let mut client = WalletServiceClient::new(server.channel_as("admin").await);
         client
             .list_wallets(proto::ListWalletsRequest::default())
             .await
@@ -704,7 +708,7 @@ fn token_script_yields_a_servable_config() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_custosd"))
         .arg("--config")
         .arg(dir.join("custosd.toml"))
-        .args(["--listen", "127.0.0.1:0"])
+        .args(["--listen", "127.0.0.1:0", "--insecure-plaintext"])
         .env("SOFTHSM2_CONF", dir.join("softhsm2.conf"))
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -760,6 +764,7 @@ fn token_by_serial_and_pin_from_environment() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_custosd"))
         .arg("--config")
         .arg(&config)
+        .arg("--insecure-plaintext")
         .env("SOFTHSM2_CONF", &conf)
         .env("CUSTOS_TEST_HSM_PIN", pin.trim())
         .stderr(std::process::Stdio::piped())

@@ -33,22 +33,33 @@ fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
 }
 
-/// A client of one dev server, with the dev keys.
+/// A client of one dev server, with the dev keys and one mTLS channel per
+/// dev client identity.
 pub(crate) struct Dev {
     pub(crate) server: DevServer,
-    channel: Channel,
+    backend: Channel,
+    admin: Channel,
+    approvers: std::collections::BTreeMap<&'static str, Channel>,
 }
 
 impl Dev {
     pub(crate) async fn start() -> Self {
-        let server = DevServer::start();
-        let channel = server.channel().await;
-        Self { server, channel }
+        Self::on(DevServer::start()).await
     }
 
     pub(crate) async fn on(server: DevServer) -> Self {
-        let channel = server.channel().await;
-        Self { server, channel }
+        let backend = server.channel_as("backend").await;
+        let admin = server.channel_as("admin").await;
+        let mut approvers = std::collections::BTreeMap::new();
+        for who in ["alice", "bob", "carol"] {
+            approvers.insert(who, server.channel_as(who).await);
+        }
+        Self {
+            server,
+            backend,
+            admin,
+            approvers,
+        }
     }
 
     fn key(&self, who: &str) -> KeyFile {
@@ -56,15 +67,20 @@ impl Dev {
     }
 
     fn withdrawals(&self) -> WithdrawalServiceClient<Channel> {
-        WithdrawalServiceClient::new(self.channel.clone())
+        WithdrawalServiceClient::new(self.backend.clone())
+    }
+
+    /// The approval service as approver `who`.
+    fn approvals_as(&self, who: &str) -> ApprovalServiceClient<Channel> {
+        ApprovalServiceClient::new(self.approvers[who].clone())
     }
 
     fn approvals(&self) -> ApprovalServiceClient<Channel> {
-        ApprovalServiceClient::new(self.channel.clone())
+        self.approvals_as("alice")
     }
 
     pub(crate) fn policies(&self) -> PolicyServiceClient<Channel> {
-        PolicyServiceClient::new(self.channel.clone())
+        PolicyServiceClient::new(self.admin.clone())
     }
 
     pub(crate) async fn create(
@@ -111,8 +127,16 @@ impl Dev {
         }
     }
 
+    /// Submits over the channel of the approver the message names (alice's
+    /// if it names none), so the engine, not the certificate binding, judges
+    /// the message and its signature.
     async fn submit(&self, message: Vec<u8>, signature: Vec<u8>) -> Result<proto::Withdrawal, tonic::Status> {
-        self.approvals()
+        let approver = ApprovalMessage::parse(&message)
+            .ok()
+            .map(|m| m.approver)
+            .filter(|who| self.approvers.contains_key(who.as_str()))
+            .unwrap_or_else(|| "alice".to_owned());
+        self.approvals_as(&approver)
             .submit_approval(proto::SubmitApprovalRequest { message, signature })
             .await
             .map(|r| r.into_inner())
@@ -191,7 +215,7 @@ impl Dev {
     }
 
     async fn wallet_address(&self) -> String {
-        WalletServiceClient::new(self.channel.clone())
+        WalletServiceClient::new(self.admin.clone())
             .get_wallet(proto::GetWalletRequest {
                 name: "wallets/hot".into(),
             })
@@ -404,7 +428,9 @@ fn approvals_are_bound_to_withdrawal_intent_policy_and_time() {
         ));
         let mut m = good.clone();
         m.approver = "mallory".into();
-        cases.push(("not on the roster", m, "alice", Code::InvalidArgument));
+        // No client certificate is bound to mallory, so alice's client is
+        // refused before the engine even looks up the roster.
+        cases.push(("not on the roster", m, "alice", Code::PermissionDenied));
         for (what, m, signer, code) in cases {
             let err = dev.submit_signed(&m, signer).await.unwrap_err();
             assert_eq!(err.code(), code, "{what}: {err:?}");
@@ -759,14 +785,10 @@ fn crash_between_approval_and_signing_signs_exactly_once_after_restart() {
         let status = server.child.wait().unwrap();
         assert!(!status.success());
 
-        let dev = Dev::on(DevServer::start_in(
-            &data_dir,
-            &[("CUSTOS_CRASH_AT", "after-sign-before-commit")],
-        ))
-        .await;
         // Startup resumes APPROVED withdrawals: this one is signed, then the
-        // crash point aborts before SIGNED is committed.
-        let Dev { mut server, .. } = dev;
+        // crash point aborts before SIGNED is committed. No client connects:
+        // the server dies on its own, right after it starts.
+        let mut server = DevServer::start_in(&data_dir, &[("CUSTOS_CRASH_AT", "after-sign-before-commit")]);
         let deadline = Instant::now() + Duration::from_secs(30);
         while server.child.try_wait().unwrap().is_none() {
             assert!(Instant::now() < deadline, "custosd did not reach the crash point");
@@ -914,7 +936,8 @@ fn cli_approve_recomputes_the_intent_and_refuses_a_lying_server() {
         let approve = |id: &str| {
             let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_custos"));
             command
-                .args(["--server", &dev.server.endpoint, "--json", "approve"])
+                .args(dev.server.cli_args("alice"))
+                .args(["--json", "approve"])
                 .arg(id.trim_start_matches("withdrawals/"))
                 .args(["--approver", "alice", "--yes", "--key"])
                 .arg(data_dir.join("keys/alice.pem"));

@@ -56,7 +56,7 @@ pub struct VerifyArgs {
     service_id: Option<String>,
 }
 
-pub async fn audit(command: AuditCommand, server: &str, json: bool) -> Result<(), String> {
+pub async fn audit(command: AuditCommand, server: &crate::ServerArgs, json: bool) -> Result<(), String> {
     match command {
         AuditCommand::Key => key(server, json).await,
         AuditCommand::Checkpoint { size } => checkpoint(server, size, json).await,
@@ -65,12 +65,12 @@ pub async fn audit(command: AuditCommand, server: &str, json: bool) -> Result<()
     }
 }
 
-async fn client(server: &str) -> Result<AuditServiceClient<tonic::transport::Channel>, String> {
+async fn client(server: &crate::ServerArgs) -> Result<AuditServiceClient<tonic::transport::Channel>, String> {
     Ok(AuditServiceClient::new(connect(server).await?)
         .max_decoding_message_size(custos::server::MAX_RESPONSE_BYTES))
 }
 
-async fn key(server: &str, json: bool) -> Result<(), String> {
+async fn key(server: &crate::ServerArgs, json: bool) -> Result<(), String> {
     let key = client(server)
         .await?
         .get_log_key(proto::GetLogKeyRequest {})
@@ -102,7 +102,7 @@ async fn key(server: &str, json: bool) -> Result<(), String> {
     emit(json, &value, &text)
 }
 
-async fn checkpoint(server: &str, size: Option<u64>, json: bool) -> Result<(), String> {
+async fn checkpoint(server: &crate::ServerArgs, size: Option<u64>, json: bool) -> Result<(), String> {
     let checkpoint = client(server)
         .await?
         .get_checkpoint(proto::GetCheckpointRequest {
@@ -169,15 +169,22 @@ fn progress_bar(total: u64) -> ProgressBar {
     bar
 }
 
-async fn export(server: &str, out: &Path, json: bool) -> Result<(), String> {
+async fn export(server: &crate::ServerArgs, out: &Path, json: bool) -> Result<(), String> {
     let mut audit = client(server).await?;
     let checkpoints = fetch_checkpoints(&mut audit).await?;
-    let end = checkpoints.iter().map(|c| c.tree_size).max().unwrap_or(0);
+    // Entries up to the latest checkpoint are what an auditor can check; with
+    // none yet there is nothing to export (and an end of 0 would ask the
+    // server for the whole, uncheckable, log).
+    let end = checkpoints
+        .iter()
+        .map(|c| c.tree_size)
+        .max()
+        .filter(|size| *size > 0)
+        .ok_or("the log has no signed checkpoint yet; custosd signs one within [audit] checkpoint_every_seconds of the first entry")?;
     let mut writer = ExportWriter::create(out).map_err(|e| format!("cannot write the export: {e}"))?;
     let bar = progress_bar(end);
     bar.set_message("exporting");
     let (mut written, mut failed) = (0u64, None);
-    // Entries up to the latest checkpoint: what an auditor can check.
     fetch_entries(&mut audit, end, |data| {
         if failed.is_none()
             && let Err(e) = writer.entry(data)
@@ -222,7 +229,7 @@ fn pinned_key(key: &str) -> Result<NoteVerifier, String> {
     NoteVerifier::parse(text.trim()).map_err(|e| format!("--key: {e}"))
 }
 
-async fn verify_log(args: VerifyArgs, server: &str, json: bool) -> Result<(), String> {
+async fn verify_log(args: VerifyArgs, server: &crate::ServerArgs, json: bool) -> Result<(), String> {
     let key = pinned_key(&args.key)?;
     let mut verifier = LogVerifier::new(key.clone(), args.service_id.as_deref());
     let mut live_latest = None;

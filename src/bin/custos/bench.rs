@@ -250,7 +250,8 @@ fn create_request(id: String, wei: u128, nonce: u64) -> proto::CreateWithdrawalR
 struct Approvers {
     service_id: String,
     policy_hash: [u8; 32],
-    keys: Vec<(String, KeyFile)>,
+    /// Each approver: id, key file, and a channel with its own client certificate.
+    keys: Vec<(String, KeyFile, Channel)>,
 }
 
 /// Runs `concurrency` workers for `duration`; each loop of `one` is one
@@ -305,8 +306,8 @@ pub async fn bench(args: BenchArgs, json: bool) -> Result<(), String> {
     bar.set_message("starting custosd --dev on a fresh SoftHSM token");
     let data_dir = std::env::temp_dir().join(format!("custos-bench-{}", std::process::id()));
     let mut server = start_server(&args, data_dir.clone())?;
-    let mut channel = crate::connect(&server_endpoint(&server)).await?;
-    raise_limits(&channel, &server).await?;
+    let mut channel = dev_channel(&server, "backend").await?;
+    raise_limits(&dev_channel(&server, "admin").await?, &server).await?;
     let mut startup = None;
     if args.prior_entries > 0 {
         bar.set_message(format!("seeding {} prior log entries", args.prior_entries));
@@ -323,7 +324,7 @@ pub async fn bench(args: BenchArgs, json: bool) -> Result<(), String> {
         let started = Instant::now();
         server = start_server(&args, data_dir.clone())?;
         startup = Some(started.elapsed());
-        channel = crate::connect(&server_endpoint(&server)).await?;
+        channel = dev_channel(&server, "backend").await?;
     }
     let wallet = WalletServiceClient::new(channel.clone())
         .get_wallet(proto::GetWalletRequest {
@@ -356,28 +357,24 @@ pub async fn bench(args: BenchArgs, json: bool) -> Result<(), String> {
     }
 
     bar.set_message(format!("quorum path, concurrency {}", args.quorum_concurrency));
-    let policy = PolicyServiceClient::new(channel.clone())
+    let policy = PolicyServiceClient::new(dev_channel(&server, "admin").await?)
         .get_policy(proto::GetPolicyRequest { version: 0 })
         .await
         .map_err(describe)?
         .into_inner();
     let keys_dir = server.data_dir.join("keys");
+    let mut approver_keys = Vec::new();
+    for who in ["alice", "bob"] {
+        let key = KeyFile::load(&keys_dir.join(format!("{who}.pem"))).map_err(|e| e.to_string())?;
+        approver_keys.push((who.to_owned(), key, dev_channel(&server, who).await?));
+    }
     let approvers = Arc::new(Approvers {
         service_id: policy.service_id.clone(),
         policy_hash: hex::decode(&policy.hash)
             .ok()
             .and_then(|h| h.try_into().ok())
             .ok_or("policy hash")?,
-        keys: ["alice", "bob"]
-            .iter()
-            .map(|who| {
-                Ok((
-                    (*who).to_owned(),
-                    KeyFile::load(&keys_dir.join(format!("{who}.pem")))?,
-                ))
-            })
-            .collect::<Result<_, custos::signer::SignerError>>()
-            .map_err(|e| e.to_string())?,
+        keys: approver_keys,
     });
     let (h, errors, elapsed) = drive(args.quorum_concurrency, duration, {
         let channel = channel.clone();
@@ -402,8 +399,22 @@ pub async fn bench(args: BenchArgs, json: bool) -> Result<(), String> {
     report(&raw, &auto, &quorum, &scale, json)
 }
 
-fn server_endpoint(server: &Server) -> String {
-    server.ready["endpoint"].as_str().unwrap_or_default().to_owned()
+/// A channel to the bench's dev server as the dev client `name`, over mTLS
+/// with the certificate dev mode issued to it.
+async fn dev_channel(server: &Server, name: &str) -> Result<Channel, String> {
+    let tls = &server.ready["tls"];
+    let path = |v: &serde_json::Value| {
+        v.as_str()
+            .map(std::path::PathBuf::from)
+            .ok_or("ready line without tls paths")
+    };
+    let files = crate::ClientFiles {
+        ca: path(&tls["ca_cert"])?,
+        cert: path(&tls["clients"][name]["cert"])?,
+        key: path(&tls["clients"][name]["key"])?,
+    };
+    let endpoint = server.ready["endpoint"].as_str().unwrap_or_default();
+    crate::connect_to(endpoint, Some(&files)).await
 }
 
 /// History and footprint of the measured server.
@@ -544,9 +555,8 @@ async fn quorum_once(
         .create_withdrawal(create_request(id, 2 * ETHER, nonce))
         .await?
         .into_inner();
-    let mut approvals = ApprovalServiceClient::new(channel.clone());
     let mut last = created.state();
-    for (who, key) in &approvers.keys {
+    for (who, key, approver_channel) in &approvers.keys {
         let message = ApprovalMessage {
             service_id: approvers.service_id.clone(),
             withdrawal_id: created.name.trim_start_matches("withdrawals/").to_owned(),
@@ -559,7 +569,7 @@ async fn quorum_once(
         let Ok(signature) = key.sign_prehash(&message.digest()) else {
             return Ok(false);
         };
-        last = approvals
+        last = ApprovalServiceClient::new(approver_channel.clone())
             .submit_approval(proto::SubmitApprovalRequest {
                 message: message.encode(),
                 signature: signature.to_vec(),

@@ -291,7 +291,11 @@ fn name(id: &str) -> String {
     }
 }
 
-pub async fn withdrawal(command: WithdrawalCommand, server: &str, json: bool) -> Result<(), String> {
+pub async fn withdrawal(
+    command: WithdrawalCommand,
+    server: &crate::ServerArgs,
+    json: bool,
+) -> Result<(), String> {
     let mut client = WithdrawalServiceClient::new(connect(server).await?);
     match command {
         WithdrawalCommand::Create {
@@ -367,7 +371,7 @@ pub async fn withdrawal(command: WithdrawalCommand, server: &str, json: bool) ->
     }
 }
 
-pub async fn pending(server: &str, json: bool) -> Result<(), String> {
+pub async fn pending(server: &crate::ServerArgs, json: bool) -> Result<(), String> {
     let client = ApprovalServiceClient::new(connect(server).await?);
     let all = all_pages(|page_token| {
         let mut client = client.clone();
@@ -390,7 +394,7 @@ pub async fn pending(server: &str, json: bool) -> Result<(), String> {
 /// intent from the transaction with the policy's own network and asset
 /// registry; refuses if the server's intent hash differs; shows the intent;
 /// signs the vote with the approver's key; submits it.
-pub async fn vote(args: VoteArgs, vote: Vote, server: &str, json: bool) -> Result<(), String> {
+pub async fn vote(args: VoteArgs, vote: Vote, server: &crate::ServerArgs, json: bool) -> Result<(), String> {
     let channel = connect(server).await?;
     let withdrawal = WithdrawalServiceClient::new(channel.clone())
         .get_withdrawal(proto::GetWithdrawalRequest { name: name(&args.id) })

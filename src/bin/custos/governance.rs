@@ -154,7 +154,7 @@ fn show_proposal(p: &proto::PolicyProposal, json: bool) -> Result<(), String> {
     emit(json, &value, &text)
 }
 
-pub async fn policy(command: PolicyCommand, server: &str, json: bool) -> Result<(), String> {
+pub async fn policy(command: PolicyCommand, server: &crate::ServerArgs, json: bool) -> Result<(), String> {
     let mut client = PolicyServiceClient::new(connect(server).await?);
     match command {
         PolicyCommand::Show { version, document } => {
@@ -199,7 +199,7 @@ pub async fn policy(command: PolicyCommand, server: &str, json: bool) -> Result<
     }
 }
 
-pub async fn freeze(args: FreezeArgs, server: &str, json: bool) -> Result<(), String> {
+pub async fn freeze(args: FreezeArgs, server: &crate::ServerArgs, json: bool) -> Result<(), String> {
     let mut client = PolicyServiceClient::new(connect(server).await?);
     let current = state(&mut client).await?;
     let message = GovernanceMessage {
@@ -224,7 +224,7 @@ pub async fn freeze(args: FreezeArgs, server: &str, json: bool) -> Result<(), St
     show_state(&s, false, json)
 }
 
-pub async fn unfreeze(args: UnfreezeArgs, server: &str, json: bool) -> Result<(), String> {
+pub async fn unfreeze(args: UnfreezeArgs, server: &crate::ServerArgs, json: bool) -> Result<(), String> {
     let mut client = PolicyServiceClient::new(connect(server).await?);
     let current = state(&mut client).await?;
     let mut signatures = Vec::new();

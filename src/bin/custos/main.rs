@@ -15,6 +15,7 @@ mod custody;
 mod governance;
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -31,14 +32,8 @@ use custos::proto::{self, wallet_service_client::WalletServiceClient};
 #[derive(Debug, Parser)]
 #[command(name = "custos", version, about)]
 struct Cli {
-    /// custosd endpoint.
-    #[arg(
-        long,
-        global = true,
-        env = "CUSTOS_SERVER",
-        default_value = "http://127.0.0.1:50051"
-    )]
-    server: String,
+    #[command(flatten)]
+    server: ServerArgs,
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
@@ -155,7 +150,7 @@ fn fail(message: &str) -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<(), String> {
-    let (server, json) = (cli.server.as_str(), cli.json);
+    let (server, json) = (&cli.server, cli.json);
     match cli.command {
         Command::Intent(command) => print_intent(&decode_intent(&command)?, json),
         Command::Wallet(command) => wallet(command, server, json).await,
@@ -184,7 +179,7 @@ fn emit(json: bool, value: &serde_json::Value, text: &str) -> Result<(), String>
     result.map_err(|e| format!("writing output: {e}"))
 }
 
-async fn wallet(command: WalletCommand, server: &str, json: bool) -> Result<(), String> {
+async fn wallet(command: WalletCommand, server: &crate::ServerArgs, json: bool) -> Result<(), String> {
     let channel = connect(server).await?;
     let mut wallets = WalletServiceClient::new(channel);
     let shown: Vec<proto::Wallet> = match command {
@@ -252,12 +247,87 @@ where
     }
 }
 
-pub(crate) async fn connect(server: &str) -> Result<Channel, String> {
-    Endpoint::from_shared(server.to_owned())
-        .map_err(|e| format!("invalid --server {server:?}: {e}"))?
+/// How to reach custosd: its endpoint and, for `https://`, this client's
+/// mTLS files.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct ServerArgs {
+    /// custosd endpoint: `https://` (mTLS) or, for a server started with
+    /// --insecure-plaintext, `http://`.
+    #[arg(
+        long = "server",
+        global = true,
+        env = "CUSTOS_SERVER",
+        default_value = "https://127.0.0.1:50051"
+    )]
+    endpoint: String,
+    /// CA certificate custosd's certificate must chain to (PEM).
+    #[arg(long = "tls-ca", global = true, env = "CUSTOS_TLS_CA", value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// This client's certificate (PEM); its SAN is the identity custosd maps to roles.
+    #[arg(
+        long = "tls-cert",
+        global = true,
+        env = "CUSTOS_TLS_CERT",
+        value_name = "FILE"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// This client's private key (PEM).
+    #[arg(long = "tls-key", global = true, env = "CUSTOS_TLS_KEY", value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+}
+
+/// A client's mTLS files.
+#[derive(Debug, Clone)]
+pub(crate) struct ClientFiles {
+    /// The CA to trust for the server.
+    pub(crate) ca: PathBuf,
+    /// The client certificate.
+    pub(crate) cert: PathBuf,
+    /// The client key.
+    pub(crate) key: PathBuf,
+}
+
+impl std::fmt::Display for ServerArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.endpoint)
+    }
+}
+
+pub(crate) async fn connect(server: &ServerArgs) -> Result<Channel, String> {
+    let files = match (&server.tls_ca, &server.tls_cert, &server.tls_key) {
+        (Some(ca), Some(cert), Some(key)) => Some(ClientFiles {
+            ca: ca.clone(),
+            cert: cert.clone(),
+            key: key.clone(),
+        }),
+        (None, None, None) => None,
+        _ => return Err("--tls-ca, --tls-cert and --tls-key go together".into()),
+    };
+    connect_to(&server.endpoint, files.as_ref()).await
+}
+
+/// Connects to `endpoint`, with mTLS when it is `https://`.
+pub(crate) async fn connect_to(endpoint: &str, tls: Option<&ClientFiles>) -> Result<Channel, String> {
+    let mut builder = Endpoint::from_shared(endpoint.to_owned())
+        .map_err(|e| format!("invalid --server {endpoint:?}: {e}"))?;
+    if endpoint.starts_with("https://") {
+        let files = tls.ok_or(
+            "an https:// server needs --tls-ca, --tls-cert and --tls-key (or CUSTOS_TLS_CA, CUSTOS_TLS_CERT, CUSTOS_TLS_KEY); custosd --dev writes them under <data-dir>/tls/",
+        )?;
+        let read = |path: &PathBuf| {
+            std::fs::read(path)
+                .map(zeroize::Zeroizing::new)
+                .map_err(|e| format!("{}: {e}", path.display()))
+        };
+        let config = custos::tls::client_tls(&read(&files.ca)?, &read(&files.cert)?, &read(&files.key)?);
+        builder = builder
+            .tls_config(config)
+            .map_err(|e| format!("TLS configuration: {e}"))?;
+    }
+    builder
         .connect()
         .await
-        .map_err(|e| format!("cannot connect to {server}: {e}"))
+        .map_err(|e| format!("cannot connect to {endpoint}: {e}"))
 }
 
 /// The status message plus its stable reason and any field violations.

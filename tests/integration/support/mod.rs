@@ -174,13 +174,16 @@ pub fn test_config(dir: &Path) -> Config {
             .unwrap();
         file.write_all(TEST_USER_PIN.as_bytes()).unwrap();
     }
-    Config::parse(&config_text(
+    let mut config = Config::parse(&config_text(
         &module_path(),
         TEST_TOKEN_LABEL,
         &pin_file,
         &dir.join("custos.db"),
     ))
-    .unwrap()
+    .unwrap();
+    // In-process tests drive the engine, not the transport.
+    config.server.insecure_plaintext = true;
+    config
 }
 
 /// A custosd config file's text.
@@ -269,12 +272,73 @@ impl DevServer {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
 
-    pub async fn channel(&self) -> tonic::transport::Channel {
+    /// A channel authenticated as the dev client `identity`: one of
+    /// `backend`, `admin`, `auditor`, or an approver id (`alice`, `bob`,
+    /// `carol`), each with its own dev client certificate.
+    pub async fn channel_as(&self, identity: &str) -> tonic::transport::Channel {
+        let (cert, key) = self.client_files(identity);
+        self.channel_with(Some((
+            &std::fs::read(cert).unwrap(),
+            &std::fs::read(key).unwrap(),
+        )))
+        .await
+        .expect("connect to custosd")
+    }
+
+    /// A TLS channel presenting `identity` (certificate and key PEM), or no
+    /// client certificate at all.
+    pub async fn channel_with(
+        &self,
+        identity: Option<(&[u8], &[u8])>,
+    ) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+        let ca = std::fs::read(self.tls_path(&["ca_cert"])).unwrap();
+        let mut tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(ca));
+        if let Some((cert, key)) = identity {
+            tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
+        }
         tonic::transport::Endpoint::from_shared(self.endpoint.clone())
             .unwrap()
+            .tls_config(tls)?
             .connect()
             .await
-            .expect("connect to custosd")
+    }
+
+    /// The dev client `identity`'s certificate and key files.
+    pub fn client_files(&self, identity: &str) -> (PathBuf, PathBuf) {
+        (
+            self.tls_path(&["clients", identity, "cert"]),
+            self.tls_path(&["clients", identity, "key"]),
+        )
+    }
+
+    /// A path under the ready line's `tls` object.
+    pub fn tls_path(&self, keys: &[&str]) -> PathBuf {
+        let mut value = &self.ready["tls"];
+        for key in keys {
+            value = &value[*key];
+        }
+        PathBuf::from(
+            value
+                .as_str()
+                .unwrap_or_else(|| panic!("ready line has no tls.{}", keys.join("."))),
+        )
+    }
+
+    /// `custos` CLI arguments that reach this server as the dev client
+    /// `identity` (see [`DevServer::channel_as`]).
+    pub fn cli_args(&self, identity: &str) -> Vec<OsString> {
+        let (cert, key) = self.client_files(identity);
+        vec![
+            "--server".into(),
+            self.endpoint.clone().into(),
+            "--tls-ca".into(),
+            self.tls_path(&["ca_cert"]).into(),
+            "--tls-cert".into(),
+            cert.into(),
+            "--tls-key".into(),
+            key.into(),
+        ]
     }
 
     /// Sends SIGTERM and waits for the process to exit.
