@@ -10,10 +10,16 @@
 
 mod support;
 
+mod access;
 mod audit;
 mod checkpoints;
+mod crash;
 mod formats;
+mod hsm_faults;
+mod metrics;
+mod secrets;
 mod signing_core;
 mod store_faults;
 mod transactions;
 mod withdrawals;
+mod wycheproof;
