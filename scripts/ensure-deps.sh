@@ -11,6 +11,25 @@ as_root() {
     fi
 }
 
+# `--fuzz` (from scripts/fuzz.sh only, so the Quick start never pays for it):
+# cargo-fuzz, a C++ compiler for libFuzzer, and python3 for the seeds.
+ensure_fuzz_deps() {
+    if ! command -v c++ >/dev/null || ! command -v python3 >/dev/null; then
+        echo "ensure-deps: installing g++ and python3 for fuzzing ..." >&2
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ python3 >/dev/null
+    fi
+    if ! cargo fuzz --version >/dev/null 2>&1; then
+        echo "ensure-deps: installing cargo-fuzz ..." >&2
+        cargo install cargo-fuzz --locked
+    fi
+}
+
+if [ "${1:-}" = "--fuzz" ]; then
+    ensure_fuzz_deps
+    exit 0
+fi
+
 if [ ! -f "$module" ] || ! command -v softhsm2-util >/dev/null; then
     if ! command -v apt-get >/dev/null; then
         echo "ensure-deps: SoftHSMv2 is missing and this is not a Debian/Ubuntu system;" >&2
