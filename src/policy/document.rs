@@ -498,7 +498,11 @@ fn build(raw: RawPolicy, hash: [u8; 32]) -> Result<Policy, PolicyError> {
         }
         if assets
             .iter()
-            .any(|a| a.network == asset.network && (a.symbol == asset.symbol || a.contract == asset.contract))
+            .any(|a| {
+                // One contract in two spellings (checksummed, lower case) is one asset.
+                a.network == asset.network
+                    && (a.symbol == asset.symbol || a.contract.eq_ignore_ascii_case(&asset.contract))
+            })
         {
             return Err(invalid(format!(
                 "assets[{index}] repeats a symbol or contract on {}",

@@ -202,6 +202,13 @@ fn bad_documents_are_refused_by_key() {
             document().replace("wallets = [\"hot\"]", "wallets = [\"cold\"]"),
             "cold",
         ),
+        (
+            document().replace(
+                "decimals = 6\n",
+                "decimals = 6\n\n[[assets]]\nnetwork = \"eip155:1\"\nsymbol = \"USDX\"\ncontract = \"0x1c7d4b196cb0c7b01d743fbc6116a902379c7238\"\ndecimals = 6\n",
+            ),
+            "repeats a symbol or contract",
+        ),
         (document().replace(&key(2), &key(1)), "more than once"),
         (document().replace(&key(101), &key(4)), "more than once"),
         (
