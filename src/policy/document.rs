@@ -496,14 +496,11 @@ fn build(raw: RawPolicy, hash: [u8; 32]) -> Result<Policy, PolicyError> {
                 "assets[{index}]: ETH and BTC are native and need no entry"
             )));
         }
-        if assets
-            .iter()
-            .any(|a| {
-                // One contract in two spellings (checksummed, lower case) is one asset.
-                a.network == asset.network
-                    && (a.symbol == asset.symbol || a.contract.eq_ignore_ascii_case(&asset.contract))
-            })
-        {
+        if assets.iter().any(|a| {
+            // One contract in two spellings (checksummed, lower case) is one asset.
+            a.network == asset.network
+                && (a.symbol == asset.symbol || a.contract.eq_ignore_ascii_case(&asset.contract))
+        }) {
             return Err(invalid(format!(
                 "assets[{index}] repeats a symbol or contract on {}",
                 asset.network
