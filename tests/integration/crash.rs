@@ -768,28 +768,6 @@ impl Log {
     }
 }
 
-/// Every withdrawal the server holds, through ListWithdrawals.
-async fn list_all(withdrawals: &mut WithdrawalServiceClient<Channel>) -> Vec<proto::Withdrawal> {
-    let mut all = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let page = withdrawals
-            .list_withdrawals(proto::ListWithdrawalsRequest {
-                page_size: 1000,
-                page_token,
-                state: 0,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        all.extend(page.withdrawals);
-        if page.next_page_token.is_empty() {
-            return all;
-        }
-        page_token = page.next_page_token;
-    }
-}
-
 /// The checks after a restart (see the module docs). They hold with the
 /// clients running: acknowledgements are taken from a ledger snapshot made
 /// before anything is read, and the log is read both before and after the
@@ -819,7 +797,7 @@ async fn check_state(
     // in the log read after it.
     log.update(&mut audit, full).await;
     let logged_before = log.entries.len();
-    let listed = list_all(&mut withdrawals).await;
+    let listed = support::all_withdrawals(&mut withdrawals, WithdrawalState::Unspecified).await;
     log.update(&mut audit, false).await;
     let mut seen_requests = HashSet::new();
     let mut listed_signed = HashSet::new();

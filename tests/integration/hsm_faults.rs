@@ -329,24 +329,7 @@ async fn log_entries(server: &DevServer) -> Vec<Entry> {
 /// Every withdrawal in `state` (all states for `Unspecified`).
 async fn list_withdrawals(server: &DevServer, state: WithdrawalState) -> Vec<proto::Withdrawal> {
     let mut client = WithdrawalServiceClient::new(server.channel_as("backend").await);
-    let mut all = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let page = client
-            .list_withdrawals(proto::ListWithdrawalsRequest {
-                page_size: 1000,
-                page_token,
-                state: state.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        all.extend(page.withdrawals);
-        if page.next_page_token.is_empty() {
-            return all;
-        }
-        page_token = page.next_page_token;
-    }
+    support::all_withdrawals(&mut client, state).await
 }
 
 /// While the token is away or replaced: the store's SIGNED withdrawals are

@@ -437,3 +437,29 @@ pub fn plant_key_pair(session: &cryptoki::session::Session, id: &[u8], label: &[
         .generate_key_pair(&cryptoki::mechanism::Mechanism::EccKeyPairGen, &public, &private)
         .unwrap();
 }
+
+/// Every withdrawal in `state` (all states for `Unspecified`), following
+/// ListWithdrawals' pages to the end.
+pub async fn all_withdrawals(
+    client: &mut custos::proto::withdrawal_service_client::WithdrawalServiceClient<tonic::transport::Channel>,
+    state: custos::proto::WithdrawalState,
+) -> Vec<custos::proto::Withdrawal> {
+    let mut all = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list_withdrawals(custos::proto::ListWithdrawalsRequest {
+                page_size: 1000,
+                page_token,
+                state: state.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        all.extend(page.withdrawals);
+        if page.next_page_token.is_empty() {
+            return all;
+        }
+        page_token = page.next_page_token;
+    }
+}
