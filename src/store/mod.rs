@@ -9,8 +9,9 @@
 //! [`Store::write`] closure reads stays true until it commits: that is how
 //! check-and-reserve of request ids and limits happens atomically. Writers
 //! that arrive while another is running share its commit (group commit):
-//! each closure runs in its own savepoint inside one `BEGIN IMMEDIATE`
-//! transaction, and the last writer in line commits for all of them, so one
+//! each closure after the first runs in its own savepoint inside one `BEGIN
+//! IMMEDIATE` transaction (the first, alone in it until it returns, needs
+//! none), and the last writer in line commits for all of them, so one
 //! fsync covers the group. No writer returns before the commit that holds its
 //! changes succeeded, and a failed commit fails every writer in the group.
 //! Reads use a second connection, which only ever sees committed data.
@@ -245,6 +246,9 @@ impl Store {
             conn.pragma_update(None, "journal_mode", "WAL")?;
             conn.pragma_update(None, "synchronous", "FULL")?;
             conn.pragma_update(None, "foreign_keys", "ON")?;
+            // Savepoint journals stay in memory; a group of writers would
+            // otherwise spill them to a temporary file.
+            conn.pragma_update(None, "temp_store", "MEMORY")?;
             conn.busy_timeout(std::time::Duration::from_secs(5))?;
             Ok(conn)
         };
@@ -365,10 +369,7 @@ impl Store {
         let group = match writer.open {
             Some(group) => group,
             None => {
-                writer
-                    .conn
-                    .execute_batch("BEGIN IMMEDIATE")
-                    .map_err(StoreError::from)?;
+                run_cached(&writer.conn, "BEGIN IMMEDIATE")?;
                 writer.groups += 1;
                 let group = writer.groups;
                 writer.open = Some(group);
@@ -377,7 +378,27 @@ impl Store {
             }
         };
         writer.members += 1;
-        let result = run_in_savepoint(&writer.conn, f);
+        // The writer that opened the group needs no savepoint: alone in the
+        // transaction, a failure rolls back the whole of it. Savepoints copy
+        // every page they touch to a journal first.
+        let opened_group = writer.members == 1;
+        let result = if opened_group {
+            f(&writer.conn)
+        } else {
+            run_in_savepoint(&writer.conn, f)
+        };
+        if opened_group && result.is_err() {
+            // SQLite may already have rolled back after some errors (disk full).
+            let rolled_back = match writer.conn.is_autocommit() {
+                true => Ok(()),
+                false => writer.conn.execute_batch("ROLLBACK"),
+            };
+            writer.open = None;
+            writer.finished = group;
+            self.group_done.notify_all();
+            rolled_back.map_err(StoreError::from)?;
+            return result;
+        }
         // A bounded group: under a steady stream of writers someone must
         // commit, or the first in the group would wait for ever.
         if self.writers_waiting.load(Ordering::SeqCst) > 0 && writer.members < MAX_GROUP {
@@ -389,7 +410,7 @@ impl Store {
                     .unwrap_or_else(PoisonError::into_inner);
             }
         } else {
-            let committed = writer.conn.execute_batch("COMMIT");
+            let committed = run_cached(&writer.conn, "COMMIT");
             if let Err(e) = &committed {
                 let _ = writer.conn.execute_batch("ROLLBACK");
                 self.commit_failures.fetch_add(1, Ordering::SeqCst);
@@ -434,14 +455,22 @@ fn run_in_savepoint<T, E: From<StoreError>>(
     conn: &Connection,
     f: impl FnOnce(&Connection) -> Result<T, E>,
 ) -> Result<T, E> {
-    conn.execute_batch("SAVEPOINT writer").map_err(StoreError::from)?;
+    run_cached(conn, "SAVEPOINT writer")?;
     let result = f(conn);
     let end = match result {
-        Ok(_) => conn.execute_batch("RELEASE writer"),
-        Err(_) => conn.execute_batch("ROLLBACK TO writer; RELEASE writer"),
+        Ok(_) => run_cached(conn, "RELEASE writer"),
+        Err(_) => conn
+            .execute_batch("ROLLBACK TO writer; RELEASE writer")
+            .map_err(StoreError::from),
     };
-    end.map_err(StoreError::from)?;
+    end?;
     result
+}
+
+/// Runs one transaction-control statement, parsed once per connection.
+fn run_cached(conn: &Connection, sql: &str) -> Result<(), StoreError> {
+    conn.prepare_cached(sql)?.execute([])?;
+    Ok(())
 }
 
 // A panic while holding a connection cannot leave a change half-applied
@@ -579,6 +608,41 @@ mod tests {
             .read(|c| Ok::<_, StoreError>(c.query_row("SELECT COUNT(*) FROM t", [], |r| r.get(0))?))
             .unwrap();
         assert_eq!(durable, 8 * 45);
+    }
+
+    /// A writer alone in its transaction runs without a savepoint: when it
+    /// fails, the whole transaction is rolled back, and the next writer opens
+    /// a fresh one.
+    #[test]
+    fn a_lone_failing_writer_leaves_nothing_and_the_next_one_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("l.db")).unwrap();
+        store
+            .write(|c| Ok::<_, StoreError>(c.execute_batch("CREATE TABLE t (v INTEGER PRIMARY KEY)")?))
+            .unwrap();
+        let count = |store: &Store| -> i64 {
+            store
+                .read(|c| Ok::<_, StoreError>(c.query_row("SELECT COUNT(*) FROM t", [], |r| r.get(0))?))
+                .unwrap()
+        };
+        let failed = store.write(|c| {
+            c.execute("INSERT INTO t VALUES (1)", [])?;
+            Err::<(), _>(StoreError::Conflict("refused on purpose"))
+        });
+        assert!(matches!(failed, Err(StoreError::Conflict(_))));
+        assert_eq!(count(&store), 0);
+        // A statement error inside the writer, then a good writer.
+        assert!(
+            store
+                .write(|c| Ok::<_, StoreError>(c.execute("INSERT INTO missing VALUES (1)", []).map(|_| ())?))
+                .is_err()
+        );
+        store
+            .write(|c| Ok::<_, StoreError>(c.execute("INSERT INTO t VALUES (2)", []).map(|_| ())?))
+            .unwrap();
+        assert_eq!(count(&store), 1);
+        drop(store);
+        assert_eq!(count(&Store::open(&dir.path().join("l.db")).unwrap()), 1);
     }
 
     fn record(id: &str, key: u8) -> WalletRecord {

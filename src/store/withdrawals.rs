@@ -97,12 +97,14 @@ pub struct ApprovalRow {
 /// Inserts a new withdrawal; [`StoreError::Conflict`] if its request id (or id) exists.
 pub fn insert(conn: &Connection, row: &WithdrawalRow) -> Result<i64, StoreError> {
     let decision = decision_json(&row.decision)?;
-    let inserted = conn.execute(
-        "INSERT INTO withdrawals (withdrawal_id, request_id, request_hash, wallet_id, initiator, chain,
+    let inserted = conn
+        .prepare_cached(
+            "INSERT INTO withdrawals (withdrawal_id, request_id, request_hash, wallet_id, initiator, chain,
             unsigned_tx, intent, intent_hash, asset, amount, state, decision, created_at, expires_at,
             counted_at, updated_at, signed_tx, signed_tx_hash)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, NULL, NULL)",
-        params![
+        )?
+        .execute(params![
             row.withdrawal_id,
             row.request_id,
             row.request_hash.as_slice(),
@@ -120,8 +122,7 @@ pub fn insert(conn: &Connection, row: &WithdrawalRow) -> Result<i64, StoreError>
             to_i64(row.expires_at),
             row.counted_at.map(to_i64),
             to_i64(row.updated_at),
-        ],
-    );
+        ]);
     super::conflict_as(inserted, "withdrawal")?;
     Ok(conn.last_insert_rowid())
 }
@@ -196,18 +197,19 @@ pub fn set_state(
     counted_at: Option<u64>,
     now: u64,
 ) -> Result<(), StoreError> {
-    let updated = conn.execute(
-        "UPDATE withdrawals SET state = ?3, decision = ?4, counted_at = ?5, updated_at = ?6
+    let updated = conn
+        .prepare_cached(
+            "UPDATE withdrawals SET state = ?3, decision = ?4, counted_at = ?5, updated_at = ?6
          WHERE withdrawal_id = ?1 AND state = ?2",
-        params![
+        )?
+        .execute(params![
             withdrawal_id,
             from.name(),
             to.name(),
             decision_json(decision)?,
             counted_at.map(to_i64),
             to_i64(now)
-        ],
-    )?;
+        ])?;
     if updated != 1 {
         return Err(StoreError::Conflict("state change (the withdrawal moved on)"));
     }
@@ -222,11 +224,12 @@ pub fn set_signed(
     signed_tx_hash: &[u8],
     now: u64,
 ) -> Result<(), StoreError> {
-    let updated = conn.execute(
-        "UPDATE withdrawals SET state = 'SIGNED', signed_tx = ?2, signed_tx_hash = ?3, updated_at = ?4
+    let updated = conn
+        .prepare_cached(
+            "UPDATE withdrawals SET state = 'SIGNED', signed_tx = ?2, signed_tx_hash = ?3, updated_at = ?4
          WHERE withdrawal_id = ?1 AND state = 'APPROVED'",
-        params![withdrawal_id, signed_tx, signed_tx_hash, to_i64(now)],
-    )?;
+        )?
+        .execute(params![withdrawal_id, signed_tx, signed_tx_hash, to_i64(now)])?;
     if updated != 1 {
         return Err(StoreError::Conflict("signature (the withdrawal is not APPROVED)"));
     }
@@ -258,28 +261,27 @@ pub fn insert_approval(
     withdrawal_id: &str,
     approval: &ApprovalRow,
 ) -> Result<(), StoreError> {
-    let inserted = conn.execute(
-        "INSERT INTO approvals (withdrawal_id, approver, vote, message, signature, submitted_at)
+    let inserted = conn
+        .prepare_cached(
+            "INSERT INTO approvals (withdrawal_id, approver, vote, message, signature, submitted_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        params![
+        )?
+        .execute(params![
             withdrawal_id,
             approval.approver,
             approval.vote,
             approval.message,
             approval.signature,
             to_i64(approval.submitted_at)
-        ],
-    );
+        ]);
     super::conflict_as(inserted, "vote by this approver").map(|_| ())
 }
 
 /// Removes an approver's vote, so that a fresh one can replace a vote that
 /// no longer counts.
 pub fn delete_approval(conn: &Connection, withdrawal_id: &str, approver: &str) -> Result<(), StoreError> {
-    conn.execute(
-        "DELETE FROM approvals WHERE withdrawal_id = ?1 AND approver = ?2",
-        params![withdrawal_id, approver],
-    )?;
+    conn.prepare_cached("DELETE FROM approvals WHERE withdrawal_id = ?1 AND approver = ?2")?
+        .execute(params![withdrawal_id, approver])?;
     Ok(())
 }
 
