@@ -347,6 +347,26 @@ fn approval_verification(c: &mut Criterion) {
     group.finish();
 }
 
+/// What custos does to each raw `r || s` the HSM returns before releasing it.
+fn hsm_signature_post_processing(c: &mut Criterion) {
+    let digest = [0x5a; 32];
+    // Any secp256k1 signature exercises the same arithmetic; an approver's
+    // key stands in for the HSM's output here.
+    let signer = person("alice");
+    let key = *signer.verifying_key();
+    let (low, _) = signer.sign_prehash_recoverable(&digest);
+    let (r, s) = low.split_scalars();
+    let high = k256::ecdsa::Signature::from_scalars(*r, -*s.as_ref()).unwrap();
+    let mut group = c.benchmark_group("HSM signature post-processing");
+    for (name, raw) in [("low-S input", low.to_bytes()), ("high-S input", high.to_bytes())] {
+        group.bench_function(
+            format!("finalize: normalise, verify, recovery id ({name})"),
+            |b| b.iter(|| custos::signature::finalize(black_box(raw.as_slice()), &digest, &key).unwrap()),
+        );
+    }
+    group.finish();
+}
+
 // 4. Checkpoints.
 
 fn checkpoint(c: &mut Criterion) {
@@ -624,6 +644,6 @@ criterion_group! {
         .sample_size(30)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(2));
-    targets = policy_evaluation, intent_hash, approval_verification, checkpoint, replay_rate
+    targets = policy_evaluation, intent_hash, approval_verification, hsm_signature_post_processing, checkpoint, replay_rate
 }
 criterion_main!(benches);

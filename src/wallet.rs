@@ -302,8 +302,9 @@ impl Wallets {
         if signature.recovery_id().is_x_reduced() {
             return Err(SignatureError::Unrecoverable.into());
         }
-        // `finalize` found this recovery id by recovering the wallet's own
-        // key from the signature, so the sender is the wallet's address.
+        // `finalize` verified the signature under the wallet's own key and
+        // took the recovery id from that check, so the sender recovered from
+        // the transaction is the wallet's address.
         let sender = address::ethereum_address(&wallet.public_key);
         Ok(ethereum::assemble(parsed, &signature, sender))
     }

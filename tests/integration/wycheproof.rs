@@ -1,12 +1,14 @@
 //! Approver signature verification against Project Wycheproof's secp256k1
 //! ECDSA vectors, vendored under tests/data/wycheproof (see its README).
 //!
-//! The function under test is `custos::approval::verify_prehash`, the lowest
+//! The main function under test is `custos::approval::verify_prehash`, the lowest
 //! layer that takes (public key, SHA-256 prehash, signature). Every approval
 //! reaches it unchanged: `SubmitApproval` hands the message and signature
 //! bytes to `ApprovalMessage::verify_submitted`, which calls
 //! `ApprovalMessage::verify`, which calls `verify_prehash(&digest, signature,
-//! roster_key)`. Governance signatures go through the same function.
+//! roster_key)`. Governance signatures go through the same function. The
+//! P1363 vectors also drive `custos::signature::finalize`, the HSM signature
+//! post-processing (normalise, verify, recovery id).
 //!
 //! custos accepts exactly one signature format, 64 bytes of `r || s`, and
 //! only low-S. So:
@@ -19,7 +21,9 @@
 use std::collections::BTreeSet;
 
 use custos::approval::{ApprovalError, verify_prehash};
+use custos::signature::{SignatureError, finalize};
 use k256::ecdsa::VerifyingKey;
+use k256::ecdsa::signature::hazmat::PrehashVerifier;
 use k256::sha2::{Digest, Sha256};
 use serde::Deserialize;
 
@@ -146,6 +150,40 @@ fn bitcoin_vectors() {
     assert_eq!(tally, BITCOIN_EXPECTED);
 }
 
+/// The HSM signature post-processing (`custos::signature::finalize`) over
+/// the same P1363 vectors, with the wallet key in the key's place. It
+/// normalises `s` before verifying, so every "valid" vector, low- or high-S,
+/// must come out as a low-S signature that k256 verifies and that recovers
+/// to the key with the recovery id found; every "invalid" one is refused.
+#[test]
+fn p1363_vectors_through_hsm_post_processing() {
+    let file: TestFile = serde_json::from_str(P1363).unwrap();
+    let (mut accepted, mut refused) = (0, 0);
+    for group in &file.test_groups {
+        let key = roster_key(&group.public_key.uncompressed);
+        for vector in &group.tests {
+            let prehash: [u8; 32] = Sha256::digest(hex::decode(&vector.msg).unwrap()).into();
+            let raw = hex::decode(&vector.sig).unwrap();
+            let context = format!("tcId {} ({})", vector.tc_id, vector.comment);
+            match (vector.result, finalize(&raw, &prehash, &key)) {
+                (Label::Valid, Ok(done)) => {
+                    key.verify_prehash(&prehash, done.signature())
+                        .unwrap_or_else(|e| panic!("{context}: released signature does not verify: {e}"));
+                    let recovered =
+                        VerifyingKey::recover_from_prehash(&prehash, done.signature(), done.recovery_id())
+                            .unwrap_or_else(|e| panic!("{context}: recovery failed: {e}"));
+                    assert_eq!(recovered, key, "{context}: wrong recovery id");
+                    accepted += 1;
+                }
+                (Label::Invalid, Err(_)) => refused += 1,
+                (label, outcome) => panic!("{context}: {label:?} vector gave {outcome:?}"),
+            }
+        }
+    }
+    // 95 low-S and 72 high-S valid vectors; all 85 invalid ones.
+    assert_eq!((accepted, refused), (167, 85));
+}
+
 /// Upstream Wycheproof added this vector to the Bitcoin file (tcId 464)
 /// after the version vendored here: r = p - n + 1 with x(kG) = 1. An
 /// implementation that compares x(R) with r + n without reducing mod p
@@ -164,6 +202,10 @@ fn r_plus_n_past_p_is_refused() {
         Err(ApprovalError::InvalidSignature)
     );
     assert!(verify_prehash(&prehash, &der, &key).is_err());
+    assert_eq!(
+        finalize(&raw, &prehash, &key).map(|_| ()),
+        Err(SignatureError::VerificationFailed)
+    );
 }
 
 /// How a file writes its signatures.
