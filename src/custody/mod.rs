@@ -247,7 +247,12 @@ impl Custody {
         let intent_hash = intent.hash();
         let request_hash = request_hash(&request, chain, &unsigned);
         let withdrawal_id = new_withdrawal_id()?;
-        let fresh_id = withdrawal_id.clone(); // metrics: a retry returns an older row
+        let fresh_id = withdrawal_id.clone(); // a retry returns an older row
+        let wallet_id = request.wallet.clone();
+        // Held from before the decision commits until SIGNED does, so the
+        // sweep or a cancel cannot act on the new row in between.
+        let lock = self.signing_lock(&fresh_id);
+        let held = lock.lock().await;
         let this = self.snapshot();
         let row = self
             .blocking(move |store| {
@@ -346,11 +351,22 @@ impl Custody {
                 })
             })
             .await?;
-        if row.withdrawal_id == fresh_id {
-            crate::metrics::decided(row.state, &row.decision);
+        if row.withdrawal_id != fresh_id {
+            drop(held);
+            return self.finish(row).await;
         }
+        crate::metrics::decided(row.state, &row.decision);
         self.announce(&row.withdrawal_id);
-        self.finish(row).await
+        // A new withdrawal has no votes, and the transaction parsed above is
+        // the one stored: sign it as is, with no second read or parse.
+        let row = match row.state {
+            State::Approved => self.sign_locked(row, &wallet_id, &parsed).await?,
+            _ => row,
+        };
+        Ok(WithdrawalView {
+            row,
+            approvals: Vec::new(),
+        })
     }
 
     /// Signs `row` if it is APPROVED, then returns the withdrawal with votes.
@@ -382,51 +398,76 @@ impl Custody {
         if row.state != State::Approved || frozen {
             return Ok(());
         }
-        // The lifecycle is checked before the HSM is touched.
-        row.state.apply(Event::Signed)?;
         let wallet_id = WalletId::parse(&row.wallet_id)
             .map_err(|e| CustodyError::Inconsistent(format!("stored wallet id: {e}")))?;
         let wallet = self.wallets.signable(&wallet_id)?;
         let parsed = self.parse_for(&wallet, decode_stored(&row)?)?;
+        self.sign_locked(row, &wallet_id, &parsed).await.map(|_| ())
+    }
+
+    /// Signs `row`, an APPROVED withdrawal whose signing lock the caller
+    /// holds, from `parsed`, its stored transaction; commits SIGNED with its
+    /// log entry and returns the row as committed. A freeze that landed after
+    /// the decision wins: the signature is dropped unreleased and the row
+    /// stays APPROVED, for the sweep to sign once custody is unfrozen.
+    async fn sign_locked(
+        &self,
+        row: WithdrawalRow,
+        wallet_id: &WalletId,
+        parsed: &ParsedTx,
+    ) -> Result<WithdrawalRow, CustodyError> {
+        // The lifecycle and the approved intent are checked before the HSM is touched.
+        row.state.apply(Event::Signed)?;
         if parsed.intent().hash() != row.intent_hash {
             return Err(CustodyError::Inconsistent(format!(
                 "withdrawal {} no longer parses to its approved intent",
                 row.withdrawal_id
             )));
         }
-        let (raw, tx_hash) = match &parsed {
+        let (raw, tx_hash) = match parsed {
             ParsedTx::Ethereum(p) => {
-                let signed = self.wallets.sign_ethereum(&wallet_id, p).await?;
+                let signed = self.wallets.sign_ethereum(wallet_id, p).await?;
                 (signed.raw, signed.hash.to_vec())
             }
             ParsedTx::Bitcoin(p) => {
-                let signed = self.wallets.sign_bitcoin(&wallet_id, p).await?;
+                let signed = self.wallets.sign_bitcoin(wallet_id, p).await?;
                 let txid: &[u8] = signed.txid.as_ref();
                 (signed.raw, txid.to_vec())
             }
         };
         crate::failpoint::crash_if("after-sign-before-commit");
+        crate::failpoint::pause_if("after-sign-before-commit").await;
         let id = row.withdrawal_id.clone();
-        self.blocking(move |store| {
-            store.write(|tx| {
-                let now = unix_now();
-                wd_store::set_signed(tx, &id, &raw, &tx_hash, now)?;
-                audit_store::append(
-                    tx,
-                    now,
-                    AuditEvent::Signed {
-                        withdrawal_id: id.clone(),
-                        signed_tx: raw,
-                        tx_hash,
-                    },
-                )?;
-                Ok(())
+        let committed = self
+            .blocking(move |store| {
+                store.write(|tx| {
+                    if gov_store::state(tx)?.frozen {
+                        return Ok(None);
+                    }
+                    let now = unix_now();
+                    wd_store::set_signed(tx, &id, &raw, &tx_hash, now)?;
+                    audit_store::append(
+                        tx,
+                        now,
+                        AuditEvent::Signed {
+                            withdrawal_id: id.clone(),
+                            signed_tx: raw,
+                            tx_hash,
+                        },
+                    )?;
+                    let signed = wd_store::by_id(tx, &id)?
+                        .ok_or_else(|| CustodyError::NotFound(format!("withdrawal {id}")))?;
+                    Ok(Some(signed))
+                })
             })
-        })
-        .await?;
-        tracing::info!(withdrawal = %row.withdrawal_id, wallet = %row.wallet_id, "withdrawal signed");
-        self.announce(&row.withdrawal_id);
-        Ok(())
+            .await?;
+        let Some(signed) = committed else {
+            tracing::warn!(withdrawal = %row.withdrawal_id, "custody was frozen while signing; the signature was dropped and the withdrawal stays APPROVED");
+            return Ok(row);
+        };
+        tracing::info!(withdrawal = %signed.withdrawal_id, wallet = %signed.wallet_id, "withdrawal signed");
+        self.announce(&signed.withdrawal_id);
+        Ok(signed)
     }
 
     /// Records a signed vote and re-evaluates the withdrawal in the same
@@ -443,13 +484,19 @@ impl Custody {
         let current = self.get(&parsed.withdrawal_id).await?.row;
         let wallet_id = WalletId::parse(&current.wallet_id)
             .map_err(|e| CustodyError::Inconsistent(format!("stored wallet id: {e}")))?;
-        let wallet = self.wallets.get(&wallet_id).await?;
-        let intent = self
-            .parse_for(&wallet, decode_stored(&current)?)?
-            .intent()
-            .clone();
+        // The loaded wallet, without a store read; a vote is still taken
+        // while its key is not loaded (it is signed later).
+        let wallet = match self.wallets.signable(&wallet_id) {
+            Ok(loaded) => loaded,
+            Err(_) => Arc::new(self.wallets.get(&wallet_id).await?),
+        };
+        let parsed_tx = self.parse_for(&wallet, decode_stored(&current)?)?;
+        let intent = parsed_tx.intent().clone();
+        // Held from before the vote commits until SIGNED does (see `create`).
+        let lock = self.signing_lock(&parsed.withdrawal_id);
+        let _held = lock.lock().await;
         let this = self.snapshot();
-        let row = self
+        let view = self
             .blocking(move |store| {
                 store.write(|tx| {
                     let id = &parsed.withdrawal_id;
@@ -547,17 +594,25 @@ impl Custody {
                     if let Some(at) = counted_at {
                         cache.counted(&row.wallet_id, &row.asset, at, intent.total_amount());
                     }
-                    Ok(row)
+                    Ok(WithdrawalView {
+                        approvals: wd_store::approvals(tx, id)?,
+                        row,
+                    })
                 })
             })
             .await?;
+        let WithdrawalView { row, approvals } = view;
         tracing::info!(withdrawal = %row.withdrawal_id, state = %row.state, "vote recorded");
         crate::metrics::decided(row.state, &row.decision);
-        if row.state == State::Approved {
-            crate::failpoint::crash_if("after-approval-commit");
-        }
         self.announce(&row.withdrawal_id);
-        self.finish(row).await
+        let row = match row.state {
+            State::Approved => {
+                crate::failpoint::crash_if("after-approval-commit");
+                self.sign_locked(row, &wallet_id, &parsed_tx).await?
+            }
+            _ => row,
+        };
+        Ok(WithdrawalView { row, approvals })
     }
 
     /// Cancels a withdrawal that is not yet signed or decided.

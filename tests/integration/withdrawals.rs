@@ -14,6 +14,7 @@ use tonic::transport::Channel;
 use tonic_types::StatusExt;
 
 use custos::approval::ApprovalMessage;
+use custos::audit::entry::{Entry, Event};
 use custos::governance::{GovernanceAction, GovernanceMessage};
 use custos::policy::{Vote, policy_hash};
 use custos::proto::{
@@ -820,6 +821,82 @@ fn crash_between_approval_and_signing_signs_exactly_once_after_restart() {
             )
             .unwrap();
         assert_eq!((rows, counted, signed_rows), (1, 1, 1));
+    });
+}
+
+/// A freeze that lands while the HSM is signing an approved withdrawal wins:
+/// the signature is dropped unreleased, the withdrawal stays APPROVED and its
+/// log has no signature, until custody is unfrozen and the sweep signs it.
+#[test]
+fn a_freeze_during_signing_holds_the_signature_back() {
+    support::runtime().block_on(async {
+        let temp = tempfile::tempdir().unwrap();
+        let pause = temp.path().join("pause");
+        std::fs::write(&pause, "").unwrap();
+        let dev = Dev::on(DevServer::start_in(
+            &temp.path().join("dev"),
+            &[
+                ("CUSTOS_PAUSE_AT", "after-sign-before-commit"),
+                ("CUSTOS_PAUSE_FILE", pause.to_str().unwrap()),
+            ],
+        ))
+        .await;
+        let reached = temp.path().join("pause.reached");
+        let (created, ()) = tokio::join!(dev.create("signing", EXCHANGE, ETHER / 10, 0, "ops"), async {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !reached.exists() {
+                assert!(Instant::now() < deadline, "the request never reached C_Sign");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let freeze = dev.governance(GovernanceAction::Freeze, 0, [0; 32], "admin").await;
+            let frozen = dev
+                .policies()
+                .freeze(proto::FreezeRequest { freeze: Some(freeze) })
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(frozen.frozen);
+            std::fs::remove_file(&pause).unwrap();
+        });
+        let created = created.unwrap();
+        assert_eq!(created.state(), WithdrawalState::Approved);
+        assert!(created.signed_transaction.is_none());
+        let id = created.name.trim_start_matches("withdrawals/").to_owned();
+        let signed_entries = |dev: &Dev| {
+            let db = rusqlite::Connection::open(dev.server.path("store")).unwrap();
+            let entries: Vec<Vec<u8>> = db
+                .prepare("SELECT entry FROM audit_log ORDER BY idx")
+                .unwrap()
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            entries
+                .iter()
+                .filter(|bytes| {
+                    matches!(Entry::decode(bytes).unwrap().event, Event::Signed { ref withdrawal_id, .. } if *withdrawal_id == id)
+                })
+                .count()
+        };
+        assert_eq!(signed_entries(&dev), 0);
+
+        let unfreeze = dev.governance(GovernanceAction::Unfreeze, 1, [0; 32], "admin").await;
+        dev.policies()
+            .unfreeze(proto::UnfreezeRequest { signatures: vec![unfreeze] })
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let w = dev.get(&created).await;
+            if w.state() == WithdrawalState::Signed {
+                assert_eq!(signer_of(&w), dev.wallet_address().await);
+                break;
+            }
+            assert_eq!(w.state(), WithdrawalState::Approved);
+            assert!(Instant::now() < deadline, "not signed after the unfreeze");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(signed_entries(&dev), 1);
     });
 }
 
