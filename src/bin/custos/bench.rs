@@ -97,6 +97,54 @@ struct Phase {
     p50_ms: f64,
     p99_ms: f64,
     p999_ms: f64,
+    /// CPU (user + system, all threads) per completed operation, in µs: of
+    /// custosd (SoftHSM runs inside it), or of the raw child for raw.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    server_cpu_us: Option<f64>,
+    /// CPU per completed operation of this process, the load generator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    generator_cpu_us: Option<f64>,
+}
+
+impl Phase {
+    /// This phase with the CPU used since `start` divided among its operations.
+    fn with_cpu(mut self, start: &CpuClock) -> Self {
+        let done = self.completed.max(1) as f64;
+        let now = CpuClock::now(start.server);
+        let per_op = |a: Option<f64>, b: Option<f64>| Some((b? - a?) * 1e6 / done);
+        self.server_cpu_us = per_op(start.server_seconds, now.server_seconds);
+        self.generator_cpu_us = per_op(start.generator_seconds, now.generator_seconds);
+        self
+    }
+}
+
+/// CPU used so far by custosd (or whichever process `server` names) and by
+/// this process.
+struct CpuClock {
+    server: Option<u32>,
+    server_seconds: Option<f64>,
+    generator_seconds: Option<f64>,
+}
+
+impl CpuClock {
+    fn now(server: Option<u32>) -> Self {
+        Self {
+            server,
+            server_seconds: server.and_then(|pid| cpu_seconds(&pid.to_string())),
+            generator_seconds: cpu_seconds("self"),
+        }
+    }
+}
+
+/// User + system CPU seconds of every thread of `/proc/<pid>`, alive or
+/// exited. `/proc` counts them in USER_HZ, which Linux fixes at 100.
+fn cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+    let user: f64 = fields.next()?.parse().ok()?;
+    let system: f64 = fields.next()?.parse().ok()?;
+    Some((user + system) / 100.0)
 }
 
 fn phase(
@@ -118,6 +166,8 @@ fn phase(
         p50_ms: ms(0.5),
         p99_ms: ms(0.99),
         p999_ms: ms(0.999),
+        server_cpu_us: None,
+        generator_cpu_us: None,
     }
 }
 
@@ -129,6 +179,7 @@ fn histogram() -> Result<Histogram<u64>, String> {
 /// The raw child: prints one JSON `Phase`.
 pub fn raw_sign(args: RawSignArgs) -> Result<(), String> {
     let pin = Pin::load(&PinSource::File(args.pin_file)).map_err(|e| e.to_string())?;
+    let cpu = CpuClock::now(Some(std::process::id()));
     let run = custos::hsm::raw_bench::raw_sign(
         &args.module,
         &TokenSelector::Label(args.token_label),
@@ -142,7 +193,9 @@ pub fn raw_sign(args: RawSignArgs) -> Result<(), String> {
     for ns in &run.latencies_ns {
         let _ = h.record(*ns);
     }
-    let result = phase("raw C_Sign", args.sessions, &h, 0, run.elapsed);
+    let mut result = phase("raw C_Sign", args.sessions, &h, 0, run.elapsed).with_cpu(&cpu);
+    // Here the server is this process: all of its CPU is the token's.
+    result.generator_cpu_us = None;
     emit(
         true,
         &serde_json::to_value(&result).map_err(|e| e.to_string())?,
@@ -339,11 +392,29 @@ pub async fn bench(args: BenchArgs, json: bool) -> Result<(), String> {
     bar.set_message(format!("raw C_Sign, {sessions} sessions"));
     let raw = measure_raw(&args, &server, &wallet.key_label, sessions)?;
 
+    // The floor under every call: mTLS, HTTP/2, the guard and tonic, with
+    // no work behind them.
+    bar.set_message("gRPC round trip (health Check)");
+    let health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let cpu = CpuClock::now(Some(server.child.id()));
+    let (h, errors, elapsed) = drive(1, duration, move |_, _| {
+        let mut health = health.clone();
+        async move {
+            health
+                .check(tonic_health::pb::HealthCheckRequest::default())
+                .await
+                .is_ok()
+        }
+    })
+    .await?;
+    let round_trip = phase("gRPC ping", 1, &h, errors, elapsed).with_cpu(&cpu);
+
     let mut auto = Vec::new();
     let run = std::process::id();
     for &concurrency in &args.concurrency {
         bar.set_message(format!("auto path, concurrency {concurrency}"));
         let client = WithdrawalServiceClient::new(channel.clone());
+        let cpu = CpuClock::now(Some(server.child.id()));
         let (h, errors, elapsed) = drive(concurrency, duration, move |worker, n| {
             let mut client = client.clone();
             async move {
@@ -353,7 +424,7 @@ pub async fn bench(args: BenchArgs, json: bool) -> Result<(), String> {
             }
         })
         .await?;
-        auto.push(phase("auto", concurrency, &h, errors, elapsed));
+        auto.push(phase("auto", concurrency, &h, errors, elapsed).with_cpu(&cpu));
     }
 
     bar.set_message(format!("quorum path, concurrency {}", args.quorum_concurrency));
@@ -376,6 +447,7 @@ pub async fn bench(args: BenchArgs, json: bool) -> Result<(), String> {
             .ok_or("policy hash")?,
         keys: approver_keys,
     });
+    let cpu = CpuClock::now(Some(server.child.id()));
     let (h, errors, elapsed) = drive(args.quorum_concurrency, duration, {
         let channel = channel.clone();
         move |worker, n| {
@@ -389,14 +461,14 @@ pub async fn bench(args: BenchArgs, json: bool) -> Result<(), String> {
         }
     })
     .await?;
-    let quorum = phase("quorum", args.quorum_concurrency, &h, errors, elapsed);
+    let quorum = phase("quorum", args.quorum_concurrency, &h, errors, elapsed).with_cpu(&cpu);
     let scale = Scale {
         prior_entries: args.prior_entries,
         startup_seconds: startup.map(|d| d.as_secs_f64()),
         server_max_rss_mb: max_rss_mb(server.child.id()),
     };
     bar.finish_and_clear();
-    report(&raw, &auto, &quorum, &scale, json)
+    report(&raw, &round_trip, &auto, &quorum, &scale, json)
 }
 
 /// A channel to the bench's dev server as the dev client `name`, over mTLS
@@ -581,7 +653,14 @@ async fn quorum_once(
     Ok(last == WithdrawalState::Signed)
 }
 
-fn report(raw: &Phase, auto: &[Phase], quorum: &Phase, scale: &Scale, json: bool) -> Result<(), String> {
+fn report(
+    raw: &Phase,
+    round_trip: &Phase,
+    auto: &[Phase],
+    quorum: &Phase,
+    scale: &Scale,
+    json: bool,
+) -> Result<(), String> {
     let best = auto.iter().map(|p| p.per_second).fold(0.0, f64::max);
     let at_one = auto.iter().find(|p| p.concurrency == 1);
     let ratios = serde_json::json!({
@@ -589,16 +668,45 @@ fn report(raw: &Phase, auto: &[Phase], quorum: &Phase, scale: &Scale, json: bool
         "quorum_over_raw": quorum.per_second / raw.per_second,
         "added_p50_ms_at_concurrency_1": at_one.map(|p| p.p50_ms - raw.p50_ms),
     });
-    let value =
-        serde_json::json!({ "raw": raw, "auto": auto, "quorum": quorum, "ratios": ratios, "scale": scale });
+    let value = serde_json::json!({
+        "raw": raw,
+        "round_trip": round_trip,
+        "auto": auto,
+        "quorum": quorum,
+        "ratios": ratios,
+        "scale": scale,
+    });
+    let cpu = |us: Option<f64>| us.map_or("-".to_owned(), |us| format!("{us:.0}"));
     let mut text = format!(
-        "{:<12} {:>5} {:>9} {:>7} {:>10} {:>9} {:>9} {:>9}\n",
-        "path", "conc", "done", "errors", "per sec", "p50 ms", "p99 ms", "p999 ms"
+        "{:<12} {:>5} {:>9} {:>7} {:>10} {:>9} {:>9} {:>9} {:>10} {:>10}\n",
+        "path",
+        "conc",
+        "done",
+        "errors",
+        "per sec",
+        "p50 ms",
+        "p99 ms",
+        "p999 ms",
+        "srv cpu us",
+        "gen cpu us"
     );
-    for p in std::iter::once(raw).chain(auto).chain(std::iter::once(quorum)) {
+    for p in [raw, round_trip]
+        .into_iter()
+        .chain(auto)
+        .chain(std::iter::once(quorum))
+    {
         text.push_str(&format!(
-            "{:<12} {:>5} {:>9} {:>7} {:>10.1} {:>9.3} {:>9.3} {:>9.3}\n",
-            p.name, p.concurrency, p.completed, p.errors, p.per_second, p.p50_ms, p.p99_ms, p.p999_ms
+            "{:<12} {:>5} {:>9} {:>7} {:>10.1} {:>9.3} {:>9.3} {:>9.3} {:>10} {:>10}\n",
+            p.name,
+            p.concurrency,
+            p.completed,
+            p.errors,
+            p.per_second,
+            p.p50_ms,
+            p.p99_ms,
+            p.p999_ms,
+            cpu(p.server_cpu_us),
+            cpu(p.generator_cpu_us),
         ));
     }
     text.push_str(&format!(
