@@ -52,17 +52,15 @@ pub struct PolicySignatureRow {
 
 /// Reads the governance row.
 pub fn state(conn: &Connection) -> Result<GovernanceRow, StoreError> {
-    Ok(conn.query_row(
-        "SELECT active_version, frozen, freeze_epoch FROM governance WHERE id = 1",
-        [],
-        |row| {
+    Ok(conn
+        .prepare_cached("SELECT active_version, frozen, freeze_epoch FROM governance WHERE id = 1")?
+        .query_row([], |row| {
             Ok(GovernanceRow {
                 active_version: row.get::<_, Option<i64>>(0)?.map(to_u64),
                 frozen: row.get::<_, i64>(1)? == 1,
                 freeze_epoch: to_u64(row.get(2)?),
             })
-        },
-    )?)
+        })?)
 }
 
 /// Inserts a proposed document; [`StoreError::Conflict`] if it is already stored.
