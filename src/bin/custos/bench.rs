@@ -664,11 +664,19 @@ fn report(
     json: bool,
 ) -> Result<(), String> {
     let best = auto.iter().map(|p| p.per_second).fold(0.0, f64::max);
+    let best_phase = auto.iter().find(|p| p.per_second == best);
     let at_one = auto.iter().find(|p| p.concurrency == 1);
+    // custos's own CPU per withdrawal: custosd's, less the token's signature
+    // (SoftHSM runs inside custosd), at the best concurrency.
+    let own_cpu_us = best_phase
+        .and_then(|p| Some(p.server_cpu_us? - raw.server_cpu_us?))
+        .filter(|us| *us > 0.0);
     let ratios = serde_json::json!({
         "auto_over_raw": best / raw.per_second,
         "quorum_over_raw": quorum.per_second / raw.per_second,
         "added_p50_ms_at_concurrency_1": at_one.map(|p| p.p50_ms - raw.p50_ms),
+        "custos_cpu_us_per_auto_withdrawal": own_cpu_us,
+        "custos_cpu_over_token_cpu": own_cpu_us.zip(raw.server_cpu_us).map(|(own, token)| own / token),
     });
     let value = serde_json::json!({
         "raw": raw,
@@ -717,6 +725,14 @@ fn report(
         quorum.per_second / raw.per_second,
         at_one.map_or("n/a".to_owned(), |p| format!("{:.3} ms", p.p50_ms - raw.p50_ms)),
     ));
+    if let (Some(own), Some(token), Some(best)) = (own_cpu_us, raw.server_cpu_us, best_phase) {
+        text.push_str(&format!(
+            "CPU per auto withdrawal at concurrency {}: custos {own:.0} us beyond the token's {token:.0} us ({:.2}x), load generator {}\n",
+            best.concurrency,
+            own / token,
+            cpu(best.generator_cpu_us),
+        ));
+    }
     text.push_str(&format!(
         "prior log entries: {}   startup: {}   custosd max RSS: {}\n",
         scale.prior_entries,
