@@ -8,7 +8,11 @@
 //! - the auto path: CreateWithdrawal to an allowlisted address, SIGNED in the
 //!   reply, at each concurrency level;
 //! - the quorum path: create, two approvals signed by the dev approvers'
-//!   keys, SIGNED in the reply to the second.
+//!   keys, SIGNED in the reply to the second;
+//! - two floors under every withdrawal: a gRPC ping (health `Check` over the
+//!   same mTLS connection and guard) and one durable SQLite commit;
+//! - CPU per operation of custosd, the raw child and this process, so that
+//!   custos's own cost can be set next to the token's.
 //!
 //! The dev policy's hourly count limit would stop a long run, so the bench
 //! first activates version 2 of the dev policy with the limits raised, signed
@@ -411,6 +415,15 @@ pub async fn bench(args: BenchArgs, json: bool) -> Result<(), String> {
     .await?;
     let round_trip = phase("gRPC ping", 1, &h, errors, elapsed).with_cpu(&cpu);
 
+    // The floor under each of the two durable commits of a withdrawal: one
+    // small transaction through the same `Store`, on the same file system.
+    bar.set_message("durable commit (SQLite WAL sync)");
+    let scratch = data_dir.join("bench-commit.db");
+    let seconds = duration.min(Duration::from_secs(1));
+    let commit = tokio::task::spawn_blocking(move || measure_commit(&scratch, seconds))
+        .await
+        .map_err(|e| e.to_string())??;
+
     let mut auto = Vec::new();
     let run = std::process::id();
     for &concurrency in &args.concurrency {
@@ -470,7 +483,7 @@ pub async fn bench(args: BenchArgs, json: bool) -> Result<(), String> {
         server_max_rss_mb: max_rss_mb(server.child.id()),
     };
     bar.finish_and_clear();
-    report(&raw, &round_trip, &auto, &quorum, &scale, json)
+    report(&raw, &[round_trip, commit], &auto, &quorum, &scale, json)
 }
 
 /// A channel to the bench's dev server as the dev client `name`, over mTLS
@@ -617,6 +630,35 @@ fn measure_raw(args: &BenchArgs, server: &Server, key_label: &str, sessions: usi
     serde_json::from_slice(&output.stdout).map_err(|e| format!("raw C_Sign output: {e}"))
 }
 
+/// Commits one-row transactions through a scratch [`Store`] for `duration`:
+/// what one durable commit costs on this file system.
+fn measure_commit(path: &std::path::Path, duration: Duration) -> Result<Phase, String> {
+    let store = custos::store::Store::open(path).map_err(|e| e.to_string())?;
+    store
+        .write(|c| {
+            Ok::<_, custos::store::StoreError>(
+                c.execute_batch("CREATE TABLE bench_commit (v INTEGER NOT NULL)")?,
+            )
+        })
+        .map_err(|e| e.to_string())?;
+    let mut h = histogram()?;
+    let started = Instant::now();
+    let mut n: i64 = 0;
+    while started.elapsed() < duration {
+        let t = Instant::now();
+        store
+            .write(|c| {
+                Ok::<_, custos::store::StoreError>(
+                    c.execute("INSERT INTO bench_commit (v) VALUES (?1)", [n])?,
+                )
+            })
+            .map_err(|e| e.to_string())?;
+        let _ = h.record(t.elapsed().as_nanos() as u64);
+        n += 1;
+    }
+    Ok(phase("commit", 1, &h, 0, started.elapsed()))
+}
+
 /// One quorum withdrawal: create, alice approves, bob approves; true when
 /// the second approval's reply is SIGNED.
 async fn quorum_once(
@@ -657,7 +699,7 @@ async fn quorum_once(
 
 fn report(
     raw: &Phase,
-    round_trip: &Phase,
+    floors: &[Phase; 2],
     auto: &[Phase],
     quorum: &Phase,
     scale: &Scale,
@@ -680,7 +722,8 @@ fn report(
     });
     let value = serde_json::json!({
         "raw": raw,
-        "round_trip": round_trip,
+        "round_trip": floors[0],
+        "durable_commit": floors[1],
         "auto": auto,
         "quorum": quorum,
         "ratios": ratios,
@@ -700,8 +743,8 @@ fn report(
         "srv cpu us",
         "gen cpu us"
     );
-    for p in [raw, round_trip]
-        .into_iter()
+    for p in std::iter::once(raw)
+        .chain(floors)
         .chain(auto)
         .chain(std::iter::once(quorum))
     {
