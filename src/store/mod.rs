@@ -369,6 +369,11 @@ impl Store {
         let group = match writer.open {
             Some(group) => group,
             None => {
+                // A transaction no group owns (a ROLLBACK that failed) holds
+                // nothing anyone was promised: end it rather than wedge here.
+                if !writer.conn.is_autocommit() {
+                    let _ = writer.conn.execute_batch("ROLLBACK");
+                }
                 run_cached(&writer.conn, "BEGIN IMMEDIATE")?;
                 writer.groups += 1;
                 let group = writer.groups;
