@@ -387,10 +387,25 @@ impl Store {
         // transaction, a failure rolls back the whole of it. Savepoints copy
         // every page they touch to a journal first.
         let opened_group = writer.members == 1;
-        let result = if opened_group {
-            f(&writer.conn)
-        } else {
-            run_in_savepoint(&writer.conn, f)
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            if opened_group {
+                f(&writer.conn)
+            } else {
+                run_in_savepoint(&writer.conn, f)
+            }
+        }));
+        let result = match run {
+            Ok(result) => result,
+            Err(panic) => {
+                // What the writer left half-done must not reach the next
+                // commit: the whole group fails, and every writer in it.
+                if !writer.conn.is_autocommit() {
+                    let _ = writer.conn.execute_batch("ROLLBACK");
+                }
+                self.group_failed(&mut writer, group, "a writer panicked".into());
+                drop(writer);
+                std::panic::resume_unwind(panic);
+            }
         };
         if opened_group && result.is_err() {
             // SQLite may already have rolled back after some errors (disk full).
@@ -415,25 +430,38 @@ impl Store {
                     .unwrap_or_else(PoisonError::into_inner);
             }
         } else {
-            let committed = run_cached(&writer.conn, "COMMIT");
-            if let Err(e) = &committed {
-                let _ = writer.conn.execute_batch("ROLLBACK");
-                self.commit_failures.fetch_add(1, Ordering::SeqCst);
-                writer.failed.push((group, e.to_string()));
-                // Only recent failures can still have a waiter.
-                if writer.failed.len() > 64 {
-                    writer.failed.remove(0);
+            match run_cached(&writer.conn, "COMMIT") {
+                Ok(()) => {
+                    writer.open = None;
+                    writer.finished = group;
+                    self.group_done.notify_all();
+                }
+                Err(e) => {
+                    let _ = writer.conn.execute_batch("ROLLBACK");
+                    self.group_failed(&mut writer, group, e.to_string());
                 }
             }
-            writer.open = None;
-            writer.finished = group;
-            self.group_done.notify_all();
         }
         if let Some((_, why)) = writer.failed.iter().find(|(g, _)| *g == group) {
             tracing::error!(error = %why, "store commit failed");
             return Err(StoreError::CommitFailed(why.clone()).into());
         }
         result
+    }
+
+    /// Ends `group` as failed (its transaction already rolled back): every
+    /// writer in it returns [`StoreError::CommitFailed`], and whatever they
+    /// cached is void.
+    fn group_failed(&self, writer: &mut Writer, group: u64, why: String) {
+        self.commit_failures.fetch_add(1, Ordering::SeqCst);
+        writer.failed.push((group, why));
+        // Only recent failures can still have a waiter.
+        if writer.failed.len() > 64 {
+            writer.failed.remove(0);
+        }
+        writer.open = None;
+        writer.finished = group;
+        self.group_done.notify_all();
     }
 
     /// How many group commits failed so far. Whatever a writer cached from
@@ -478,8 +506,9 @@ fn run_cached(conn: &Connection, sql: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
-// A panic while holding a connection cannot leave a change half-applied
-// (an unfinished savepoint is rolled back before anyone commits), so continue.
+// A panic inside a writer fails its whole group (see `Store::write`), and a
+// reader holds no transaction across calls, so a poisoned lock guards
+// nothing half-applied: continue.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -615,21 +644,29 @@ mod tests {
         assert_eq!(durable, 8 * 45);
     }
 
+    /// A store at `path` with a table `t (v INTEGER PRIMARY KEY)`.
+    fn store_with_table(path: &Path) -> Store {
+        let store = Store::open(path).unwrap();
+        store
+            .write(|c| Ok::<_, StoreError>(c.execute_batch("CREATE TABLE t (v INTEGER PRIMARY KEY)")?))
+            .unwrap();
+        store
+    }
+
+    /// Rows in `t`, as a reader sees them.
+    fn count(store: &Store) -> i64 {
+        store
+            .read(|c| Ok::<_, StoreError>(c.query_row("SELECT COUNT(*) FROM t", [], |r| r.get(0))?))
+            .unwrap()
+    }
+
     /// A writer alone in its transaction runs without a savepoint: when it
     /// fails, the whole transaction is rolled back, and the next writer opens
     /// a fresh one.
     #[test]
     fn a_lone_failing_writer_leaves_nothing_and_the_next_one_commits() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("l.db")).unwrap();
-        store
-            .write(|c| Ok::<_, StoreError>(c.execute_batch("CREATE TABLE t (v INTEGER PRIMARY KEY)")?))
-            .unwrap();
-        let count = |store: &Store| -> i64 {
-            store
-                .read(|c| Ok::<_, StoreError>(c.query_row("SELECT COUNT(*) FROM t", [], |r| r.get(0))?))
-                .unwrap()
-        };
+        let store = store_with_table(&dir.path().join("l.db"));
         let failed = store.write(|c| {
             c.execute("INSERT INTO t VALUES (1)", [])?;
             Err::<(), _>(StoreError::Conflict("refused on purpose"))
@@ -648,6 +685,57 @@ mod tests {
         assert_eq!(count(&store), 1);
         drop(store);
         assert_eq!(count(&Store::open(&dir.path().join("l.db")).unwrap()), 1);
+    }
+
+    /// A writer that panics fails its whole group: nothing it or the writers
+    /// before it in the group wrote is committed, they are told so, and the
+    /// store goes on.
+    #[test]
+    fn a_panicking_writer_fails_its_group_and_commits_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(store_with_table(&dir.path().join("p.db")));
+        let failures = store.commit_failures();
+
+        // Alone in its transaction.
+        let lone = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            store.write(|c| -> Result<(), StoreError> {
+                c.execute("INSERT INTO t VALUES (1)", [])?;
+                panic!("writer fails half-way");
+            })
+        }));
+        assert!(lone.is_err());
+        assert_eq!(count(&store), 0);
+        assert_eq!(store.commit_failures(), failures + 1);
+
+        // After another writer in the same group: the opener's closure waits
+        // until the second writer is in line, so the second joins its group.
+        let (inside, opener_inside) = std::sync::mpsc::channel();
+        let opener = {
+            let store = std::sync::Arc::clone(&store);
+            std::thread::spawn(move || {
+                store.write(|c| {
+                    c.execute("INSERT INTO t VALUES (2)", [])?;
+                    inside.send(()).unwrap();
+                    std::thread::sleep(std::time::Duration::from_millis(300));
+                    Ok::<_, StoreError>(())
+                })
+            })
+        };
+        opener_inside.recv().unwrap();
+        let joiner = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            store.write(|c| -> Result<(), StoreError> {
+                c.execute("INSERT INTO t VALUES (3)", [])?;
+                panic!("joiner fails half-way");
+            })
+        }));
+        assert!(joiner.is_err());
+        assert!(matches!(opener.join().unwrap(), Err(StoreError::CommitFailed(_))));
+        assert_eq!(count(&store), 0);
+
+        store
+            .write(|c| Ok::<_, StoreError>(c.execute("INSERT INTO t VALUES (4)", []).map(|_| ())?))
+            .unwrap();
+        assert_eq!(count(&store), 1);
     }
 
     fn record(id: &str, key: u8) -> WalletRecord {
