@@ -8,7 +8,9 @@
 //! not committed).
 //!
 //! [`pause_if`] holds a request at a point instead, so that a test can act
-//! between two of its steps: while `CUSTOS_PAUSE_AT` names the point, it
+//! between two of its steps (`before-sign`: the decision is committed, the
+//! HSM not yet asked; `after-sign-before-commit` as above): while
+//! `CUSTOS_PAUSE_AT` names the point, it
 //! creates `<CUSTOS_PAUSE_FILE>.reached` and waits until `CUSTOS_PAUSE_FILE`
 //! is removed. Also debug builds only.
 

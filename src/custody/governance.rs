@@ -13,6 +13,7 @@
 //!   Both name the current freeze epoch, so each message works once.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 
 use super::{Custody, CustodyError, precondition, unix_now};
@@ -154,7 +155,7 @@ impl Custody {
                     if history.is_empty() {
                         let Some(genesis) = &genesis else {
                             tracing::warn!("no policy configured or stored: every withdrawal will be denied");
-                            return Ok(Vec::new());
+                            return Ok((Vec::new(), gov_store::state(tx)?.frozen));
                         };
                         let policy = Policy::parse(&genesis.document)
                             .map_err(|e| precondition("invalid_genesis", format!("genesis policy: {e}")))?;
@@ -208,10 +209,12 @@ impl Custody {
                         }
                         loaded.push(policy);
                     }
-                    Ok(loaded)
+                    Ok((loaded, gov_store::state(tx)?.frozen))
                 })
             })
             .await?;
+        let (loaded, frozen) = loaded;
+        self.frozen_hint.store(frozen, Ordering::SeqCst);
         let mut cache = self.policies.write().unwrap_or_else(PoisonError::into_inner);
         for policy in loaded {
             cache.insert(policy.policy.version, Arc::new(policy));
@@ -462,6 +465,7 @@ impl Custody {
             })
         })
         .await?;
+        self.frozen_hint.store(true, Ordering::SeqCst);
         self.governance(None).await
     }
 
@@ -530,6 +534,7 @@ impl Custody {
             })
         })
         .await?;
+        self.frozen_hint.store(false, Ordering::SeqCst);
         self.resume().await?;
         self.governance(None).await
     }

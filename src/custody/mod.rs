@@ -10,10 +10,11 @@
 //! - votes are verified against the active policy's roster and bound to the
 //!   withdrawal, its intent hash and the active policy hash, then the
 //!   withdrawal is re-evaluated in the same transaction as the vote;
-//! - APPROVED withdrawals are signed by [`Custody::sign`], one at a time per
-//!   withdrawal, from the stored transaction re-parsed (never from anything a
-//!   caller hands in), and the signature is released only after SIGNED is
-//!   committed. A crash between approval and signing leaves an APPROVED row
+//! - APPROVED withdrawals are signed one at a time per withdrawal (the
+//!   signing lock), by `create` or the deciding vote right after their
+//!   decision commits, or by the sweep ([`Custody::sign`]); always from the
+//!   stored transaction re-parsed (never from anything a caller hands in),
+//!   and the signature is released only after SIGNED is committed. A crash between approval and signing leaves an APPROVED row
 //!   that [`Custody::resume`] signs on the next start.
 //!
 //! State moves only through [`crate::lifecycle::State::apply`]. Governance
@@ -23,6 +24,7 @@ pub mod governance;
 mod usage;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -205,6 +207,10 @@ pub struct Custody {
     signing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Rolling limit usage, read and updated only inside write closures.
     usage: Arc<Mutex<UsageCache>>,
+    /// What the last freeze or unfreeze committed. Only a hint that spares
+    /// the token a signature nobody may have: the SIGNED transaction reads
+    /// the freeze itself.
+    frozen_hint: AtomicBool,
 }
 
 impl Custody {
@@ -221,6 +227,7 @@ impl Custody {
             updates,
             signing: Mutex::new(HashMap::new()),
             usage: Arc::new(Mutex::new(UsageCache::default())),
+            frozen_hint: AtomicBool::new(false),
         }
     }
 
@@ -249,6 +256,7 @@ impl Custody {
         let withdrawal_id = new_withdrawal_id()?;
         let fresh_id = withdrawal_id.clone(); // a retry returns an older row
         let wallet_id = request.wallet.clone();
+        let signing_wallet = Arc::clone(&wallet);
         // Held from before the decision commits until SIGNED does, so the
         // sweep or a cancel cannot act on the new row in between.
         let lock = self.signing_lock(&fresh_id);
@@ -357,10 +365,13 @@ impl Custody {
         }
         crate::metrics::decided(row.state, &row.decision);
         self.announce(&row.withdrawal_id);
-        // A new withdrawal has no votes, and the transaction parsed above is
-        // the one stored: sign it as is, with no second read or parse.
+        // A new withdrawal has no votes. What is signed is parsed again from
+        // the bytes just stored, as the sweep would, not from the request.
         let row = match row.state {
-            State::Approved => self.sign_locked(row, &wallet_id, &parsed).await?,
+            State::Approved => {
+                let stored = self.parse_for(&signing_wallet, decode_stored(&row)?)?;
+                self.sign_locked(row, &wallet_id, &stored).await?
+            }
             _ => row,
         };
         Ok(WithdrawalView {
@@ -418,6 +429,11 @@ impl Custody {
     ) -> Result<WithdrawalRow, CustodyError> {
         // The lifecycle and the approved intent are checked before the HSM is touched.
         row.state.apply(Event::Signed)?;
+        crate::failpoint::pause_if("before-sign").await;
+        if self.frozen_hint.load(Ordering::SeqCst) {
+            tracing::info!(withdrawal = %row.withdrawal_id, "custody is frozen; the withdrawal stays APPROVED");
+            return Ok(row);
+        }
         if parsed.intent().hash() != row.intent_hash {
             return Err(CustodyError::Inconsistent(format!(
                 "withdrawal {} no longer parses to its approved intent",

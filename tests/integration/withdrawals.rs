@@ -824,11 +824,27 @@ fn crash_between_approval_and_signing_signs_exactly_once_after_restart() {
     });
 }
 
-/// A freeze that lands while the HSM is signing an approved withdrawal wins:
-/// the signature is dropped unreleased, the withdrawal stays APPROVED and its
-/// log has no signature, until custody is unfrozen and the sweep signs it.
+/// A freeze that lands after an auto withdrawal's decision committed wins,
+/// whether it lands before the HSM is asked (no signature is made) or while
+/// it signs (the signature is dropped unreleased): the withdrawal stays
+/// APPROVED and its log has no signature, until custody is unfrozen and the
+/// sweep signs it.
+#[test]
+fn a_freeze_before_signing_stops_the_hsm_call() {
+    freeze_lands_at("before-sign", "custody is frozen; the withdrawal stays APPROVED");
+}
+
 #[test]
 fn a_freeze_during_signing_holds_the_signature_back() {
+    freeze_lands_at(
+        "after-sign-before-commit",
+        "custody was frozen while signing; the signature was dropped",
+    );
+}
+
+/// Pauses the auto path at `point`, freezes, lets it go on, and checks the
+/// outcome and that the server took the branch that logs `logged`.
+fn freeze_lands_at(point: &str, logged: &str) {
     support::runtime().block_on(async {
         let temp = tempfile::tempdir().unwrap();
         let pause = temp.path().join("pause");
@@ -836,7 +852,7 @@ fn a_freeze_during_signing_holds_the_signature_back() {
         let dev = Dev::on(DevServer::start_in(
             &temp.path().join("dev"),
             &[
-                ("CUSTOS_PAUSE_AT", "after-sign-before-commit"),
+                ("CUSTOS_PAUSE_AT", point),
                 ("CUSTOS_PAUSE_FILE", pause.to_str().unwrap()),
             ],
         ))
@@ -845,7 +861,7 @@ fn a_freeze_during_signing_holds_the_signature_back() {
         let (created, ()) = tokio::join!(dev.create("signing", EXCHANGE, ETHER / 10, 0, "ops"), async {
             let deadline = Instant::now() + Duration::from_secs(30);
             while !reached.exists() {
-                assert!(Instant::now() < deadline, "the request never reached C_Sign");
+                assert!(Instant::now() < deadline, "the request never reached {point}");
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             let freeze = dev.governance(GovernanceAction::Freeze, 0, [0; 32], "admin").await;
@@ -861,6 +877,7 @@ fn a_freeze_during_signing_holds_the_signature_back() {
         let created = created.unwrap();
         assert_eq!(created.state(), WithdrawalState::Approved);
         assert!(created.signed_transaction.is_none());
+        assert!(dev.server.stderr().contains(logged), "{point}: no {logged:?} in the log");
         let id = created.name.trim_start_matches("withdrawals/").to_owned();
         let signed_entries = |dev: &Dev| {
             let db = rusqlite::Connection::open(dev.server.path("store")).unwrap();
