@@ -151,11 +151,12 @@ impl Custody {
         let loaded = self
             .blocking(move |store| {
                 store.write(|tx| {
+                    let frozen = gov_store::state(tx)?.frozen;
                     let mut history = gov_store::activated_history(tx)?;
                     if history.is_empty() {
                         let Some(genesis) = &genesis else {
                             tracing::warn!("no policy configured or stored: every withdrawal will be denied");
-                            return Ok((Vec::new(), gov_store::state(tx)?.frozen));
+                            return Ok((Vec::new(), frozen));
                         };
                         let policy = Policy::parse(&genesis.document)
                             .map_err(|e| precondition("invalid_genesis", format!("genesis policy: {e}")))?;
@@ -209,7 +210,7 @@ impl Custody {
                         }
                         loaded.push(policy);
                     }
-                    Ok((loaded, gov_store::state(tx)?.frozen))
+                    Ok((loaded, frozen))
                 })
             })
             .await?;

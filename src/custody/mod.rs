@@ -14,8 +14,9 @@
 //!   signing lock), by `create` or the deciding vote right after their
 //!   decision commits, or by the sweep ([`Custody::sign`]); always from the
 //!   stored transaction re-parsed (never from anything a caller hands in),
-//!   and the signature is released only after SIGNED is committed. A crash between approval and signing leaves an APPROVED row
-//!   that [`Custody::resume`] signs on the next start.
+//!   and the signature is released only after SIGNED is committed. A crash
+//!   between approval and signing leaves an APPROVED row that
+//!   [`Custody::resume`] signs on the next start.
 //!
 //! State moves only through [`crate::lifecycle::State::apply`]. Governance
 //! (policy versions, freeze) is in [`governance`].

@@ -271,6 +271,17 @@ impl Store {
     }
 }
 
+impl Writer {
+    /// Rolls back the open transaction, if any: SQLite itself rolls back
+    /// after some errors (a full disk), and then there is none.
+    fn rollback_if_open(&self) -> rusqlite::Result<()> {
+        match self.conn.is_autocommit() {
+            true => Ok(()),
+            false => self.conn.execute_batch("ROLLBACK"),
+        }
+    }
+}
+
 /// Applies pending migrations. `PRAGMA user_version` records how many ran.
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     let version: usize = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
@@ -371,9 +382,7 @@ impl Store {
             None => {
                 // A transaction no group owns (a ROLLBACK that failed) holds
                 // nothing anyone was promised: end it rather than wedge here.
-                if !writer.conn.is_autocommit() {
-                    let _ = writer.conn.execute_batch("ROLLBACK");
-                }
+                let _ = writer.rollback_if_open();
                 run_cached(&writer.conn, "BEGIN IMMEDIATE")?;
                 writer.groups += 1;
                 let group = writer.groups;
@@ -399,23 +408,15 @@ impl Store {
             Err(panic) => {
                 // What the writer left half-done must not reach the next
                 // commit: the whole group fails, and every writer in it.
-                if !writer.conn.is_autocommit() {
-                    let _ = writer.conn.execute_batch("ROLLBACK");
-                }
+                let _ = writer.rollback_if_open();
                 self.group_failed(&mut writer, group, "a writer panicked".into());
                 drop(writer);
                 std::panic::resume_unwind(panic);
             }
         };
         if opened_group && result.is_err() {
-            // SQLite may already have rolled back after some errors (disk full).
-            let rolled_back = match writer.conn.is_autocommit() {
-                true => Ok(()),
-                false => writer.conn.execute_batch("ROLLBACK"),
-            };
-            writer.open = None;
-            writer.finished = group;
-            self.group_done.notify_all();
+            let rolled_back = writer.rollback_if_open();
+            self.end_group(&mut writer, group);
             rolled_back.map_err(StoreError::from)?;
             return result;
         }
@@ -431,13 +432,9 @@ impl Store {
             }
         } else {
             match run_cached(&writer.conn, "COMMIT") {
-                Ok(()) => {
-                    writer.open = None;
-                    writer.finished = group;
-                    self.group_done.notify_all();
-                }
+                Ok(()) => self.end_group(&mut writer, group),
                 Err(e) => {
-                    let _ = writer.conn.execute_batch("ROLLBACK");
+                    let _ = writer.rollback_if_open();
                     self.group_failed(&mut writer, group, e.to_string());
                 }
             }
@@ -459,6 +456,11 @@ impl Store {
         if writer.failed.len() > 64 {
             writer.failed.remove(0);
         }
+        self.end_group(writer, group);
+    }
+
+    /// Closes `group` and wakes the writers waiting on its outcome.
+    fn end_group(&self, writer: &mut Writer, group: u64) {
         writer.open = None;
         writer.finished = group;
         self.group_done.notify_all();
