@@ -377,7 +377,7 @@ fn sample_intents(policy: &Policy, wallet_id: &str, network: Network) -> Vec<Int
     match network {
         Network::Ethereum { chain_id } => {
             let to = listed
-                .filter_map(|a| custos::api::transaction::address(a).ok())
+                .filter_map(|a| custos::chain::units::address(a).ok())
                 .next()
                 .unwrap_or(Address::repeat_byte(0x35));
             let caip2 = network.caip2();
@@ -385,7 +385,7 @@ fn sample_intents(policy: &Policy, wallet_id: &str, network: Network) -> Vec<Int
                 .assets
                 .iter()
                 .find(|a| a.network == caip2)
-                .and_then(|a| custos::api::transaction::address(&a.contract).ok());
+                .and_then(|a| custos::chain::units::address(&a.contract).ok());
             // 0.1 and 10 ether: small and large enough for different rules.
             let mut txs: Vec<UnsignedEthereumTx> = [17u64, 19]
                 .into_iter()

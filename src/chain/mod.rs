@@ -11,6 +11,7 @@ pub mod bitcoin;
 pub mod ethereum;
 pub mod intent;
 pub mod recompute;
+pub mod units;
 
 pub use intent::{Asset, Destination, FeeTerms, Intent, Network};
 

@@ -85,7 +85,7 @@ pub fn ethereum_network(policy: Option<&Policy>, chain_id: u64) -> Result<Ethere
         .map(|a| {
             Ok(Token {
                 symbol: a.symbol.clone(),
-                contract: crate::api::transaction::address(&a.contract)
+                contract: crate::chain::units::address(&a.contract)
                     .map_err(|e| TxRefusal::new("policy.assets.contract", e))?,
                 decimals: a.decimals,
             })

@@ -105,7 +105,7 @@ impl UsageCache {
             let mut rows = wd_store::usage(conn, wallet, asset, start)?
                 .into_iter()
                 .map(|(at, amount)| {
-                    crate::api::transaction::decimal(&amount)
+                    crate::chain::units::decimal(&amount)
                         .map(|a| (at, a))
                         .map_err(|e| CustodyError::Inconsistent(format!("stored amount {amount:?}: {e}")))
                 })

@@ -360,7 +360,7 @@ fn invalid(message: impl Into<String>) -> PolicyError {
 }
 
 fn amount(key: &str, text: &str) -> Result<U256, PolicyError> {
-    crate::api::transaction::decimal(text).map_err(|e| invalid(format!("{key}: {e}")))
+    crate::chain::units::decimal(text).map_err(|e| invalid(format!("{key}: {e}")))
 }
 
 fn public_key(key: &str, text: &str) -> Result<PublicKey, PolicyError> {
@@ -506,7 +506,7 @@ fn build(raw: RawPolicy, hash: [u8; 32]) -> Result<Policy, PolicyError> {
                 asset.network
             )));
         }
-        crate::api::transaction::address(&asset.contract)
+        crate::chain::units::address(&asset.contract)
             .map_err(|e| invalid(format!("assets[{index}].contract {e}")))?;
         assets.push(RegisteredAsset {
             network: asset.network,

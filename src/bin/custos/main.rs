@@ -22,7 +22,7 @@ use clap::{Parser, Subcommand};
 use tonic::transport::{Channel, Endpoint};
 use tonic_types::StatusExt;
 
-use custos::api::transaction;
+use custos::chain::units;
 use custos::chain::ethereum::{self, EthereumNetwork, Token};
 use custos::chain::{FeeTerms, Intent, bitcoin as btc};
 use custos::config::parse_bitcoin_network;
@@ -406,7 +406,7 @@ fn decode_intent(command: &IntentCommand) -> Result<Intent, String> {
         } => {
             let bytes =
                 hex::decode(rlp.trim().trim_start_matches("0x")).map_err(|e| format!("--rlp: {e}"))?;
-            let from = transaction::address(from).map_err(|e| format!("--from {e}"))?;
+            let from = units::address(from).map_err(|e| format!("--from {e}"))?;
             let tokens = tokens.iter().map(|t| token(t)).collect::<Result<Vec<_>, _>>()?;
             let network = EthereumNetwork {
                 chain_id: *chain_id,
@@ -449,7 +449,7 @@ pub(crate) fn token(text: &str) -> Result<Token, String> {
     };
     Ok(Token {
         symbol: symbol.to_owned(),
-        contract: transaction::address(contract).map_err(|e| format!("--token contract {e}"))?,
+        contract: units::address(contract).map_err(|e| format!("--token contract {e}"))?,
         decimals: decimals
             .parse()
             .map_err(|_| format!("--token {text:?}: decimals must be 0-255"))?,
