@@ -109,7 +109,7 @@ pub struct AuditConfig {
     /// `custos.local/<service id>`.
     pub origin: String,
     /// The log key's algorithm: Ed25519 (default) or P-256.
-    pub key_kind: crate::hsm::KeyKind,
+    pub key_kind: crate::key::KeyKind,
     /// Issue a checkpoint once this many entries are not covered by one.
     pub checkpoint_every_entries: u64,
     /// Issue a checkpoint when entries have waited this long for one.
@@ -570,8 +570,8 @@ fn parse_audit(raw: RawAudit, service_id: &str) -> Result<AuditConfig, ConfigErr
         ));
     }
     let key_kind = match raw.key_algorithm.as_deref().unwrap_or("ed25519") {
-        "ed25519" => crate::hsm::KeyKind::Ed25519,
-        "p256" => crate::hsm::KeyKind::P256,
+        "ed25519" => crate::key::KeyKind::Ed25519,
+        "p256" => crate::key::KeyKind::P256,
         _ => return Err(invalid("audit.key_algorithm must be \"ed25519\" or \"p256\"")),
     };
     let checkpoint_every_entries = raw.checkpoint_every_entries.unwrap_or(DEFAULT_CHECKPOINT_ENTRIES);

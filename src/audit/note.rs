@@ -11,13 +11,13 @@
 //! HSMs without EdDSA, ECDSA P-256 over SHA-256 (type 0x02, DER signatures,
 //! key ID from the SPKI encoding, as transparency-dev/witness does). This
 //! module only verifies; signing happens in the HSM
-//! ([`crate::hsm::Hsm::sign_log_message`]).
+//! (the server's `Hsm::sign_log_message`).
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use k256::sha2::{Digest, Sha256};
 
-use crate::hsm::KeyKind;
+use crate::key::KeyKind;
 
 /// Signature type byte of Ed25519 note signatures.
 pub const TYPE_ED25519: u8 = 0x01;

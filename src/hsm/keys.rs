@@ -12,6 +12,7 @@ use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHan
 use cryptoki::session::Session;
 
 use super::HsmError;
+pub use crate::key::KeyKind;
 
 /// DER encoding of the secp256k1 OID 1.3.132.0.10, the CKA_EC_PARAMS value.
 /// PKCS#11 has no named constant for this curve.
@@ -29,37 +30,24 @@ pub const ED25519_EC_PARAMS_NAMED: [u8; 14] = *b"\x13\x0cedwards25519";
 /// DER encoding of the P-256 OID 1.2.840.10045.3.1.7.
 pub const P256_EC_PARAMS: [u8; 10] = [0x06, 0x08, 0x2A, 0x86, 0x48, 0xCE, 0x3D, 0x03, 0x01, 0x07];
 
-/// The kinds of key custos keeps on a token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum KeyKind {
-    /// Wallet keys: ECDSA over secp256k1, signing 32-byte digests.
-    Secp256k1,
-    /// The default audit key: Ed25519 through CKM_EDDSA, signing whole messages.
-    Ed25519,
-    /// The audit key on tokens without EdDSA: ECDSA P-256 over SHA-256.
-    P256,
+/// How a token handles each [`KeyKind`]: its curve parameters, key type and
+/// mechanisms.
+pub trait TokenKeyKind: Copy {
+    /// CKA_EC_PARAMS for keys of this kind.
+    fn ec_params(self) -> &'static [u8];
+    /// CKA_KEY_TYPE.
+    fn key_type(self) -> KeyType;
+    /// The curve in words, for a read-back refusal.
+    fn curve_description(self) -> &'static str;
+    /// The key-pair generation mechanism.
+    fn keygen_mechanism(self) -> Mechanism<'static>;
+    /// The signing mechanism: CKM_ECDSA over a digest the caller computed,
+    /// or pure CKM_EDDSA over the message itself.
+    fn sign_mechanism(self) -> Mechanism<'static>;
 }
 
-impl KeyKind {
-    /// The lowercase name used in config, the store and output.
-    pub fn name(self) -> &'static str {
-        match self {
-            KeyKind::Secp256k1 => "secp256k1",
-            KeyKind::Ed25519 => "ed25519",
-            KeyKind::P256 => "p256",
-        }
-    }
-
-    /// Parses [`KeyKind::name`].
-    pub fn from_name(name: &str) -> Option<Self> {
-        [KeyKind::Secp256k1, KeyKind::Ed25519, KeyKind::P256]
-            .into_iter()
-            .find(|k| k.name() == name)
-    }
-
-    /// CKA_EC_PARAMS for keys of this kind.
-    pub fn ec_params(self) -> &'static [u8] {
+impl TokenKeyKind for KeyKind {
+    fn ec_params(self) -> &'static [u8] {
         match self {
             KeyKind::Secp256k1 => &SECP256K1_EC_PARAMS,
             KeyKind::Ed25519 => &ED25519_EC_PARAMS,
@@ -82,17 +70,14 @@ impl KeyKind {
         }
     }
 
-    /// The key-pair generation mechanism.
-    pub(crate) fn keygen_mechanism(self) -> Mechanism<'static> {
+    fn keygen_mechanism(self) -> Mechanism<'static> {
         match self {
             KeyKind::Secp256k1 | KeyKind::P256 => Mechanism::EccKeyPairGen,
             KeyKind::Ed25519 => Mechanism::EccEdwardsKeyPairGen,
         }
     }
 
-    /// The signing mechanism: CKM_ECDSA over a digest the caller computed,
-    /// or pure CKM_EDDSA over the message itself.
-    pub(crate) fn sign_mechanism(self) -> Mechanism<'static> {
+    fn sign_mechanism(self) -> Mechanism<'static> {
         match self {
             KeyKind::Secp256k1 | KeyKind::P256 => Mechanism::Ecdsa,
             KeyKind::Ed25519 => Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure)),

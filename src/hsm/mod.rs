@@ -74,7 +74,7 @@ use tokio::sync::Semaphore;
 
 pub use error::HsmError;
 pub use keys::{
-    ED25519_EC_PARAMS, KEY_ID_LEN, KeyAttributes, KeyKind, P256_EC_PARAMS, SECP256K1_EC_PARAMS,
+    ED25519_EC_PARAMS, KEY_ID_LEN, KeyAttributes, KeyKind, P256_EC_PARAMS, SECP256K1_EC_PARAMS, TokenKeyKind,
     check_private_key_attributes, ed25519_from_ec_point, sec1_from_ec_point,
 };
 pub use token::init_token;

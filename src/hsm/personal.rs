@@ -13,7 +13,7 @@ use cryptoki::object::{Attribute, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 use k256::ecdsa::VerifyingKey;
 
-use super::keys::KeyKind;
+use super::keys::{KeyKind, TokenKeyKind};
 use super::token::{find_slot, load_module, login};
 use super::{HsmError, keys};
 use crate::config::TokenSelector;

@@ -14,7 +14,8 @@ use super::StoreError;
 use super::governance::{to_i64, to_u64};
 use crate::audit::entry::{Entry, Event};
 use crate::audit::merkle::{self, NodeStore};
-use crate::hsm::{KeyAttributes, KeyKind};
+use crate::hsm::KeyAttributes;
+use crate::key::KeyKind;
 
 /// The tree nodes in SQLite, read through the caller's connection.
 pub struct SqlNodes<'a>(pub &'a Connection);
