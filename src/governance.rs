@@ -13,6 +13,8 @@
 //!   advances with each one applied, so every such message works once. One
 //!   security officer may freeze; unfreezing takes the admin quorum.
 
+use std::collections::BTreeSet;
+
 use k256::sha2::{Digest, Sha256};
 
 use crate::approval::{ApprovalError, put_str, take, take_str, verify_prehash};
@@ -240,6 +242,48 @@ pub fn anchor_allowlists(previous: Option<&Policy>, next: &mut Policy, activated
             };
         }
     }
+}
+
+/// An admin's stored signature over a policy hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicySignature {
+    /// The admin id.
+    pub admin: String,
+    /// The signed governance message, verbatim.
+    pub message: Vec<u8>,
+    /// 64-byte `r || s`.
+    pub signature: Vec<u8>,
+    /// Unix seconds.
+    pub signed_at: u64,
+}
+
+/// Admins of `governing` whose stored signatures over the policy `hash` of
+/// `version` verify. The audit replay applies the same rule to the log.
+pub fn valid_signers(
+    governing: &Policy,
+    hash: &[u8; 32],
+    version: u64,
+    signatures: &[PolicySignature],
+    service_id: &str,
+) -> Vec<String> {
+    signatures
+        .iter()
+        .filter_map(|s| {
+            let m = GovernanceMessage::parse(&s.message).ok()?;
+            let key = governing.admins.get(&m.signer)?;
+            let PublicKey::Secp256k1(key) = key;
+            let bound = m.action == GovernanceAction::ActivatePolicy
+                && m.service_id == service_id
+                && m.subject == *hash
+                && m.sequence == version
+                && m.signer == s.admin
+                && m.expires_at > s.signed_at;
+            (bound && verify_prehash(&m.digest(), &s.signature, key).is_ok())
+                .then_some(m.signer)
+        })
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect()
 }
 
 #[cfg(test)]

@@ -50,7 +50,8 @@ use crate::hsm::KeyKind;
 use crate::lifecycle::State;
 use crate::store::audit as log;
 use crate::store::governance as gov_store;
-use crate::store::withdrawals::{self as wd_store, DecisionRecord};
+use crate::policy::record::DecisionRecord;
+use crate::store::withdrawals as wd_store;
 use crate::store::{Store, StoreError};
 
 /// The path metrics are served on; every other path is 404.
@@ -290,7 +291,7 @@ impl Collector for StoreState {
             saturate(state.checkpoint.map_or(0, |(size, _)| size)),
         )?;
         if let Some((_, signed_at)) = state.checkpoint {
-            let age = crate::custody::unix_now().saturating_sub(signed_at);
+            let age = crate::clock::unix_now().saturating_sub(signed_at);
             gauge(
                 "custos_checkpoint_age",
                 "Seconds since the latest checkpoint was signed. One is signed only when entries are waiting, so compare custos_checkpoint_size with custos_log_entries before alerting on age.",

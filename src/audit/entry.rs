@@ -13,6 +13,8 @@
 //! a PIN or private key. [`Entry::decode`] accepts only the exact encoding
 //! that [`Entry::encode`] produces.
 
+pub use crate::policy::record::WindowUsage;
+
 /// Domain separator at the start of every entry.
 pub const ENTRY_DOMAIN: &[u8; 15] = b"custos/audit/v1";
 
@@ -20,21 +22,6 @@ pub const ENTRY_DOMAIN: &[u8; 15] = b"custos/audit/v1";
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("malformed audit entry: {0}")]
 pub struct EntryError(pub &'static str);
-
-/// Rolling usage of one limit window, before and after a decision.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WindowUsage {
-    /// Window length in seconds.
-    pub seconds: u64,
-    /// Base units counted before, decimal.
-    pub amount_before: String,
-    /// Withdrawals counted before.
-    pub count_before: u64,
-    /// Base units counted after, decimal.
-    pub amount_after: String,
-    /// Withdrawals counted after.
-    pub count_after: u64,
-}
 
 /// One custody event.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -12,7 +12,7 @@
 //! - every proposed policy parses and hashes to its logged hash; each
 //!   activation after genesis carries an admin quorum of the version active
 //!   before it, counted as the engine counts it
-//!   ([`crate::custody::governance`]); versions only go forward; allowlists are
+//!   (the server's `custody::governance`); versions only go forward; allowlists are
 //!   anchored at the activation entry's time ([`anchor_allowlists`]);
 //! - freezes carry a security officer's signature and unfreezes the admin
 //!   quorum, each naming the current freeze epoch;
@@ -66,14 +66,14 @@ use crate::audit::entry::{Entry, EntryError, Event, WindowUsage};
 use crate::chain::ethereum::UnsignedEthereumTx;
 use crate::chain::recompute::{self, BITCOIN_NETWORKS, ParsedTx};
 use crate::chain::{Network, UnsignedTx};
-use crate::custody::governance::valid_signers;
-use crate::custody::{frozen_decision, no_policy_decision, record, window_usage};
+use crate::governance::valid_signers;
+use crate::policy::record::{frozen_decision, no_policy_decision, record, window_usage};
 use crate::governance::{GovernanceAction, GovernanceMessage, anchor_allowlists};
 use crate::lifecycle::State;
 use crate::policy::document::PublicKey;
 use crate::policy::{self, Approval, DenyReason, Outcome, Policy, RollingUsage};
-use crate::store::governance::PolicySignatureRow;
-use crate::store::withdrawals::DecisionRecord;
+use crate::governance::PolicySignature;
+use crate::policy::record::DecisionRecord;
 
 /// The stable codes a [`Finding`] carries.
 pub mod code {
@@ -247,7 +247,7 @@ struct Proposal {
     policy: Option<Policy>,
     /// Admin signatures as logged, valid or not: the engine's quorum rule
     /// picks the valid ones.
-    approvals: Vec<PolicySignatureRow>,
+    approvals: Vec<PolicySignature>,
 }
 
 #[derive(Debug)]
@@ -685,7 +685,7 @@ impl Replayer {
         let Some(proposal) = self.proposals.get_mut(hash) else {
             return;
         };
-        proposal.approvals.push(PolicySignatureRow {
+        proposal.approvals.push(PolicySignature {
             admin: parsed.map(|m| m.signer).unwrap_or_default(),
             message: message.to_vec(),
             signature: signature.to_vec(),
@@ -2953,7 +2953,7 @@ quorum = [{{ group = "treasury", min = 2 }}]
             hex::decode("d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a").unwrap();
         let key = NoteVerifier::new(
             "custos.example/log",
-            crate::hsm::KeyKind::Ed25519,
+            crate::key::KeyKind::Ed25519,
             &rfc8032_test_1,
         )
         .unwrap();

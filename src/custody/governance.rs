@@ -16,13 +16,15 @@ use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 
-use super::{Custody, CustodyError, precondition, unix_now};
+use super::{Custody, CustodyError, precondition};
+use crate::clock::unix_now;
 use crate::audit::entry::Event as AuditEvent;
 use crate::governance::{GovernanceAction, GovernanceMessage, anchor_allowlists};
 use crate::policy::Policy;
 use crate::policy::document::PublicKey;
 use crate::store::audit as audit_store;
-use crate::store::governance::{self as gov_store, PolicyRow, PolicySignatureRow};
+use crate::governance::{PolicySignature, valid_signers};
+use crate::store::governance::{self as gov_store, PolicyRow};
 
 /// An activated policy version, with its allowlist entries anchored in
 /// server time (see [`anchor_allowlists`]).
@@ -42,7 +44,7 @@ pub struct GovernanceView {
     /// The policy asked for (the active one by default).
     pub policy: Option<Arc<ActivePolicy>>,
     /// Admin signatures that activated it (none for genesis).
-    pub signatures: Vec<PolicySignatureRow>,
+    pub signatures: Vec<PolicySignature>,
     /// The active version.
     pub active_version: Option<u64>,
     /// Whether custody is frozen.
@@ -111,35 +113,6 @@ fn admin_key_set(policy: &Policy) -> BTreeSet<Vec<u8>> {
         .admins
         .values()
         .map(|PublicKey::Secp256k1(k)| k.to_sec1_bytes().to_vec())
-        .collect()
-}
-
-/// Admins of `governing` whose stored signatures over the policy `hash` of
-/// `version` verify. The audit replay applies the same rule to the log.
-pub(crate) fn valid_signers(
-    governing: &Policy,
-    hash: &[u8; 32],
-    version: u64,
-    signatures: &[PolicySignatureRow],
-    service_id: &str,
-) -> Vec<String> {
-    signatures
-        .iter()
-        .filter_map(|s| {
-            let m = GovernanceMessage::parse(&s.message).ok()?;
-            let key = governing.admins.get(&m.signer)?;
-            let PublicKey::Secp256k1(key) = key;
-            let bound = m.action == GovernanceAction::ActivatePolicy
-                && m.service_id == service_id
-                && m.subject == *hash
-                && m.sequence == version
-                && m.signer == s.admin
-                && m.expires_at > s.signed_at;
-            (bound && crate::approval::verify_prehash(&m.digest(), &s.signature, key).is_ok())
-                .then_some(m.signer)
-        })
-        .collect::<BTreeSet<_>>()
-        .into_iter()
         .collect()
 }
 
@@ -357,7 +330,7 @@ impl Custody {
                     gov_store::insert_policy_signature(
                         tx,
                         &row.hash,
-                        &PolicySignatureRow {
+                        &PolicySignature {
                             admin: verified.signer.clone(),
                             message: message.clone(),
                             signature: signature.clone(),

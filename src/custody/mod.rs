@@ -27,7 +27,6 @@ mod usage;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use k256::sha2::{Digest, Sha256};
 use tokio::sync::broadcast;
@@ -35,12 +34,14 @@ use tokio::sync::broadcast;
 use crate::approval::{ApprovalError, ApprovalMessage};
 use crate::audit::entry::{Event as AuditEvent, WindowUsage};
 use crate::chain::{self, Intent, TxRefusal, UnsignedTx, bitcoin as bitcoin_chain, ethereum};
+use crate::clock::unix_now;
 use crate::config::ChainConfig;
 use crate::lifecycle::{Event, FirstDecision, IllegalTransition, State};
 use crate::policy::{self, Decision, DenyReason, Outcome, Policy, RollingUsage, Usage, Vote};
 use crate::store::audit as audit_store;
 use crate::store::governance as gov_store;
-use crate::store::withdrawals::{self as wd_store, ApprovalRow, DecisionRecord, WithdrawalRow};
+use crate::policy::record::{frozen_decision, no_policy_decision, record, window_usage};
+use crate::store::withdrawals::{self as wd_store, ApprovalRow, WithdrawalRow};
 use crate::store::{Store, StoreError};
 use crate::wallet::{Wallet, WalletError, WalletId, Wallets};
 use usage::UsageCache;
@@ -290,7 +291,7 @@ impl Custody {
                     let (first, decision, window, windows) = match (&active, governance.frozen) {
                         (_, true) => (
                             FirstDecision::Deny,
-                            frozen_decision(active.as_deref()),
+                            frozen_decision(active.as_deref().map(|a| &a.policy)),
                             0,
                             Vec::new(),
                         ),
@@ -940,40 +941,6 @@ fn usage<'c>(
     Ok(cache.list(store, conn, w.wallet, &w.intent.asset.symbol, now, longest)?)
 }
 
-/// Usage of each window of the withdrawal's limit, before and after this
-/// decision (after = before plus this withdrawal, if it now counts). The
-/// audit replay computes the same from the log.
-pub(crate) fn window_usage<U: RollingUsage + ?Sized>(
-    policy: &Policy,
-    w: &policy::Withdrawal<'_>,
-    usage: &U,
-    now: u64,
-    counted: bool,
-) -> Vec<WindowUsage> {
-    let amount = w.intent.total_amount();
-    policy
-        .limits
-        .iter()
-        .filter(|l| l.wallet == w.wallet && l.asset == w.intent.asset.symbol)
-        .flat_map(|l| &l.windows)
-        .map(|window| {
-            let (used, count) = usage.within(now, window.seconds);
-            let (after, count_after) = if counted {
-                (used.saturating_add(amount), count + 1)
-            } else {
-                (used, count)
-            };
-            WindowUsage {
-                seconds: window.seconds,
-                amount_before: used.to_string(),
-                count_before: count,
-                amount_after: after.to_string(),
-                count_after,
-            }
-        })
-        .collect()
-}
-
 /// The audit entry of a withdrawal's latest decision.
 fn decision_event(row: &WithdrawalRow, usage: Vec<WindowUsage>) -> AuditEvent {
     let d = &row.decision;
@@ -994,49 +961,6 @@ fn decision_event(row: &WithdrawalRow, usage: Vec<WindowUsage>) -> AuditEvent {
         reason: d.reason.clone().unwrap_or_default(),
         counted_approvers: d.counted_approvers.clone(),
         usage,
-    }
-}
-
-/// The decision as stored and served.
-pub(crate) fn record(decision: &Decision, version: u64) -> DecisionRecord {
-    let (reason_code, reason) = match &decision.outcome {
-        Outcome::Deny(reason) => (Some(reason.code().to_owned()), Some(reason.to_string())),
-        _ => (None, None),
-    };
-    let missing_quorum = match &decision.outcome {
-        Outcome::Pending(missing) => missing.iter().map(|q| (q.group.clone(), q.min as u64)).collect(),
-        _ => Vec::new(),
-    };
-    DecisionRecord {
-        policy_hash: hex::encode(decision.policy_hash),
-        policy_version: version,
-        rule: decision.rule.clone(),
-        reason_code,
-        reason,
-        missing_quorum,
-        counted_approvers: decision.counted_approvers.clone(),
-    }
-}
-
-/// The decision on a withdrawal created while custody is frozen.
-pub(crate) fn frozen_decision(active: Option<&ActivePolicy>) -> DecisionRecord {
-    DecisionRecord {
-        policy_hash: active.map(|a| hex::encode(a.policy.hash)).unwrap_or_default(),
-        policy_version: active.map_or(0, |a| a.policy.version),
-        reason_code: Some("frozen".into()),
-        reason: Some(
-            "custody is frozen by a security officer; nothing is signed until admins unfreeze".into(),
-        ),
-        ..DecisionRecord::default()
-    }
-}
-
-/// The decision on a withdrawal created while no policy is active.
-pub(crate) fn no_policy_decision() -> DecisionRecord {
-    DecisionRecord {
-        reason_code: Some("no_policy".into()),
-        reason: Some("no policy is active; the default is deny".into()),
-        ..DecisionRecord::default()
     }
 }
 
@@ -1086,11 +1010,4 @@ fn new_withdrawal_id() -> Result<String, CustodyError> {
     let mut bytes = [0u8; 16];
     getrandom::fill(&mut bytes).map_err(|_| CustodyError::Worker)?;
     Ok(format!("wd_{}", hex::encode(bytes)))
-}
-
-/// Unix seconds now.
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }

@@ -11,6 +11,7 @@
 
 pub mod document;
 pub mod evaluate;
+pub mod record;
 
 pub use document::{
     Action, Allowlist, AllowlistEntry, FeeCaps, GroupQuorum, LimitWindow, Policy, PolicyError, Rule,

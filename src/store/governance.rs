@@ -10,6 +10,7 @@
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::StoreError;
+use crate::governance::PolicySignature;
 
 /// The single governance row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,19 +36,6 @@ pub struct PolicyRow {
     pub proposed_at: u64,
     /// Unix seconds, once activated.
     pub activated_at: Option<u64>,
-}
-
-/// An admin's stored signature over a policy hash.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PolicySignatureRow {
-    /// The admin id.
-    pub admin: String,
-    /// The signed governance message, verbatim.
-    pub message: Vec<u8>,
-    /// 64-byte `r || s`.
-    pub signature: Vec<u8>,
-    /// Unix seconds.
-    pub signed_at: u64,
 }
 
 /// Reads the governance row.
@@ -130,7 +118,7 @@ pub fn activated_history(conn: &Connection) -> Result<Vec<PolicyRow>, StoreError
 pub fn insert_policy_signature(
     conn: &Connection,
     hash: &[u8; 32],
-    row: &PolicySignatureRow,
+    row: &PolicySignature,
 ) -> Result<(), StoreError> {
     let inserted = conn.execute(
         "INSERT INTO policy_signatures (policy_hash, admin, message, signature, signed_at) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -146,12 +134,12 @@ pub fn insert_policy_signature(
 }
 
 /// Admin signatures over a policy, by admin id.
-pub fn policy_signatures(conn: &Connection, hash: &[u8; 32]) -> Result<Vec<PolicySignatureRow>, StoreError> {
+pub fn policy_signatures(conn: &Connection, hash: &[u8; 32]) -> Result<Vec<PolicySignature>, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT admin, message, signature, signed_at FROM policy_signatures WHERE policy_hash = ?1 ORDER BY admin",
     )?;
     let rows = stmt.query_map([hash.as_slice()], |row| {
-        Ok(PolicySignatureRow {
+        Ok(PolicySignature {
             admin: row.get(0)?,
             message: row.get(1)?,
             signature: row.get(2)?,

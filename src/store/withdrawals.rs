@@ -13,26 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::StoreError;
 use super::governance::{to_i64, to_u64};
 use crate::lifecycle::State;
-
-/// The latest decision on a withdrawal, as stored (JSON in the row).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DecisionRecord {
-    /// Hex policy hash the decision was made under (empty without a policy).
-    pub policy_hash: String,
-    /// The policy version.
-    pub policy_version: u64,
-    /// The rule that matched, if one did.
-    pub rule: Option<String>,
-    /// Stable reason code of a refusal, e.g. `rolling_amount_limit`.
-    pub reason_code: Option<String>,
-    /// The refusal in words, naming the rule, limit or allowlist.
-    pub reason: Option<String>,
-    /// Still missing, per group: (group, approvals).
-    pub missing_quorum: Vec<(String, u64)>,
-    /// Approvers whose approvals counted.
-    pub counted_approvers: Vec<String>,
-}
+use crate::policy::record::DecisionRecord;
 
 /// A withdrawal as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,0 +1,122 @@
+//! Decisions as they are recorded: the [`DecisionRecord`] stored with each
+//! withdrawal and served to clients, the fixed decisions made without
+//! evaluating (frozen, no policy), and the per-window usage written into the
+//! decision's audit entry. The engine and the audit replay build them with
+//! these same functions, so a replayed decision can be compared field by
+//! field with the logged one.
+
+use serde::{Deserialize, Serialize};
+
+use super::{Decision, Outcome, Policy, RollingUsage, Withdrawal};
+
+/// Rolling usage of one limit window, before and after a decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WindowUsage {
+    /// Window length in seconds.
+    pub seconds: u64,
+    /// Base units counted before, decimal.
+    pub amount_before: String,
+    /// Withdrawals counted before.
+    pub count_before: u64,
+    /// Base units counted after, decimal.
+    pub amount_after: String,
+    /// Withdrawals counted after.
+    pub count_after: u64,
+}
+
+/// The latest decision on a withdrawal, as stored (JSON in the row).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecisionRecord {
+    /// Hex policy hash the decision was made under (empty without a policy).
+    pub policy_hash: String,
+    /// The policy version.
+    pub policy_version: u64,
+    /// The rule that matched, if one did.
+    pub rule: Option<String>,
+    /// Stable reason code of a refusal, e.g. `rolling_amount_limit`.
+    pub reason_code: Option<String>,
+    /// The refusal in words, naming the rule, limit or allowlist.
+    pub reason: Option<String>,
+    /// Still missing, per group: (group, approvals).
+    pub missing_quorum: Vec<(String, u64)>,
+    /// Approvers whose approvals counted.
+    pub counted_approvers: Vec<String>,
+}
+
+/// The decision as stored and served.
+pub fn record(decision: &Decision, version: u64) -> DecisionRecord {
+    let (reason_code, reason) = match &decision.outcome {
+        Outcome::Deny(reason) => (Some(reason.code().to_owned()), Some(reason.to_string())),
+        _ => (None, None),
+    };
+    let missing_quorum = match &decision.outcome {
+        Outcome::Pending(missing) => missing.iter().map(|q| (q.group.clone(), q.min as u64)).collect(),
+        _ => Vec::new(),
+    };
+    DecisionRecord {
+        policy_hash: hex::encode(decision.policy_hash),
+        policy_version: version,
+        rule: decision.rule.clone(),
+        reason_code,
+        reason,
+        missing_quorum,
+        counted_approvers: decision.counted_approvers.clone(),
+    }
+}
+
+/// The decision on a withdrawal created while custody is frozen.
+pub fn frozen_decision(active: Option<&Policy>) -> DecisionRecord {
+    DecisionRecord {
+        policy_hash: active.map(|p| hex::encode(p.hash)).unwrap_or_default(),
+        policy_version: active.map_or(0, |p| p.version),
+        reason_code: Some("frozen".into()),
+        reason: Some(
+            "custody is frozen by a security officer; nothing is signed until admins unfreeze".into(),
+        ),
+        ..DecisionRecord::default()
+    }
+}
+
+/// The decision on a withdrawal created while no policy is active.
+pub fn no_policy_decision() -> DecisionRecord {
+    DecisionRecord {
+        reason_code: Some("no_policy".into()),
+        reason: Some("no policy is active; the default is deny".into()),
+        ..DecisionRecord::default()
+    }
+}
+
+/// Usage of each window of the withdrawal's limit, before and after this
+/// decision (after = before plus this withdrawal, if it now counts). The
+/// audit replay computes the same from the log.
+pub fn window_usage<U: RollingUsage + ?Sized>(
+    policy: &Policy,
+    w: &Withdrawal<'_>,
+    usage: &U,
+    now: u64,
+    counted: bool,
+) -> Vec<WindowUsage> {
+    let amount = w.intent.total_amount();
+    policy
+        .limits
+        .iter()
+        .filter(|l| l.wallet == w.wallet && l.asset == w.intent.asset.symbol)
+        .flat_map(|l| &l.windows)
+        .map(|window| {
+            let (used, count) = usage.within(now, window.seconds);
+            let (after, count_after) = if counted {
+                (used.saturating_add(amount), count + 1)
+            } else {
+                (used, count)
+            };
+            WindowUsage {
+                seconds: window.seconds,
+                amount_before: used.to_string(),
+                count_before: count,
+                amount_after: after.to_string(),
+                count_after,
+            }
+        })
+        .collect()
+}
