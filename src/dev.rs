@@ -307,7 +307,7 @@ pub async fn bootstrap(paths: &DevPaths, wallets: Arc<Wallets>) -> Result<(), St
             key(&paths.approver_keys[id])?
         ));
     }
-    let now = crate::custody::unix_now();
+    let now = crate::clock::unix_now();
     let day = 86_400;
     let policy = format!(
         "# Genesis policy written by custosd --dev. See docs/policy.md.\n\

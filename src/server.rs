@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 
 use crate::access::guard::Guard;
 use crate::api::{ApprovalApi, AuditApi, PolicyApi, WalletApi, WithdrawalApi};
-use crate::audit::checkpoints::{self, CheckpointError, Checkpointer};
+use crate::checkpoints::{self, CheckpointError, Checkpointer};
 use crate::config::{ChainConfig, Config};
 use crate::custody::governance::Genesis;
 use crate::custody::{Custody, CustodyError};

@@ -9,13 +9,13 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use k256::ecdsa::VerifyingKey;
 
 use crate::address;
 use crate::chain::bitcoin as bitcoin_chain;
 use crate::chain::{SigningDigest, ethereum};
+use crate::clock::unix_now;
 use crate::hsm::{Hsm, HsmError, KeyAttributes, KeyId, KeyKind};
 use crate::signature::{self, RecoverableSignature, SignatureError};
 use crate::store::{Store, StoreError, WalletRecord};
@@ -211,7 +211,7 @@ impl Wallets {
             key_id: generated.id.as_bytes().to_vec(),
             public_key: public_key.to_sec1_point(true).as_bytes().to_vec(),
             attributes: generated.attributes,
-            created_at: unix_now(),
+            created_at: i64::try_from(unix_now()).unwrap_or(i64::MAX),
         };
         let store = Arc::clone(&self.store);
         let insert = record.clone();
@@ -394,12 +394,6 @@ impl Wallets {
 
 fn sec1_matches(token_point: &[u8], stored: &VerifyingKey) -> bool {
     VerifyingKey::from_sec1_bytes(token_point).is_ok_and(|k| &k == stored)
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]

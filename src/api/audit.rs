@@ -10,7 +10,7 @@ use tonic::{Code, Request, Response, Status};
 
 use super::withdrawal::timestamp;
 use super::{FieldViolation, reason, status};
-use crate::audit::checkpoints::{Checkpointer, attribute_names};
+use crate::checkpoints::{Checkpointer, attribute_names};
 use crate::audit::merkle::{self, MerkleError};
 use crate::proto::{self, audit_service_server::AuditService};
 use crate::store::audit::{self as log, SqlNodes, StoredCheckpoint};

@@ -327,7 +327,7 @@ pub fn p2wpkh_sighash_all(
 
 /// Attaches one verified signature per input and returns the final transaction.
 ///
-/// `signatures[i]` must come from [`crate::wallet::Wallets::sign_digest`] over
+/// `signatures[i]` must come from the server's `Wallets::sign_digest` over
 /// `sighashes()[i]`, which verified it against the wallet key.
 pub fn assemble(
     parsed: &ParsedBitcoinTx,

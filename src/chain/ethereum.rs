@@ -389,7 +389,7 @@ fn erc20_transfer(
 
 /// Attaches a verified signature and encodes the broadcastable transaction.
 ///
-/// `signature` must come from [`crate::wallet::Wallets::sign_digest`] over
+/// `signature` must come from the server's `Wallets::sign_digest` over
 /// [`ParsedEthereumTx::signing_digest`], which verified it against the wallet key.
 pub fn assemble(
     parsed: &ParsedEthereumTx,

@@ -31,7 +31,7 @@ use tonic::transport::Channel;
 
 use custos::approval::ApprovalMessage;
 use custos::config::TokenSelector;
-use custos::custody::unix_now as now;
+use custos::clock::unix_now as now;
 use custos::policy::Vote;
 use custos::proto::{
     self, WithdrawalState, approval_service_client::ApprovalServiceClient,

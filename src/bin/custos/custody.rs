@@ -452,7 +452,7 @@ pub async fn vote(args: VoteArgs, vote: Vote, server: &crate::ServerArgs, json: 
     if !args.yes {
         confirm(verb)?;
     }
-    let now = custos::custody::unix_now();
+    let now = custos::clock::unix_now();
     let window_end = withdrawal
         .expire_time
         .map_or(u64::MAX, |t| u64::try_from(t.seconds).unwrap_or(0));

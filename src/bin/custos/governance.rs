@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::Subcommand;
 
-use custos::custody::unix_now as now;
+use custos::clock::unix_now as now;
 use custos::governance::{GovernanceAction, GovernanceMessage};
 use custos::policy::{Policy, policy_hash};
 use custos::proto::{self, policy_service_client::PolicyServiceClient};

@@ -199,7 +199,7 @@ impl Checkpointer {
             size,
             root,
             note,
-            signed_at: crate::custody::unix_now(),
+            signed_at: crate::clock::unix_now(),
         };
         let to_store = stored.clone();
         write(&self.store, move |conn| log::insert_checkpoint(conn, &to_store)).await?;
@@ -277,7 +277,7 @@ async fn generate(
         public_key: generated.public_key.clone(),
         attributes: generated.attributes,
         origin: config.origin.clone(),
-        created_at: crate::custody::unix_now(),
+        created_at: crate::clock::unix_now(),
     };
     let to_store = record.clone();
     if let Err(e) = write(store, move |conn| log::insert_log_key(conn, &to_store)).await {
