@@ -14,10 +14,10 @@ use std::time::Instant;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 
-use custos::audit::entry::Event;
-use custos::audit::merkle;
 use custos::store::Store;
 use custos::store::audit::{self as log, SqlNodes};
+use custos_core::audit::entry::Event;
+use custos_core::audit::merkle;
 
 const ENTRIES: u64 = 1_000_000;
 const BATCH: u64 = 10_000;

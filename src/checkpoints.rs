@@ -17,12 +17,31 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::audit::merkle;
-use crate::audit::note::{Checkpoint, NoteVerifier};
-use crate::config::AuditConfig;
 use crate::hsm::{Hsm, HsmError, KeyAttributes, KeyId};
 use crate::store::audit::{self as log, LogKeyRecord, SqlNodes, StoredCheckpoint};
 use crate::store::{Store, StoreError};
+use custos_core::audit::merkle;
+use custos_core::audit::note::{Checkpoint, NoteVerifier};
+
+/// Default checkpoint cadence in entries.
+pub const DEFAULT_CHECKPOINT_ENTRIES: u64 = 1000;
+
+/// Default checkpoint cadence in seconds.
+pub const DEFAULT_CHECKPOINT_SECONDS: u64 = 10;
+
+/// The audit log's signed checkpoints.
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    /// The checkpoint origin line, also the note key name. Defaults to
+    /// `custos.local/<service id>`.
+    pub origin: String,
+    /// The log key's algorithm: Ed25519 (default) or P-256.
+    pub key_kind: custos_core::key::KeyKind,
+    /// Issue a checkpoint once this many entries are not covered by one.
+    pub checkpoint_every_entries: u64,
+    /// Issue a checkpoint when entries have waited this long for one.
+    pub checkpoint_every: Duration,
+}
 
 /// Label prefix of the log key on the token.
 pub const LOG_KEY_LABEL: &str = "custos-audit-log";

@@ -12,13 +12,16 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::access::{ClientEntry, ClientIdentity, ClientRegistry, Role, Roles};
-use crate::chain::ethereum::{EthereumNetwork, Token};
+use crate::checkpoints::{AuditConfig, DEFAULT_CHECKPOINT_ENTRIES, DEFAULT_CHECKPOINT_SECONDS};
+use crate::custody::ChainConfig;
+use crate::exporter::MetricsConfig;
+use crate::guard::LimitsConfig;
+use crate::hsm::{DEFAULT_HSM_CALL_TIMEOUT_MS, DEFAULT_SESSIONS, HsmConfig, TokenSelector};
 use crate::secret::PinSource;
-
-/// Default number of PKCS#11 sessions in the signing pool.
-pub const DEFAULT_SESSIONS: usize = 4;
-/// Default limit on one HSM call, including the wait for a free session.
-pub const DEFAULT_HSM_CALL_TIMEOUT_MS: u64 = 10_000;
+use crate::store::StoreConfig;
+use crate::telemetry::LogFormat;
+use crate::tls::TlsConfig;
+use custos_core::chain::ethereum::{EthereumNetwork, Token};
 
 /// A validated configuration.
 #[derive(Debug, Clone)]
@@ -49,80 +52,6 @@ pub struct Config {
     pub limits: LimitsConfig,
 }
 
-/// mTLS material, as PEM files.
-#[derive(Debug, Clone)]
-pub struct TlsConfig {
-    /// The server's certificate chain.
-    pub cert_file: PathBuf,
-    /// The server's private key (PKCS#8 PEM).
-    pub key_file: PathBuf,
-    /// The CA (or CAs) client certificates must chain to.
-    pub client_ca_file: PathBuf,
-}
-
-/// Limits on what one request, and one identity, may cost.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LimitsConfig {
-    /// Largest request message accepted, in bytes; larger ones get RESOURCE_EXHAUSTED.
-    pub max_request_bytes: usize,
-    /// Largest response message sent, in bytes.
-    pub max_response_bytes: usize,
-    /// Longest any request may run before its reply; a client's shorter
-    /// `grpc-timeout` is honoured.
-    pub max_deadline: Duration,
-    /// Requests in flight across all clients; more get RESOURCE_EXHAUSTED.
-    pub max_concurrent_requests: usize,
-    /// Sustained requests per second per client identity.
-    pub requests_per_second: f64,
-    /// Requests a client identity may make at once above its sustained rate.
-    pub burst: f64,
-    /// HTTP/2 keepalive ping interval.
-    pub keepalive_interval: Duration,
-    /// How long a keepalive ping may go unanswered before the connection closes.
-    pub keepalive_timeout: Duration,
-}
-
-impl Default for LimitsConfig {
-    fn default() -> Self {
-        Self {
-            max_request_bytes: 1024 * 1024,
-            max_response_bytes: 4 * 1024 * 1024,
-            max_deadline: Duration::from_secs(30),
-            max_concurrent_requests: 512,
-            requests_per_second: 5000.0,
-            burst: 10000.0,
-            keepalive_interval: Duration::from_secs(30),
-            keepalive_timeout: Duration::from_secs(10),
-        }
-    }
-}
-
-/// Default checkpoint cadence in entries.
-pub const DEFAULT_CHECKPOINT_ENTRIES: u64 = 1000;
-/// Default checkpoint cadence in seconds.
-pub const DEFAULT_CHECKPOINT_SECONDS: u64 = 10;
-
-/// The audit log's signed checkpoints.
-#[derive(Debug, Clone)]
-pub struct AuditConfig {
-    /// The checkpoint origin line, also the note key name. Defaults to
-    /// `custos.local/<service id>`.
-    pub origin: String,
-    /// The log key's algorithm: Ed25519 (default) or P-256.
-    pub key_kind: crate::key::KeyKind,
-    /// Issue a checkpoint once this many entries are not covered by one.
-    pub checkpoint_every_entries: u64,
-    /// Issue a checkpoint when entries have waited this long for one.
-    pub checkpoint_every: Duration,
-}
-
-/// The Prometheus `/metrics` endpoint (see `crate::metrics`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MetricsConfig {
-    /// Address to serve `GET /metrics` on, e.g. `127.0.0.1:9464`.
-    pub listen: SocketAddr,
-}
-
 /// Default `service.id`.
 pub const DEFAULT_SERVICE_ID: &str = "custos";
 
@@ -146,58 +75,6 @@ pub struct ServerConfig {
     /// the file: only `custosd --insecure-plaintext` sets it, and only a
     /// loopback listener may use it.
     pub insecure_plaintext: bool,
-}
-
-/// Log line format.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines.
-    #[default]
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
-/// How to find the token.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TokenSelector {
-    /// Match CKA token label (padding ignored).
-    Label(String),
-    /// Match the token serial number (padding ignored).
-    Serial(String),
-}
-
-/// PKCS#11 settings.
-#[derive(Debug, Clone)]
-pub struct HsmConfig {
-    /// Path of the PKCS#11 module (`.so`).
-    pub module: PathBuf,
-    /// Which token to use.
-    pub token: TokenSelector,
-    /// Where the user PIN comes from.
-    pub pin: PinSource,
-    /// Worker sessions in the pool (one more is held open to keep the login).
-    pub sessions: NonZeroUsize,
-    /// Limit on one HSM call, including the wait for a free session; past it
-    /// the request fails closed with UNAVAILABLE.
-    pub call_timeout: Duration,
-}
-
-/// Store settings.
-#[derive(Debug, Clone)]
-pub struct StoreConfig {
-    /// The SQLite database file; created if missing.
-    pub path: PathBuf,
-}
-
-/// Chain parameters.
-#[derive(Debug, Clone)]
-pub struct ChainConfig {
-    /// The Bitcoin network addresses are derived for.
-    pub bitcoin_network: bitcoin::Network,
-    /// The Ethereum chain id and its token registry.
-    pub ethereum: EthereumNetwork,
 }
 
 /// Why a configuration file was refused.
@@ -421,7 +298,7 @@ impl TryFrom<RawConfig> for Config {
         }
         let bitcoin_network = parse_bitcoin_network(&raw.bitcoin.network)?;
         let service_id = raw.service.id.unwrap_or_else(|| DEFAULT_SERVICE_ID.to_owned());
-        if !crate::policy::document::is_identifier(&service_id) {
+        if !custos_core::policy::document::is_identifier(&service_id) {
             return Err(invalid(
                 "service.id must be 1 to 64 characters of [A-Za-z0-9-_.:/]",
             ));
@@ -470,7 +347,7 @@ fn parse_clients(raw: Vec<RawClient>) -> Result<ClientRegistry, ConfigError> {
             ))
         })?;
         if let Some(id) = &client.approver_id
-            && !crate::policy::document::is_identifier(id)
+            && !custos_core::policy::document::is_identifier(id)
         {
             return Err(ConfigError::Invalid(format!(
                 "clients[{index}].approver_id is not a valid approver id"
@@ -570,8 +447,8 @@ fn parse_audit(raw: RawAudit, service_id: &str) -> Result<AuditConfig, ConfigErr
         ));
     }
     let key_kind = match raw.key_algorithm.as_deref().unwrap_or("ed25519") {
-        "ed25519" => crate::key::KeyKind::Ed25519,
-        "p256" => crate::key::KeyKind::P256,
+        "ed25519" => custos_core::key::KeyKind::Ed25519,
+        "p256" => custos_core::key::KeyKind::P256,
         _ => return Err(invalid("audit.key_algorithm must be \"ed25519\" or \"p256\"")),
     };
     let checkpoint_every_entries = raw.checkpoint_every_entries.unwrap_or(DEFAULT_CHECKPOINT_ENTRIES);

@@ -3,7 +3,7 @@
 //!
 //! In order, each request is:
 //! 1. authenticated from its connection's [`Peer`] (`UNAUTHENTICATED`);
-//! 2. authorized against [`super::RPC_ACCESS`] (`PERMISSION_DENIED`);
+//! 2. authorized against [`crate::access::RPC_ACCESS`] (`PERMISSION_DENIED`);
 //! 3. rate-limited per client identity (`RESOURCE_EXHAUSTED` with `RetryInfo`);
 //! 4. admitted under the server-wide concurrency limit (`RESOURCE_EXHAUSTED`);
 //! 5. size-limited: a request message over the limit is refused with
@@ -30,24 +30,45 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 use tower_service::Service;
 
-use super::{Access, Principal, rpc_access};
-use crate::config::LimitsConfig;
+use crate::access::{Access, Principal, rpc_access};
+use crate::status::reason;
 use crate::tls::{ConnInfo, Peer};
 
-/// Stable `ErrorInfo.reason` strings of the guard's refusals.
-pub mod reason {
-    /// No client certificate, or one the server does not trust.
-    pub const UNAUTHENTICATED: &str = "UNAUTHENTICATED";
-    /// The caller's roles do not include this RPC.
-    pub const PERMISSION_DENIED: &str = "PERMISSION_DENIED";
-    /// The caller exceeded its request rate.
-    pub const RATE_LIMITED: &str = "RATE_LIMITED";
-    /// The server is at its concurrency limit.
-    pub const OVERLOADED: &str = "OVERLOADED";
-    /// The request message is over the size limit.
-    pub const MESSAGE_TOO_LARGE: &str = "MESSAGE_TOO_LARGE";
-    /// The deadline passed before the reply.
-    pub const DEADLINE_EXCEEDED: &str = "DEADLINE_EXCEEDED";
+/// Limits on what one request, and one identity, may cost.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LimitsConfig {
+    /// Largest request message accepted, in bytes; larger ones get RESOURCE_EXHAUSTED.
+    pub max_request_bytes: usize,
+    /// Largest response message sent, in bytes.
+    pub max_response_bytes: usize,
+    /// Longest any request may run before its reply; a client's shorter
+    /// `grpc-timeout` is honoured.
+    pub max_deadline: Duration,
+    /// Requests in flight across all clients; more get RESOURCE_EXHAUSTED.
+    pub max_concurrent_requests: usize,
+    /// Sustained requests per second per client identity.
+    pub requests_per_second: f64,
+    /// Requests a client identity may make at once above its sustained rate.
+    pub burst: f64,
+    /// HTTP/2 keepalive ping interval.
+    pub keepalive_interval: Duration,
+    /// How long a keepalive ping may go unanswered before the connection closes.
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_request_bytes: 1024 * 1024,
+            max_response_bytes: 4 * 1024 * 1024,
+            max_deadline: Duration::from_secs(30),
+            max_concurrent_requests: 512,
+            requests_per_second: 5000.0,
+            burst: 10000.0,
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 /// The shared state of the guard: limits, per-identity rate buckets, and the
@@ -105,7 +126,7 @@ impl Guard {
             }
             (_, Some(principal)) => {
                 tracing::warn!(caller = %principal.name(), path, "permission denied");
-                Err(crate::api::status(
+                Err(crate::status::status(
                     Code::PermissionDenied,
                     reason::PERMISSION_DENIED,
                     format!("{} may not call {path}", principal.name()),
@@ -156,7 +177,7 @@ fn unauthenticated(peer: &Peer) -> Status {
         Peer::Client { .. } => "the client certificate has expired",
         Peer::Plaintext => "plaintext connections are not authenticated",
     };
-    crate::api::status(Code::Unauthenticated, reason::UNAUTHENTICATED, message)
+    crate::status::status(Code::Unauthenticated, reason::UNAUTHENTICATED, message)
 }
 
 /// Parses a gRPC `grpc-timeout` value: up to 8 digits and a unit.
@@ -240,9 +261,9 @@ where
                 Ok(Ok(response)) => response,
                 Ok(Err(join_error)) => {
                     tracing::error!(error = %join_error, "request handler panicked");
-                    Ok(crate::api::status(Code::Internal, crate::api::reason::INTERNAL, "internal error").into_http())
+                    Ok(crate::status::status(Code::Internal, crate::status::reason::INTERNAL, "internal error").into_http())
                 }
-                Err(_) => Ok(crate::api::status(
+                Err(_) => Ok(crate::status::status(
                     Code::DeadlineExceeded,
                     reason::DEADLINE_EXCEEDED,
                     format!(
@@ -273,7 +294,7 @@ fn admit(
         if let Err(wait) = guard.take_token(&caller, Instant::now()) {
             tracing::warn!(%caller, path, "rate limited");
             let mut details = ErrorDetails::with_retry_info(Some(wait));
-            details.set_error_info(reason::RATE_LIMITED, crate::api::ERROR_DOMAIN, HashMap::new());
+            details.set_error_info(reason::RATE_LIMITED, crate::status::ERROR_DOMAIN, HashMap::new());
             return Err(Status::with_error_details(
                 Code::ResourceExhausted,
                 format!(
@@ -287,7 +308,7 @@ fn admit(
     }
     Arc::clone(&guard.in_flight).try_acquire_owned().map_err(|_| {
         tracing::warn!(path, "concurrency limit reached");
-        crate::api::status(
+        crate::status::status(
             Code::ResourceExhausted,
             reason::OVERLOADED,
             format!(
@@ -340,7 +361,7 @@ impl LimitedBody {
                 let len = u32::from_be_bytes([self.prefix[1], self.prefix[2], self.prefix[3], self.prefix[4]])
                     as usize;
                 if len > self.limit {
-                    return Err(crate::api::status(
+                    return Err(crate::status::status(
                         Code::ResourceExhausted,
                         reason::MESSAGE_TOO_LARGE,
                         format!(

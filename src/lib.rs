@@ -36,27 +36,21 @@
 #![warn(missing_docs)]
 
 pub mod access;
-pub mod address;
 pub mod api;
-pub mod approval;
-pub mod audit;
-pub mod chain;
-pub mod clock;
 pub mod checkpoints;
+pub mod clock;
 pub mod config;
 pub mod custody;
 pub mod dev;
+pub mod exporter;
 pub mod failpoint;
-pub mod governance;
+pub mod guard;
 pub mod hsm;
-pub mod key;
-pub mod lifecycle;
 pub mod metrics;
-pub mod policy;
 pub mod secret;
 pub mod server;
-pub mod signature;
 pub mod signer;
+pub mod status;
 pub mod store;
 pub mod telemetry;
 pub mod tls;

@@ -10,12 +10,13 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
-use crate::access::guard::Guard;
 use crate::api::{ApprovalApi, AuditApi, PolicyApi, WalletApi, WithdrawalApi};
 use crate::checkpoints::{self, CheckpointError, Checkpointer};
-use crate::config::{ChainConfig, Config};
+use crate::config::Config;
+use crate::custody::ChainConfig;
 use crate::custody::governance::Genesis;
 use crate::custody::{Custody, CustodyError};
+use crate::guard::Guard;
 use crate::hsm::{Hsm, HsmError};
 use crate::proto::approval_service_server::ApprovalServiceServer;
 use crate::proto::audit_service_server::AuditServiceServer;
@@ -102,10 +103,10 @@ pub struct App {
     /// Authorization and request limits in front of every service.
     pub guard: Arc<Guard>,
     /// The limits the guard and the transport enforce.
-    pub limits: crate::config::LimitsConfig,
+    pub limits: crate::guard::LimitsConfig,
     /// The Prometheus listener [`run`] serves, if the caller bound one
     /// (`custosd` does for `[metrics]`); see [`crate::metrics`].
-    pub metrics: Option<crate::metrics::Listener>,
+    pub metrics: Option<crate::exporter::Listener>,
 }
 
 /// The transport `config` asks for: mTLS from `[tls]`, or plaintext when
@@ -240,7 +241,10 @@ pub async fn run(
     // approval windows expire, before and while serving.
     let sweeper = tokio::spawn(sweep(Arc::clone(&app.custody)));
     // Metrics on their own port, for as long as this function runs.
-    let _metrics = crate::metrics::spawn(&app);
+    let _metrics = app
+        .metrics
+        .as_ref()
+        .and_then(|l| crate::exporter::spawn(l, Arc::clone(&app.store)));
     let (stop_checkpoints, checkpoints_stopped) = tokio::sync::oneshot::channel::<()>();
     let checkpoint_issuer = tokio::spawn(checkpoints::run(Arc::clone(&app.checkpointer), async {
         let _ = checkpoints_stopped.await;

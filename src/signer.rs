@@ -22,10 +22,10 @@ use k256::ecdsa::{Signature, SigningKey, VerifyingKey};
 use k256::pkcs8::{DecodePrivateKey, EncodePrivateKey, LineEnding};
 use zeroize::Zeroizing;
 
-use crate::approval::verify_prehash;
-use crate::config::TokenSelector;
 use crate::hsm::HsmError;
+use crate::hsm::TokenSelector;
 use crate::secret::Pin;
+use custos_core::approval::verify_prehash;
 
 /// Why a personal key could not be created, loaded or used. Messages name
 /// files and tokens, never key material.

@@ -3,9 +3,19 @@
 //! `RUST_LOG` overrides the default filter (`info`). Stdout is left to the
 //! programs' own output (dev mode's ready line, CLI results).
 
+use serde::Deserialize;
 use tracing_subscriber::EnvFilter;
 
-use crate::config::LogFormat;
+/// Log line format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
 
 /// Installs the global subscriber. Calling it twice is harmless.
 pub fn init(format: LogFormat) {

@@ -12,13 +12,13 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use k256::ecdsa::VerifyingKey;
 
-use crate::address;
-use crate::chain::bitcoin as bitcoin_chain;
-use crate::chain::{SigningDigest, ethereum};
 use crate::clock::unix_now;
 use crate::hsm::{Hsm, HsmError, KeyAttributes, KeyId, KeyKind};
-use crate::signature::{self, RecoverableSignature, SignatureError};
 use crate::store::{Store, StoreError, WalletRecord};
+use custos_core::address;
+use custos_core::chain::bitcoin as bitcoin_chain;
+use custos_core::chain::{SigningDigest, ethereum};
+use custos_core::signature::{self, RecoverableSignature, SignatureError};
 
 /// Longest accepted display name, in characters.
 pub const MAX_DISPLAY_NAME_CHARS: usize = 128;

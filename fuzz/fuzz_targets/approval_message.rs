@@ -11,11 +11,11 @@
 
 #![no_main]
 
-use custos::approval::ApprovalMessage;
-use custos::governance::{GovernanceAction, GovernanceMessage};
 use libfuzzer_sys::fuzz_target;
-
 use custos_fuzz::{NOW, SERVICE_ID, check_signed_message, example_policy};
+
+use custos_core::approval::ApprovalMessage;
+use custos_core::governance::{GovernanceAction, GovernanceMessage};
 
 fuzz_target!(|data: &[u8]| {
     check_signed_message(data);

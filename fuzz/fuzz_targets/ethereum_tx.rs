@@ -7,8 +7,9 @@
 
 #![no_main]
 
-use custos::chain::ethereum;
 use libfuzzer_sys::fuzz_target;
+
+use custos_core::chain::ethereum;
 
 fuzz_target!(|data: &[u8]| {
     match ethereum::decode_unsigned(data) {

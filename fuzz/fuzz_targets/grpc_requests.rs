@@ -19,22 +19,22 @@
 use std::fmt::Debug;
 use std::sync::OnceLock;
 
-use custos::api::fuzz_api::{CreateWallet, ListWallets, signed_message, state_filter, withdrawal_id};
-use custos::api::{FieldViolation, paging};
-use custos::audit::merkle::{self, MemoryNodes, MerkleError};
-use custos::chain::recompute;
-use custos::custody::NewWithdrawal;
-use custos::policy::Policy;
-use custos::policy::document::MAX_POLICY_BYTES;
-use custos::proto;
-use custos::wallet::WalletId;
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
-
 use custos_fuzz::{
     check_intent, check_policy, check_refusal, check_signed_message, check_unsigned, check_violation,
     example_policy, wallet_key,
 };
+
+use custos::api::fuzz_api::{CreateWallet, ListWallets, signed_message, state_filter, withdrawal_id};
+use custos::api::{FieldViolation, paging};
+use custos_core::audit::merkle::{self, MemoryNodes, MerkleError};
+use custos_core::chain::recompute;
+use custos::custody::NewWithdrawal;
+use custos_core::policy::Policy;
+use custos_core::policy::document::MAX_POLICY_BYTES;
+use custos::proto;
+use custos::wallet::WalletId;
 
 /// The request messages, in the order the first input byte picks them.
 const REQUESTS: [&str; 21] = [

@@ -7,8 +7,9 @@
 
 #![no_main]
 
-use custos::policy::{Policy, PolicyError};
 use libfuzzer_sys::fuzz_target;
+
+use custos_core::policy::{Policy, PolicyError};
 
 fuzz_target!(|data: &[u8]| {
     match Policy::parse(data) {

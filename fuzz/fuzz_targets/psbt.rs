@@ -8,8 +8,9 @@
 
 #![no_main]
 
-use custos::chain::bitcoin;
 use libfuzzer_sys::fuzz_target;
+
+use custos_core::chain::bitcoin;
 
 fuzz_target!(|data: &[u8]| {
     match bitcoin::decode_psbt(data) {

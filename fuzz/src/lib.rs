@@ -17,20 +17,21 @@ use alloy_primitives::{Address, TxKind, U256, keccak256};
 use bitcoin::hashes::Hash;
 use bitcoin::psbt::Psbt;
 use bitcoin::{Amount, CompressedPublicKey, ScriptBuf};
-use custos::api::FieldViolation;
-use custos::approval::ApprovalMessage;
-use custos::chain::bitcoin::{self as btc, ParsedBitcoinTx};
-use custos::chain::ethereum::{
-    self, EthereumFields, EthereumNetwork, EthereumTxType, ParsedEthereumTx, Token, UnsignedEthereumTx,
-};
-use custos::chain::intent::INTENT_DOMAIN;
-use custos::chain::{Asset, Destination, FeeTerms, Intent, Network, TxRefusal, UnsignedTx, recompute};
-use custos::governance::GovernanceMessage;
-use custos::policy::{
-    Action, Approval, Decision, DenyReason, Outcome, Policy, Usage, Vote, Withdrawal, evaluate, policy_hash,
-};
 use k256::ecdsa::VerifyingKey;
 use k256::sha2::{Digest, Sha256};
+
+use custos::api::FieldViolation;
+use custos_core::approval::ApprovalMessage;
+use custos_core::chain::bitcoin::{self as btc, ParsedBitcoinTx};
+use custos_core::chain::ethereum::{
+    self, EthereumFields, EthereumNetwork, EthereumTxType, ParsedEthereumTx, Token, UnsignedEthereumTx,
+};
+use custos_core::chain::intent::INTENT_DOMAIN;
+use custos_core::chain::{Asset, Destination, FeeTerms, Intent, Network, TxRefusal, UnsignedTx, recompute};
+use custos_core::governance::GovernanceMessage;
+use custos_core::policy::{
+    Action, Approval, Decision, DenyReason, Outcome, Policy, Usage, Vote, Withdrawal, evaluate, policy_hash,
+};
 
 /// docs/policy-example.toml: the policy the fixtures run under.
 pub const EXAMPLE_POLICY: &[u8] = include_bytes!("../../docs/policy-example.toml");
@@ -60,12 +61,12 @@ pub fn wallet_key() -> &'static VerifyingKey {
 
 /// The wallet key as rust-bitcoin's type.
 pub fn bitcoin_key() -> CompressedPublicKey {
-    custos::address::bitcoin_public_key(wallet_key())
+    custos_core::address::bitcoin_public_key(wallet_key())
 }
 
 /// The wallet's Ethereum address.
 pub fn ethereum_from() -> Address {
-    custos::address::ethereum_address(wallet_key())
+    custos_core::address::ethereum_address(wallet_key())
 }
 
 /// A refusal names the field and the rule.
@@ -377,7 +378,7 @@ fn sample_intents(policy: &Policy, wallet_id: &str, network: Network) -> Vec<Int
     match network {
         Network::Ethereum { chain_id } => {
             let to = listed
-                .filter_map(|a| custos::chain::units::address(a).ok())
+                .filter_map(|a| custos_core::chain::units::address(a).ok())
                 .next()
                 .unwrap_or(Address::repeat_byte(0x35));
             let caip2 = network.caip2();
@@ -385,7 +386,7 @@ fn sample_intents(policy: &Policy, wallet_id: &str, network: Network) -> Vec<Int
                 .assets
                 .iter()
                 .find(|a| a.network == caip2)
-                .and_then(|a| custos::chain::units::address(&a.contract).ok());
+                .and_then(|a| custos_core::chain::units::address(&a.contract).ok());
             // 0.1 and 10 ether: small and large enough for different rules.
             let mut txs: Vec<UnsignedEthereumTx> = [17u64, 19]
                 .into_iter()
@@ -529,7 +530,7 @@ fn check_decisions(policy: &Policy, wallet: &str, key_label: &str, intent: &Inte
     assert_eq!(approved.rule, alone.rule);
 }
 
-fn matched_rule<'p>(policy: &'p Policy, decision: &Decision) -> &'p custos::policy::Rule {
+fn matched_rule<'p>(policy: &'p Policy, decision: &Decision) -> &'p custos_core::policy::Rule {
     let name = decision.rule.as_ref().expect("a decision by a rule names it");
     policy
         .rules

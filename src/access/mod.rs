@@ -6,10 +6,8 @@
 //! the configured [`ClientRegistry`], which grants roles. [`RPC_ACCESS`] is the
 //! single table that says which roles may call each RPC; a method absent from
 //! it is refused to everyone, so a new RPC is unreachable until someone
-//! decides who may call it. [`guard`] enforces the table, with the request
-//! limits, as a tower layer in front of every service.
-
-pub mod guard;
+//! decides who may call it. [`crate::guard`] enforces the table, with the
+//! request limits, as a tower layer in front of every service.
 
 use std::collections::BTreeMap;
 use std::fmt;

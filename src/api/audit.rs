@@ -11,10 +11,10 @@ use tonic::{Code, Request, Response, Status};
 use super::withdrawal::timestamp;
 use super::{FieldViolation, reason, status};
 use crate::checkpoints::{Checkpointer, attribute_names};
-use crate::audit::merkle::{self, MerkleError};
 use crate::proto::{self, audit_service_server::AuditService};
 use crate::store::audit::{self as log, SqlNodes, StoredCheckpoint};
 use crate::store::{Store, StoreError};
+use custos_core::audit::merkle::{self, MerkleError};
 
 /// Entries read from the store per page of a ListEntries stream.
 const ENTRY_PAGE: u64 = 512;

@@ -8,8 +8,8 @@ use tonic::{Request, Response, Status};
 use super::withdrawal::{signed_message, timestamp};
 use super::{FieldViolation, custody_status};
 use crate::custody::{Custody, GovernanceView, ProposalView};
-use crate::policy::document::MAX_POLICY_BYTES;
 use crate::proto::{self, policy_service_server::PolicyService};
+use custos_core::policy::document::MAX_POLICY_BYTES;
 
 /// The PolicyService implementation.
 #[derive(Debug, Clone)]

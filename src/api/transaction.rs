@@ -5,10 +5,10 @@
 //! the chain parsers use the same prefix (see [`refused`]).
 
 use super::FieldViolation;
-use crate::chain::ethereum::{self, EthereumFields, EthereumTxType};
-use crate::chain::units::{address, decimal};
-use crate::chain::{TxRefusal, UnsignedTx, bitcoin};
 use crate::proto::{self, ethereum_transaction_fields::Type};
+use custos_core::chain::ethereum::{self, EthereumFields, EthereumTxType};
+use custos_core::chain::units::{address, decimal};
+use custos_core::chain::{TxRefusal, UnsignedTx, bitcoin};
 
 /// Which chain a refusal came from, for its field path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -10,12 +10,12 @@ use tonic::{Code, Request, Response, Status};
 use super::{FieldViolation, custody_status, paging, reason, status};
 use crate::access::Principal;
 use crate::custody::{Custody, CustodyError, NewWithdrawal, RequestId, WithdrawalView};
-use crate::lifecycle::State;
-use crate::policy::document::is_identifier;
 use crate::proto::{
     self, approval_service_server::ApprovalService, withdrawal_service_server::WithdrawalService,
 };
 use crate::wallet::WalletId;
+use custos_core::lifecycle::State;
+use custos_core::policy::document::is_identifier;
 
 /// Longest approval or governance message accepted, in bytes. Real ones are
 /// under 400; anything larger is refused before parsing.
@@ -384,7 +384,7 @@ impl ApprovalService for ApprovalApi {
         // submit a vote signed with someone else's key, even one it holds.
         // A message that does not parse is refused by the custody engine,
         // with its precise reason.
-        if let Ok(parsed) = crate::approval::ApprovalMessage::parse(&message) {
+        if let Ok(parsed) = custos_core::approval::ApprovalMessage::parse(&message) {
             let Some(principal) = principal else {
                 return Err(status(
                     Code::Unauthenticated,

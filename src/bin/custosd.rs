@@ -14,10 +14,11 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use custos::config::{Config, LogFormat};
+use custos::config::Config;
 use custos::dev::{self, DevPaths, DevReady};
 use custos::server::{self, App};
 use custos::telemetry;
+use custos::telemetry::LogFormat;
 
 /// The custos signing server.
 #[derive(Debug, Parser)]
@@ -93,7 +94,7 @@ fn run_dev(args: &Args) -> Result<(), String> {
     telemetry::init(LogFormat::Text);
     let mut config = dev::prepare(&paths, &args.module, args.listen).map_err(|e| e.to_string())?;
     // Dev mode always serves metrics, on a free loopback port unless the config names one.
-    config.metrics.get_or_insert(custos::config::MetricsConfig {
+    config.metrics.get_or_insert(custos::exporter::MetricsConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
     });
     config.server.insecure_plaintext = args.insecure_plaintext;
@@ -120,7 +121,7 @@ fn serve(config: Config, dev: Option<(DevPaths, PathBuf)>) -> Result<(), String>
             .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;
         let listen = listener.local_addr().map_err(|e| e.to_string())?;
         if let Some(metrics) = &config.metrics {
-            let bound = custos::metrics::Listener::bind(metrics.listen)
+            let bound = custos::exporter::Listener::bind(metrics.listen)
                 .await
                 .map_err(|e| format!("cannot listen for metrics on {}: {e}", metrics.listen))?;
             app.metrics = Some(bound);

@@ -18,13 +18,13 @@ use std::sync::{Arc, PoisonError};
 
 use super::{Custody, CustodyError, precondition};
 use crate::clock::unix_now;
-use crate::audit::entry::Event as AuditEvent;
-use crate::governance::{GovernanceAction, GovernanceMessage, anchor_allowlists};
-use crate::policy::Policy;
-use crate::policy::document::PublicKey;
 use crate::store::audit as audit_store;
-use crate::governance::{PolicySignature, valid_signers};
 use crate::store::governance::{self as gov_store, PolicyRow};
+use custos_core::audit::entry::Event as AuditEvent;
+use custos_core::governance::{GovernanceAction, GovernanceMessage, anchor_allowlists};
+use custos_core::governance::{PolicySignature, valid_signers};
+use custos_core::policy::Policy;
+use custos_core::policy::document::PublicKey;
 
 /// An activated policy version, with its allowlist entries anchored in
 /// server time (see [`anchor_allowlists`]).
@@ -320,7 +320,7 @@ impl Custody {
                         ));
                     }
                     if verified.sequence != row.version {
-                        return Err(crate::governance::GovernanceError::WrongSequence {
+                        return Err(custos_core::governance::GovernanceError::WrongSequence {
                             what: "policy version",
                             found: verified.sequence,
                             expected: row.version,
@@ -531,7 +531,7 @@ fn activated_event(row: &PolicyRow) -> AuditEvent {
 
 fn check_epoch(m: &GovernanceMessage, epoch: u64) -> Result<(), CustodyError> {
     if m.sequence != epoch {
-        return Err(crate::governance::GovernanceError::WrongSequence {
+        return Err(custos_core::governance::GovernanceError::WrongSequence {
             what: "freeze epoch",
             found: m.sequence,
             expected: epoch,

@@ -1,10 +1,10 @@
 //! The custody engine: the only path from a withdrawal request to a signature.
 //!
 //! It ties the pure pieces to durable state and the HSM:
-//! - a request is parsed against its wallet ([`crate::chain`]) before anything
+//! - a request is parsed against its wallet ([`custos_core::chain`]) before anything
 //!   is stored; a malformed one changes nothing;
 //! - the request id is reserved, the rolling usage read, the policy evaluated
-//!   ([`crate::policy::evaluate`]) and the outcome stored in ONE
+//!   ([`custos_core::policy::evaluate`]) and the outcome stored in ONE
 //!   `BEGIN IMMEDIATE` transaction, so concurrent requests can never push a
 //!   limit past its cap, and one request id is one withdrawal;
 //! - votes are verified against the active policy's roster and bound to the
@@ -18,7 +18,7 @@
 //!   between approval and signing leaves an APPROVED row that
 //!   [`Custody::resume`] signs on the next start.
 //!
-//! State moves only through [`crate::lifecycle::State::apply`]. Governance
+//! State moves only through [`custos_core::lifecycle::State::apply`]. Governance
 //! (policy versions, freeze) is in [`governance`].
 
 pub mod governance;
@@ -28,25 +28,33 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
+pub use governance::{ActivePolicy, GovernanceView, ProposalView};
 use k256::sha2::{Digest, Sha256};
 use tokio::sync::broadcast;
+use usage::UsageCache;
 
-use crate::approval::{ApprovalError, ApprovalMessage};
-use crate::audit::entry::{Event as AuditEvent, WindowUsage};
-use crate::chain::{self, Intent, TxRefusal, UnsignedTx, bitcoin as bitcoin_chain, ethereum};
 use crate::clock::unix_now;
-use crate::config::ChainConfig;
-use crate::lifecycle::{Event, FirstDecision, IllegalTransition, State};
-use crate::policy::{self, Decision, DenyReason, Outcome, Policy, RollingUsage, Usage, Vote};
 use crate::store::audit as audit_store;
 use crate::store::governance as gov_store;
-use crate::policy::record::{frozen_decision, no_policy_decision, record, window_usage};
 use crate::store::withdrawals::{self as wd_store, ApprovalRow, WithdrawalRow};
 use crate::store::{Store, StoreError};
 use crate::wallet::{Wallet, WalletError, WalletId, Wallets};
-use usage::UsageCache;
+use custos_core::approval::{ApprovalError, ApprovalMessage};
+use custos_core::audit::entry::{Event as AuditEvent, WindowUsage};
+use custos_core::chain::ethereum::EthereumNetwork;
+use custos_core::chain::{self, Intent, TxRefusal, UnsignedTx, bitcoin as bitcoin_chain, ethereum};
+use custos_core::lifecycle::{Event, FirstDecision, IllegalTransition, State};
+use custos_core::policy::record::{frozen_decision, no_policy_decision, record, window_usage};
+use custos_core::policy::{self, DenyReason, Outcome, Policy, RollingUsage, Usage, Vote};
 
-pub use governance::{ActivePolicy, GovernanceView, ProposalView};
+/// Chain parameters.
+#[derive(Debug, Clone)]
+pub struct ChainConfig {
+    /// The Bitcoin network addresses are derived for.
+    pub bitcoin_network: bitcoin::Network,
+    /// The Ethereum chain id and its token registry.
+    pub ethereum: EthereumNetwork,
+}
 
 /// Longest request id accepted, in bytes.
 pub const MAX_REQUEST_ID_BYTES: usize = 128;
@@ -92,7 +100,7 @@ pub enum CustodyError {
     Signature(#[from] ApprovalError),
     /// A governance message was refused.
     #[error(transparent)]
-    Governance(#[from] crate::governance::GovernanceError),
+    Governance(#[from] custos_core::governance::GovernanceError),
     /// The wallet registry or HSM failed.
     #[error(transparent)]
     Wallet(#[from] WalletError),
@@ -771,7 +779,7 @@ impl Custody {
     fn parse_for(&self, wallet: &Wallet, tx: UnsignedTx) -> Result<ParsedTx, CustodyError> {
         match tx {
             UnsignedTx::Ethereum(tx) => {
-                let from = crate::address::ethereum_address(&wallet.public_key);
+                let from = custos_core::address::ethereum_address(&wallet.public_key);
                 Ok(ParsedTx::Ethereum(ethereum::parse(
                     tx,
                     &self.chains.ethereum,
@@ -779,7 +787,7 @@ impl Custody {
                 )?))
             }
             UnsignedTx::Bitcoin(psbt) => {
-                let key = crate::address::bitcoin_public_key(&wallet.public_key);
+                let key = custos_core::address::bitcoin_public_key(&wallet.public_key);
                 Ok(ParsedTx::Bitcoin(bitcoin_chain::parse(
                     psbt,
                     self.chains.bitcoin_network,

@@ -17,9 +17,9 @@ use alloy_primitives::U256;
 use rusqlite::Connection;
 
 use super::CustodyError;
-use crate::policy::RollingUsage;
 use crate::store::Store;
 use crate::store::withdrawals as wd_store;
+use custos_core::policy::RollingUsage;
 
 /// Counted withdrawals of one wallet and asset, in time order.
 #[derive(Debug, Default)]
@@ -105,7 +105,7 @@ impl UsageCache {
             let mut rows = wd_store::usage(conn, wallet, asset, start)?
                 .into_iter()
                 .map(|(at, amount)| {
-                    crate::chain::units::decimal(&amount)
+                    custos_core::chain::units::decimal(&amount)
                         .map(|a| (at, a))
                         .map_err(|e| CustodyError::Inconsistent(format!("stored amount {amount:?}: {e}")))
                 })
@@ -142,7 +142,7 @@ impl UsageCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::Usage;
+    use custos_core::policy::Usage;
 
     /// The running totals give exactly what the plain list gives, for every
     /// window and time, including entries stamped after `now`.

@@ -12,7 +12,7 @@ use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHan
 use cryptoki::session::Session;
 
 use super::HsmError;
-pub use crate::key::KeyKind;
+pub use custos_core::key::KeyKind;
 
 /// DER encoding of the secp256k1 OID 1.3.132.0.10, the CKA_EC_PARAMS value.
 /// PKCS#11 has no named constant for this curve.

@@ -53,6 +53,7 @@
 //! most one signature per call ever leaves this module, and custody logs it
 //! before releasing it.
 
+mod config;
 mod error;
 mod keys;
 pub mod personal;
@@ -65,23 +66,22 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
+pub use config::{DEFAULT_HSM_CALL_TIMEOUT_MS, DEFAULT_SESSIONS, HsmConfig, TokenSelector};
 use cryptoki::context::Pkcs11;
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::object::{Attribute, ObjectHandle};
 use cryptoki::session::{Session, SessionState};
 use cryptoki::slot::Slot;
-use tokio::sync::Semaphore;
-
 pub use error::HsmError;
 pub use keys::{
     ED25519_EC_PARAMS, KEY_ID_LEN, KeyAttributes, KeyKind, P256_EC_PARAMS, SECP256K1_EC_PARAMS, TokenKeyKind,
     check_private_key_attributes, ed25519_from_ec_point, sec1_from_ec_point,
 };
 pub use token::init_token;
+use tokio::sync::Semaphore;
 
-use crate::chain::SigningDigest;
-use crate::config::{HsmConfig, TokenSelector};
 use crate::secret::Pin;
+use custos_core::chain::SigningDigest;
 
 /// The CKA_ID of a key pair: random bytes from the token's RNG.
 #[derive(Clone, PartialEq, Eq, Hash)]

@@ -13,10 +13,10 @@ use cryptoki::object::{Attribute, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 use k256::ecdsa::VerifyingKey;
 
+use super::TokenSelector;
 use super::keys::{KeyKind, TokenKeyKind};
 use super::token::{find_slot, load_module, login};
 use super::{HsmError, keys};
-use crate::config::TokenSelector;
 use crate::secret::Pin;
 
 fn open(module: &Path, token: &TokenSelector, pin: &Pin) -> Result<Session, HsmError> {

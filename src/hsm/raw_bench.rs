@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, ObjectClass};
 
+use super::TokenSelector;
 use super::{HsmError, token};
-use crate::config::TokenSelector;
 use crate::secret::Pin;
 
 /// What one raw run measured.

@@ -8,7 +8,7 @@ use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 
 use super::HsmError;
-use crate::config::TokenSelector;
+use super::TokenSelector;
 use crate::secret::Pin;
 
 /// Loads the module and calls `C_Initialize` with OS locking.

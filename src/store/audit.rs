@@ -12,10 +12,10 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::StoreError;
 use super::governance::{to_i64, to_u64};
-use crate::audit::entry::{Entry, Event};
-use crate::audit::merkle::{self, NodeStore};
 use crate::hsm::KeyAttributes;
-use crate::key::KeyKind;
+use custos_core::audit::entry::{Entry, Event};
+use custos_core::audit::merkle::{self, NodeStore};
+use custos_core::key::KeyKind;
 
 /// The tree nodes in SQLite, read through the caller's connection.
 pub struct SqlNodes<'a>(pub &'a Connection);

@@ -10,7 +10,7 @@
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::StoreError;
-use crate::governance::PolicySignature;
+use custos_core::governance::PolicySignature;
 
 /// The single governance row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

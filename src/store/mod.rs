@@ -20,13 +20,20 @@ pub mod audit;
 pub mod governance;
 pub mod withdrawals;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
 use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 
 use crate::hsm::KeyAttributes;
+
+/// Store settings.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// The SQLite database file; created if missing.
+    pub path: PathBuf,
+}
 
 /// Schema migrations, applied in order. `PRAGMA user_version` records how many ran.
 const MIGRATIONS: &[&str] = &[
@@ -334,7 +341,7 @@ impl Store {
             audit::append(
                 tx,
                 governance::to_u64(wallet.created_at),
-                crate::audit::entry::Event::WalletCreated {
+                custos_core::audit::entry::Event::WalletCreated {
                     wallet_id: wallet.wallet_id.clone(),
                     key_label: wallet.key_label.clone(),
                     key_id: wallet.key_id.clone(),

@@ -8,12 +8,11 @@
 //! ([`set_state`]), so two writers can never both move one withdrawal.
 
 use rusqlite::{Connection, OptionalExtension, params};
-use serde::{Deserialize, Serialize};
 
 use super::StoreError;
 use super::governance::{to_i64, to_u64};
-use crate::lifecycle::State;
-use crate::policy::record::DecisionRecord;
+use custos_core::lifecycle::State;
+use custos_core::policy::record::DecisionRecord;
 
 /// A withdrawal as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -8,7 +8,7 @@
 //! the handshake proves only that the peer holds the key of the certificate
 //! it presents ([`DeferredClientVerifier`]); the chain is then verified
 //! against the client CA, once per connection, and the outcome is recorded
-//! as the connection's [`Peer`]. The guard ([`crate::access::guard`]) refuses
+//! as the connection's [`Peer`]. The guard ([`crate::guard`]) refuses
 //! every request from a peer that is not a configured client, except health
 //! checks.
 //!
@@ -18,7 +18,7 @@ pub mod dev_pki;
 
 use std::io;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -37,7 +37,17 @@ use tokio_rustls::server::TlsStream;
 use tonic::transport::server::Connected;
 
 use crate::access::{ClientEntry, ClientIdentity, ClientRegistry};
-use crate::config::TlsConfig;
+
+/// mTLS material, as PEM files.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    /// The server's certificate chain.
+    pub cert_file: PathBuf,
+    /// The server's private key (PKCS#8 PEM).
+    pub key_file: PathBuf,
+    /// The CA (or CAs) client certificates must chain to.
+    pub client_ca_file: PathBuf,
+}
 
 /// How long a client may take to complete the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -11,13 +11,12 @@ use tonic::Code;
 use tonic::transport::Channel;
 use tonic_types::StatusExt as _;
 
-use custos::approval::ApprovalMessage;
-use custos::policy::Vote;
-use custos::proto::{self, approval_service_client::ApprovalServiceClient};
-use custos::proto::{WithdrawalState, withdrawal_service_client::WithdrawalServiceClient};
-
 use crate::support::{self, DevServer};
 use crate::withdrawals::{Dev, ETHER};
+use custos::proto::{self, approval_service_client::ApprovalServiceClient};
+use custos::proto::{WithdrawalState, withdrawal_service_client::WithdrawalServiceClient};
+use custos_core::approval::ApprovalMessage;
+use custos_core::policy::Vote;
 
 const EXCHANGE: &str = custos::dev::DEV_ALLOWLISTED;
 
@@ -312,7 +311,7 @@ fn an_approver_cannot_submit_another_approvers_vote() {
             intent_hash: large.intent_hash.clone().try_into().unwrap(),
             policy_hash: hex::decode(&policy.hash).unwrap().try_into().unwrap(),
             vote: Vote::Approve,
-            expires_at: custos::custody::unix_now() + 600,
+            expires_at: custos::clock::unix_now() + 600,
             approver: "bob".into(),
         };
         let bob_key = custos::signer::KeyFile::load(&dev.server.data_dir.join("keys/bob.pem")).unwrap();

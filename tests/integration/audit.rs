@@ -8,13 +8,12 @@ use std::time::{Duration, Instant};
 
 use tonic::Code;
 
-use custos::audit::entry::{Entry, Event};
-use custos::audit::merkle::{self, MemoryNodes};
-use custos::audit::replay::{ReplayReport, Replayer};
+use crate::support::{self, DevServer};
 use custos::proto::{self, WithdrawalState, withdrawal_service_client::WithdrawalServiceClient};
 use custos::store::audit::SqlNodes;
-
-use crate::support::{self, DevServer};
+use custos_core::audit::entry::{Entry, Event};
+use custos_core::audit::merkle::{self, MemoryNodes};
+use custos_core::audit::replay::{ReplayReport, Replayer};
 
 const EXCHANGE: &str = custos::dev::DEV_ALLOWLISTED;
 
@@ -220,10 +219,10 @@ fn found(report: &ReplayReport) -> Vec<(u64, &'static str)> {
 /// a signature byte changed.
 #[test]
 fn the_real_log_replays_clean_and_forgeries_are_flagged_where_they_are() {
-    use custos::audit::replay::code;
-    use custos::governance::GovernanceAction;
-    use custos::policy::{Vote, policy_hash};
     use custos::proto::policy_service_client::PolicyServiceClient;
+    use custos_core::audit::replay::code;
+    use custos_core::governance::GovernanceAction;
+    use custos_core::policy::{Vote, policy_hash};
 
     const ETHER: u128 = 1_000_000_000_000_000_000;
     const LATE: &str = "0x5757575757575757575757575757575757575757";

@@ -14,15 +14,14 @@ use std::time::{Duration, Instant};
 use tonic::Code;
 use tonic::transport::Channel;
 
-use custos::audit::merkle;
-use custos::audit::note::NoteVerifier;
-use custos::audit::verify::{self, LogVerifier, VerifyReport};
-use custos::hsm::KeyKind;
-use custos::policy::Vote;
-use custos::proto::{self, WithdrawalState, audit_service_client::AuditServiceClient};
-
 use crate::support::{self, DevServer};
 use crate::withdrawals::{Dev, ETHER, EXCHANGE};
+use custos::hsm::KeyKind;
+use custos::proto::{self, WithdrawalState, audit_service_client::AuditServiceClient};
+use custos_core::audit::merkle;
+use custos_core::audit::note::NoteVerifier;
+use custos_core::audit::verify::{self, LogVerifier, VerifyReport};
+use custos_core::policy::Vote;
 
 fn audit_client(channel: Channel) -> AuditServiceClient<Channel> {
     AuditServiceClient::new(channel)
@@ -713,7 +712,7 @@ fn rewrite_last_entry(store: &Path, size: u64) {
         .unwrap();
     let last = size - 1;
     let bytes = custos::store::audit::entries(&db, last, size).unwrap().remove(0);
-    let mut entry = custos::audit::entry::Entry::decode(&bytes).unwrap();
+    let mut entry = custos_core::audit::entry::Entry::decode(&bytes).unwrap();
     entry.time += 1;
     let tx = db.unchecked_transaction().unwrap();
     tx.execute("DELETE FROM audit_log WHERE idx = ?1", [last as i64])

@@ -83,18 +83,17 @@ use tonic::Code;
 use tonic::transport::Channel;
 use tonic_types::StatusExt;
 
-use custos::approval::ApprovalMessage;
-use custos::audit::entry::{Entry, Event};
-use custos::governance::{GovernanceAction, GovernanceMessage};
-use custos::policy::{Vote, policy_hash};
+use crate::support::{self, DevServer};
 use custos::proto::{
     self, WithdrawalState, approval_service_client::ApprovalServiceClient,
     audit_service_client::AuditServiceClient, policy_service_client::PolicyServiceClient,
     wallet_service_client::WalletServiceClient, withdrawal_service_client::WithdrawalServiceClient,
 };
 use custos::signer::KeyFile;
-
-use crate::support::{self, DevServer};
+use custos_core::approval::ApprovalMessage;
+use custos_core::audit::entry::{Entry, Event};
+use custos_core::governance::{GovernanceAction, GovernanceMessage};
+use custos_core::policy::{Vote, policy_hash};
 
 const ETHER: u128 = 1_000_000_000_000_000_000;
 /// Clients in flight.

@@ -43,8 +43,8 @@ pub(crate) fn python_approval(args: &[&str]) -> serde_json::Value {
 /// accepted; changing any single field, or the signature, is refused.
 #[test]
 fn approval_signed_by_independent_implementation_is_accepted_and_every_field_binds() {
-    use custos::approval::{ApprovalError, ApprovalMessage};
-    use custos::policy::Vote;
+    use custos_core::approval::{ApprovalError, ApprovalMessage};
+    use custos_core::policy::Vote;
 
     let secret = "0101010101010101010101010101010101010101010101010101010101010101";
     let intent_hash = "11".repeat(32);

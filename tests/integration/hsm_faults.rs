@@ -21,15 +21,14 @@ use tonic::Code;
 use tonic::transport::Channel;
 use tonic_types::StatusExt;
 
+use crate::support::{self, DevServer};
+use crate::withdrawals::{ETHER, EXCHANGE};
 use custos::api::reason;
-use custos::audit::entry::{Entry, Event};
 use custos::proto::{
     self, WithdrawalState, audit_service_client::AuditServiceClient,
     wallet_service_client::WalletServiceClient, withdrawal_service_client::WithdrawalServiceClient,
 };
-
-use crate::support::{self, DevServer};
-use crate::withdrawals::{ETHER, EXCHANGE};
+use custos_core::audit::entry::{Entry, Event};
 
 /// Each withdrawal: 0.001 ETH to the allowlisted exchange, auto-signed.
 const AMOUNT: u128 = ETHER / 1000;

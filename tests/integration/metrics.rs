@@ -7,11 +7,10 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
-use custos::proto::withdrawal_service_client::WithdrawalServiceClient;
-use custos::proto::{self, WithdrawalState, audit_service_client::AuditServiceClient};
-
 use crate::support::{self, DevServer};
 use crate::withdrawals::{ETHER, EXCHANGE, create_request};
+use custos::proto::withdrawal_service_client::WithdrawalServiceClient;
+use custos::proto::{self, WithdrawalState, audit_service_client::AuditServiceClient};
 
 /// A destination on no allowlist: the dev policy denies it.
 const STRANGER: &str = "0x7777777777777777777777777777777777777777";

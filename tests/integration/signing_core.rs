@@ -11,15 +11,16 @@ use k256::ecdsa::signature::hazmat::PrehashVerifier;
 use tonic::Code;
 use tonic_types::StatusExt;
 
+use crate::support::{self, DevServer};
 use custos::api;
-use custos::chain::SigningDigest;
-use custos::chain::ethereum::{self, EthereumFields, EthereumNetwork, EthereumTxType, UnsignedEthereumTx};
 use custos::hsm::{HsmError, KeyId};
 use custos::proto::{self, wallet_service_client::WalletServiceClient};
-use custos::signature::is_low_s;
 use custos::wallet::{DisplayName, WalletError, WalletId};
-
-use crate::support::{self, DevServer};
+use custos_core::chain::SigningDigest;
+use custos_core::chain::ethereum::{
+    self, EthereumFields, EthereumNetwork, EthereumTxType, UnsignedEthereumTx,
+};
+use custos_core::signature::is_low_s;
 
 fn create_request(id: &str) -> proto::CreateWalletRequest {
     proto::CreateWalletRequest {
@@ -206,11 +207,11 @@ fn thousand_signatures_are_low_s_verified_and_recover_to_the_wallet() {
                     VerifyingKey::recover_from_prehash(digest.as_bytes(), sig.signature(), sig.recovery_id())
                         .unwrap();
                 assert_eq!(
-                    custos::address::ethereum_address_checksummed(&recovered),
+                    custos_core::address::ethereum_address_checksummed(&recovered),
                     wallet.ethereum_address
                 );
                 assert_eq!(
-                    custos::address::bitcoin_p2wpkh_address(&recovered, bitcoin::Network::Regtest)
+                    custos_core::address::bitcoin_p2wpkh_address(&recovered, bitcoin::Network::Regtest)
                         .to_string(),
                     wallet.bitcoin_address
                 );

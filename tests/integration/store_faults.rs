@@ -13,10 +13,9 @@ use std::time::Duration;
 
 use tonic::Code;
 
-use custos::proto::{self, WithdrawalState, withdrawal_service_client::WithdrawalServiceClient};
-
 use crate::support;
 use crate::withdrawals::{ETHER, EXCHANGE};
+use custos::proto::{self, WithdrawalState, withdrawal_service_client::WithdrawalServiceClient};
 
 fn mount(args: &[&str]) -> bool {
     Command::new("mount")

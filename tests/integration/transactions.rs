@@ -12,14 +12,13 @@ use bitcoin::psbt::{Input, Psbt};
 use bitcoin::{Amount, OutPoint, ScriptBuf, Sequence, Transaction, TxIn, TxOut, absolute, transaction};
 use k256::sha2::{Digest, Sha256};
 
-use custos::chain::ethereum::{
+use crate::support;
+use custos::wallet::{DisplayName, WalletId};
+use custos_core::chain::ethereum::{
     self, EthereumFields, EthereumNetwork, EthereumTxType, Token, UnsignedEthereumTx,
 };
-use custos::chain::{FeeTerms, bitcoin as btc};
-use custos::signature::is_low_s;
-use custos::wallet::{DisplayName, WalletId};
-
-use crate::support;
+use custos_core::chain::{FeeTerms, bitcoin as btc};
+use custos_core::signature::is_low_s;
 
 sol! {
     function transfer(address to, uint256 amount) external returns (bool);
@@ -164,7 +163,7 @@ fn bitcoin_psbts_with_one_to_five_inputs_pass_bitcoin_core_verification() {
                 .create(id.clone(), DisplayName::default())
                 .await
                 .unwrap();
-            let key = custos::address::bitcoin_public_key(&wallet.public_key);
+            let key = custos_core::address::bitcoin_public_key(&wallet.public_key);
             let own = ScriptBuf::new_p2wpkh(&key.wpubkey_hash());
             let mut rng = Stream(11);
             for inputs in 1..=5usize {

@@ -9,23 +9,22 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use alloy_consensus::TxEnvelope;
 use alloy_consensus::transaction::SignerRecoverable;
 use alloy_eips::eip2718::Decodable2718;
+use k256::pkcs8::DecodePrivateKey;
 use tonic::Code;
 use tonic::transport::Channel;
 use tonic_types::StatusExt;
 
-use custos::approval::ApprovalMessage;
-use custos::audit::entry::{Entry, Event};
-use custos::governance::{GovernanceAction, GovernanceMessage};
-use custos::policy::{Vote, policy_hash};
+use crate::support::{self, DevServer};
 use custos::proto::{
     self, WithdrawalState, approval_service_client::ApprovalServiceClient,
     policy_service_client::PolicyServiceClient, wallet_service_client::WalletServiceClient,
     withdrawal_service_client::WithdrawalServiceClient,
 };
 use custos::signer::KeyFile;
-use k256::pkcs8::DecodePrivateKey;
-
-use crate::support::{self, DevServer};
+use custos_core::approval::ApprovalMessage;
+use custos_core::audit::entry::{Entry, Event};
+use custos_core::governance::{GovernanceAction, GovernanceMessage};
+use custos_core::policy::{Vote, policy_hash};
 
 pub(crate) const EXCHANGE: &str = custos::dev::DEV_ALLOWLISTED;
 pub(crate) const ETHER: u128 = 1_000_000_000_000_000_000;
@@ -505,7 +504,7 @@ fn approvals_are_bound_to_withdrawal_intent_policy_and_time() {
 
 /// Byte offsets of one byte inside each field of an encoded approval message.
 fn field_offsets(m: &ApprovalMessage) -> Vec<(&'static str, usize)> {
-    let domain = custos::approval::APPROVAL_DOMAIN.len();
+    let domain = custos_core::approval::APPROVAL_DOMAIN.len();
     let service = domain + 2;
     let withdrawal = service + m.service_id.len() + 2;
     let intent = withdrawal + m.withdrawal_id.len();
@@ -932,7 +931,7 @@ fn approver_key_on_a_pkcs11_token_signs_verifiable_approvals() {
     let _config = support::init_test_token(&dir);
     let token = custos::signer::TokenKey {
         module: support::module_path(),
-        token: custos::config::TokenSelector::Label(support::TEST_TOKEN_LABEL.into()),
+        token: custos::hsm::TokenSelector::Label(support::TEST_TOKEN_LABEL.into()),
         key_label: "alice-approver".into(),
     };
     let pin = support::pin(support::TEST_USER_PIN);
@@ -1074,11 +1073,11 @@ fn tampered_hash(w: &proto::Withdrawal) -> Vec<u8> {
 /// since no admins exist to approve it.
 #[test]
 fn without_a_policy_every_withdrawal_is_denied() {
-    use custos::chain::UnsignedTx;
-    use custos::chain::ethereum::{EthereumFields, EthereumTxType, UnsignedEthereumTx};
     use custos::custody::{CustodyError, NewWithdrawal, RequestId};
-    use custos::lifecycle::State;
     use custos::wallet::{DisplayName, WalletId};
+    use custos_core::chain::UnsignedTx;
+    use custos_core::chain::ethereum::{EthereumFields, EthereumTxType, UnsignedEthereumTx};
+    use custos_core::lifecycle::State;
 
     support::with_app_in_child(
         "withdrawals::without_a_policy_every_withdrawal_is_denied",

@@ -1,13 +1,13 @@
 //! Approver signature verification against Project Wycheproof's secp256k1
 //! ECDSA vectors, vendored under tests/data/wycheproof (see its README).
 //!
-//! The main function under test is `custos::approval::verify_prehash`, the lowest
+//! The main function under test is `custos_core::approval::verify_prehash`, the lowest
 //! layer that takes (public key, SHA-256 prehash, signature). Every approval
 //! reaches it unchanged: `SubmitApproval` hands the message and signature
 //! bytes to `ApprovalMessage::verify_submitted`, which calls
 //! `ApprovalMessage::verify`, which calls `verify_prehash(&digest, signature,
 //! roster_key)`. Governance signatures go through the same function. The
-//! P1363 vectors also drive `custos::signature::finalize`, the HSM signature
+//! P1363 vectors also drive `custos_core::signature::finalize`, the HSM signature
 //! post-processing (normalise, verify, recovery id).
 //!
 //! custos accepts exactly one signature format, 64 bytes of `r || s`, and
@@ -20,12 +20,13 @@
 
 use std::collections::BTreeSet;
 
-use custos::approval::{ApprovalError, verify_prehash};
-use custos::signature::{SignatureError, finalize};
 use k256::ecdsa::VerifyingKey;
 use k256::ecdsa::signature::hazmat::PrehashVerifier;
 use k256::sha2::{Digest, Sha256};
 use serde::Deserialize;
+
+use custos_core::approval::{ApprovalError, verify_prehash};
+use custos_core::signature::{SignatureError, finalize};
 
 const P1363: &str = include_str!("../data/wycheproof/ecdsa_secp256k1_sha256_p1363_test.json");
 const BITCOIN: &str = include_str!("../data/wycheproof/ecdsa_secp256k1_sha256_bitcoin_test.json");
@@ -150,7 +151,7 @@ fn bitcoin_vectors() {
     assert_eq!(tally, BITCOIN_EXPECTED);
 }
 
-/// The HSM signature post-processing (`custos::signature::finalize`) over
+/// The HSM signature post-processing (`custos_core::signature::finalize`) over
 /// the same P1363 vectors, with the wallet key in the key's place. It
 /// normalises `s` before verifying, so every "valid" vector, low- or high-S,
 /// must come out as a low-S signature that k256 verifies and that recovers

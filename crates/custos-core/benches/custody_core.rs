@@ -29,15 +29,17 @@ use alloy_primitives::{Address, TxKind, U256};
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use k256::ecdsa::{SigningKey, VerifyingKey};
 
-use custos::approval::ApprovalMessage;
-use custos::audit::entry::{Entry, Event, WindowUsage};
-use custos::audit::note::NoteVerifier;
-use custos::audit::replay::Replayer;
-use custos::chain::ethereum::{self, EthereumNetwork, UnsignedEthereumTx};
-use custos::chain::recompute::{self, ParsedTx};
-use custos::chain::{Intent, Network};
-use custos::lifecycle::State;
-use custos::policy::{Approval, DenyReason, Outcome, Policy, Usage, Vote, Withdrawal, evaluate, policy_hash};
+use custos_core::approval::ApprovalMessage;
+use custos_core::audit::entry::{Entry, Event, WindowUsage};
+use custos_core::audit::note::NoteVerifier;
+use custos_core::audit::replay::Replayer;
+use custos_core::chain::ethereum::{self, EthereumNetwork, UnsignedEthereumTx};
+use custos_core::chain::recompute::{self, ParsedTx};
+use custos_core::chain::{Intent, Network};
+use custos_core::lifecycle::State;
+use custos_core::policy::{
+    Approval, DenyReason, Outcome, Policy, Usage, Vote, Withdrawal, evaluate, policy_hash,
+};
 
 const SERVICE: &str = "custos-bench";
 const T0: u64 = 1_800_000_000;
@@ -297,7 +299,7 @@ fn intent_hash(c: &mut Criterion) {
     // encoding, derive the wallet's address, parse for the wallet.
     let parse = |raw: &[u8]| {
         let tx = ethereum::decode_unsigned(raw).unwrap();
-        ethereum::parse(tx, &network, custos::address::ethereum_address(&key)).unwrap()
+        ethereum::parse(tx, &network, custos_core::address::ethereum_address(&key)).unwrap()
     };
     let intent = parse(&raw).intent().clone();
     let policy = Policy::parse(document().as_bytes()).unwrap();
@@ -361,7 +363,9 @@ fn hsm_signature_post_processing(c: &mut Criterion) {
     for (name, raw) in [("low-S input", low.to_bytes()), ("high-S input", high.to_bytes())] {
         group.bench_function(
             format!("finalize: normalise, verify, recovery id ({name})"),
-            |b| b.iter(|| custos::signature::finalize(black_box(raw.as_slice()), &digest, &key).unwrap()),
+            |b| {
+                b.iter(|| custos_core::signature::finalize(black_box(raw.as_slice()), &digest, &key).unwrap())
+            },
         );
     }
     group.finish();

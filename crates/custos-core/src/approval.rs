@@ -358,7 +358,7 @@ mod tests {
 
     /// The doc's vector, whitespace removed, so wrapped hex lines compare.
     pub(crate) fn spec_without_whitespace() -> String {
-        include_str!("../docs/approval-format.md")
+        include_str!("../../../docs/approval-format.md")
             .chars()
             .filter(|c| !c.is_whitespace())
             .collect()

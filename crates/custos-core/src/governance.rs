@@ -278,8 +278,7 @@ pub fn valid_signers(
                 && m.sequence == version
                 && m.signer == s.admin
                 && m.expires_at > s.signed_at;
-            (bound && verify_prehash(&m.digest(), &s.signature, key).is_ok())
-                .then_some(m.signer)
+            (bound && verify_prehash(&m.digest(), &s.signature, key).is_ok()).then_some(m.signer)
         })
         .collect::<BTreeSet<_>>()
         .into_iter()
@@ -341,7 +340,7 @@ mod tests {
     #[test]
     fn published_governance_vectors() {
         let key = SigningKey::from_slice(&[0x02; 32]).unwrap();
-        let spec: String = include_str!("../docs/approval-format.md")
+        let spec: String = include_str!("../../../docs/approval-format.md")
             .chars()
             .filter(|c| !c.is_whitespace())
             .collect();
@@ -368,7 +367,7 @@ mod tests {
 
     #[test]
     fn anchoring_never_shortens_a_time_lock() {
-        let document = include_str!("../docs/policy-example.toml");
+        let document = include_str!("../../../docs/policy-example.toml");
         let previous = Policy::parse(document.as_bytes()).unwrap();
         let old = &previous.allowlists["exchanges"].entries[0];
         let old_effective = old.added_at + previous.allowlist_delay_secs;

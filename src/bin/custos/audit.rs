@@ -8,12 +8,11 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use custos::audit::merkle;
-use custos::audit::note::NoteVerifier;
-use custos::audit::verify::{self, ExportWriter, LogVerifier, VerifyReport};
-use custos::proto::{self, audit_service_client::AuditServiceClient};
-
 use crate::{connect, describe, emit};
+use custos::proto::{self, audit_service_client::AuditServiceClient};
+use custos_core::audit::merkle;
+use custos_core::audit::note::NoteVerifier;
+use custos_core::audit::verify::{self, ExportWriter, LogVerifier, VerifyReport};
 
 /// Entries between progress-bar redraws.
 const PROGRESS_STEP: u64 = 4096;

@@ -29,10 +29,9 @@ use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use tonic::transport::Channel;
 
-use custos::approval::ApprovalMessage;
-use custos::config::TokenSelector;
+use crate::{describe, emit};
 use custos::clock::unix_now as now;
-use custos::policy::Vote;
+use custos::hsm::TokenSelector;
 use custos::proto::{
     self, WithdrawalState, approval_service_client::ApprovalServiceClient,
     policy_service_client::PolicyServiceClient, wallet_service_client::WalletServiceClient,
@@ -40,8 +39,8 @@ use custos::proto::{
 };
 use custos::secret::{Pin, PinSource};
 use custos::signer::KeyFile;
-
-use crate::{describe, emit};
+use custos_core::approval::ApprovalMessage;
+use custos_core::policy::Vote;
 
 const ETHER: u128 = 1_000_000_000_000_000_000;
 
@@ -533,8 +532,8 @@ fn max_rss_mb(pid: u32) -> Option<f64> {
 /// transaction, so a replay of this bench log reports them; the point is the
 /// size of the history, not its story.
 fn seed_history(store_path: &std::path::Path, withdrawal_name: &str, entries: u64) -> Result<(), String> {
-    use custos::audit::entry::{Entry, Event};
     use custos::store::{Store, StoreError, audit as log, withdrawals as wd};
+    use custos_core::audit::entry::{Entry, Event};
     let store = Store::open(store_path).map_err(|e| e.to_string())?;
     let id = withdrawal_name.trim_start_matches("withdrawals/").to_owned();
     let (row, template) = store
@@ -563,7 +562,7 @@ fn seed_history(store_path: &std::path::Path, withdrawal_name: &str, entries: u6
                     copy.created_at = month_ago;
                     copy.updated_at = month_ago;
                     copy.counted_at = Some(month_ago);
-                    copy.state = custos::lifecycle::State::Approved;
+                    copy.state = custos_core::lifecycle::State::Approved;
                     wd::insert(c, &copy)?;
                     wd::set_signed(
                         c,

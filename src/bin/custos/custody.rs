@@ -6,18 +6,17 @@ use std::path::PathBuf;
 
 use clap::Subcommand;
 
-use custos::approval::ApprovalMessage;
-use custos::chain::{Intent, recompute};
-use custos::config::TokenSelector;
-use custos::policy::{Policy, Vote, policy_hash};
+use super::{all_pages, connect, describe, emit, print_intent};
+use custos::hsm::TokenSelector;
 use custos::proto::{
     self, approval_service_client::ApprovalServiceClient, policy_service_client::PolicyServiceClient,
     wallet_service_client::WalletServiceClient, withdrawal_service_client::WithdrawalServiceClient,
 };
 use custos::secret::{Pin, PinSource};
 use custos::signer::{KeyFile, TokenKey, public_key_string};
-
-use super::{all_pages, connect, describe, emit, print_intent};
+use custos_core::approval::ApprovalMessage;
+use custos_core::chain::{Intent, recompute};
+use custos_core::policy::{Policy, Vote, policy_hash};
 
 /// Withdrawal commands.
 #[derive(Debug, Subcommand)]
@@ -496,7 +495,7 @@ fn confirm(verb: &str) -> Result<(), String> {
 
 /// The intent of a withdrawal's transaction, derived here: the wallet's
 /// address from its public key, the network and token registry from the
-/// policy the vote will name ([`custos::chain::recompute`]).
+/// policy the vote will name ([`custos_core::chain::recompute`]).
 fn recompute_intent(
     w: &proto::Withdrawal,
     wallet: &proto::Wallet,

@@ -6,13 +6,12 @@ use std::path::PathBuf;
 
 use clap::Subcommand;
 
-use custos::clock::unix_now as now;
-use custos::governance::{GovernanceAction, GovernanceMessage};
-use custos::policy::{Policy, policy_hash};
-use custos::proto::{self, policy_service_client::PolicyServiceClient};
-
 use super::custody::SignerArgs;
 use super::{connect, describe, emit};
+use custos::clock::unix_now as now;
+use custos::proto::{self, policy_service_client::PolicyServiceClient};
+use custos_core::governance::{GovernanceAction, GovernanceMessage};
+use custos_core::policy::{Policy, policy_hash};
 
 /// Policy commands.
 #[derive(Debug, Subcommand)]

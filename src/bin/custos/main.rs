@@ -22,11 +22,11 @@ use clap::{Parser, Subcommand};
 use tonic::transport::{Channel, Endpoint};
 use tonic_types::StatusExt;
 
-use custos::chain::units;
-use custos::chain::ethereum::{self, EthereumNetwork, Token};
-use custos::chain::{FeeTerms, Intent, bitcoin as btc};
 use custos::config::parse_bitcoin_network;
 use custos::proto::{self, wallet_service_client::WalletServiceClient};
+use custos_core::chain::ethereum::{self, EthereumNetwork, Token};
+use custos_core::chain::units;
+use custos_core::chain::{FeeTerms, Intent, bitcoin as btc};
 
 /// The custos command-line client.
 #[derive(Debug, Parser)]
@@ -156,8 +156,8 @@ async fn run(cli: Cli) -> Result<(), String> {
         Command::Wallet(command) => wallet(command, server, json).await,
         Command::Withdrawal(command) => custody::withdrawal(command, server, json).await,
         Command::Pending => custody::pending(server, json).await,
-        Command::Approve(args) => custody::vote(args, custos::policy::Vote::Approve, server, json).await,
-        Command::Reject(args) => custody::vote(args, custos::policy::Vote::Reject, server, json).await,
+        Command::Approve(args) => custody::vote(args, custos_core::policy::Vote::Approve, server, json).await,
+        Command::Reject(args) => custody::vote(args, custos_core::policy::Vote::Reject, server, json).await,
         Command::Approver(command) => custody::approver(command, json),
         Command::Policy(command) => governance::policy(command, server, json).await,
         Command::Freeze(args) => governance::freeze(args, server, json).await,

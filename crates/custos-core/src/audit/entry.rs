@@ -599,7 +599,7 @@ mod tests {
             hex::encode(leaf_hash(&closed.encode())),
             hex::encode(root(&tree, samples.len() as u64).unwrap()),
         ];
-        let spec: String = include_str!("../../docs/audit-log.md")
+        let spec: String = include_str!("../../../../docs/audit-log.md")
             .chars()
             .filter(|c| !c.is_whitespace())
             .collect();

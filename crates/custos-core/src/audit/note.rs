@@ -396,7 +396,7 @@ mod tests {
             hex::encode(checkpoint.root),
             "d62b5f8cb8aff25c774269de37806e9e27ecb8ee98177d1e19f981789246ef80"
         );
-        let spec: String = include_str!("../../docs/audit-log.md")
+        let spec: String = include_str!("../../../../docs/audit-log.md")
             .chars()
             .filter(|c| !c.is_whitespace())
             .collect();

@@ -66,14 +66,14 @@ use crate::audit::entry::{Entry, EntryError, Event, WindowUsage};
 use crate::chain::ethereum::UnsignedEthereumTx;
 use crate::chain::recompute::{self, BITCOIN_NETWORKS, ParsedTx};
 use crate::chain::{Network, UnsignedTx};
+use crate::governance::PolicySignature;
 use crate::governance::valid_signers;
-use crate::policy::record::{frozen_decision, no_policy_decision, record, window_usage};
 use crate::governance::{GovernanceAction, GovernanceMessage, anchor_allowlists};
 use crate::lifecycle::State;
 use crate::policy::document::PublicKey;
-use crate::policy::{self, Approval, DenyReason, Outcome, Policy, RollingUsage};
-use crate::governance::PolicySignature;
 use crate::policy::record::DecisionRecord;
+use crate::policy::record::{frozen_decision, no_policy_decision, record, window_usage};
+use crate::policy::{self, Approval, DenyReason, Outcome, Policy, RollingUsage};
 
 /// The stable codes a [`Finding`] carries.
 pub mod code {

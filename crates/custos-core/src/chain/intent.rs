@@ -339,7 +339,7 @@ mod vectors {
     use crate::chain::bitcoin::tests::{psbt, wallet_key};
     use crate::chain::{bitcoin as btc, ethereum};
 
-    const PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vectors/intent.json");
+    const PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/vectors/intent.json");
 
     fn eip155_example() -> Intent {
         let raw = hex::decode(
@@ -433,7 +433,7 @@ mod vectors {
         let committed: Value = serde_json::from_str(&std::fs::read_to_string(PATH).unwrap()).unwrap();
         assert_eq!(committed, computed);
         assert_eq!(committed["vectors"].as_array().unwrap().len(), 3);
-        let spec = include_str!("../../docs/approval-format.md");
+        let spec = include_str!("../../../../docs/approval-format.md");
         for vector in committed["vectors"].as_array().unwrap() {
             for key in ["canonical_hex", "intent_hash"] {
                 let value = vector[key].as_str().unwrap();

@@ -547,7 +547,7 @@ proptest! {
 /// publishes its policy hash as a test vector.
 #[test]
 fn published_example_and_hash_vector() {
-    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/policy-example.toml");
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/policy-example.toml");
     if std::env::var_os("CUSTOS_WRITE_VECTORS").is_some() {
         std::fs::write(example, document()).unwrap();
     }
@@ -558,7 +558,7 @@ fn published_example_and_hash_vector() {
         "docs/policy-example.toml differs from the fixture"
     );
     let p = Policy::parse(&bytes).unwrap();
-    let spec = include_str!("../../docs/policy.md");
+    let spec = include_str!("../../../../docs/policy.md");
     let published = format!("`{}`", hex::encode(p.hash));
     assert!(
         spec.contains(&published),

@@ -1,0 +1,112 @@
+//! The wire error model, a leaf that both the gRPC services and the guard
+//! use: the `ErrorInfo` domain, the one table of stable reasons, the
+//! `BadRequest` field violation, and [`status`], the one function that builds
+//! a `tonic::Status` from a code, a reason and a safe message.
+//!
+//! Errors follow the google.rpc model (via tonic-types). A message sent here
+//! must be safe to show a client: internal details (PKCS#11 return codes,
+//! SQLite messages) are logged by the caller, never put in a status.
+
+use std::collections::HashMap;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// `ErrorInfo.domain` of every custos error.
+pub const ERROR_DOMAIN: &str = "custos.v1";
+
+/// Stable `ErrorInfo.reason` strings.
+pub mod reason {
+    /// A request field is missing or malformed; see the `BadRequest` details.
+    pub const INVALID_ARGUMENT: &str = "INVALID_ARGUMENT";
+    /// The named wallet does not exist.
+    pub const WALLET_NOT_FOUND: &str = "WALLET_NOT_FOUND";
+    /// The wallet id is taken.
+    pub const WALLET_ALREADY_EXISTS: &str = "WALLET_ALREADY_EXISTS";
+    /// The wallet's key on the HSM is missing or does not match; it cannot sign.
+    pub const WALLET_KEY_UNUSABLE: &str = "WALLET_KEY_UNUSABLE";
+    /// The HSM is unreachable or lost its session and did not recover.
+    pub const HSM_UNAVAILABLE: &str = "HSM_UNAVAILABLE";
+    /// The HSM produced output custos refused to release.
+    pub const HSM_FAULT: &str = "HSM_FAULT";
+    /// The transaction spends from an address that is not the wallet's.
+    pub const WRONG_SENDER: &str = "WRONG_SENDER";
+    /// Anything else; details are in the server log.
+    pub const INTERNAL: &str = "INTERNAL";
+    /// The named withdrawal or policy does not exist.
+    pub const NOT_FOUND: &str = "NOT_FOUND";
+    /// The request id was used with a different body, or a vote or proposal exists.
+    pub const ALREADY_EXISTS: &str = "ALREADY_EXISTS";
+    /// A submitted signature or signed message was refused.
+    pub const BAD_SIGNATURE: &str = "BAD_SIGNATURE";
+    /// The signer may not do this (initiator voting, too few admins).
+    pub const NOT_AUTHORIZED: &str = "NOT_AUTHORIZED";
+    /// The stored state contradicts itself; custos failed closed.
+    pub const INCONSISTENT_STATE: &str = "INCONSISTENT_STATE";
+
+    // The guard's refusals, before any handler runs.
+    /// No client certificate, or one the server does not trust.
+    pub const UNAUTHENTICATED: &str = "UNAUTHENTICATED";
+    /// The caller's roles do not include this RPC.
+    pub const PERMISSION_DENIED: &str = "PERMISSION_DENIED";
+    /// The caller exceeded its request rate.
+    pub const RATE_LIMITED: &str = "RATE_LIMITED";
+    /// The server is at its concurrency limit.
+    pub const OVERLOADED: &str = "OVERLOADED";
+    /// The request message is over the size limit.
+    pub const MESSAGE_TOO_LARGE: &str = "MESSAGE_TOO_LARGE";
+    /// The deadline passed before the reply.
+    pub const DEADLINE_EXCEEDED: &str = "DEADLINE_EXCEEDED";
+}
+
+/// A refused request field: the field path and the rule it broke.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldViolation {
+    /// Field path, e.g. `wallet.display_name`.
+    pub field: String,
+    /// The rule, e.g. `must be at most 128 characters`.
+    pub description: String,
+}
+
+impl FieldViolation {
+    /// A violation of `field`.
+    pub fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            description: description.into(),
+        }
+    }
+}
+
+impl From<FieldViolation> for Status {
+    fn from(violation: FieldViolation) -> Self {
+        let mut details = ErrorDetails::new();
+        details.set_error_info(reason::INVALID_ARGUMENT, ERROR_DOMAIN, HashMap::new());
+        details.add_bad_request_violation(violation.field.clone(), violation.description.clone());
+        Status::with_error_details(
+            Code::InvalidArgument,
+            format!("{}: {}", violation.field, violation.description),
+            details,
+        )
+    }
+}
+
+/// A status with a code, a safe message and an `ErrorInfo` reason.
+pub fn status(code: Code, reason: &'static str, message: impl Into<String>) -> Status {
+    let details = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, HashMap::new());
+    Status::with_error_details(code, message, details)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn field_violations_carry_bad_request() {
+        let status: Status = FieldViolation::new("wallet_id", "must not be empty").into();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        let bad = status.get_details_bad_request().unwrap();
+        assert_eq!(bad.field_violations[0].field, "wallet_id");
+        assert_eq!(bad.field_violations[0].description, "must not be empty");
+    }
+}
