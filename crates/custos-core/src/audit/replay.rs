@@ -56,7 +56,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 
 use alloy_consensus::{SignableTransaction, TxEnvelope};
 use alloy_eips::eip2718::Decodable2718;
-use alloy_primitives::{U256, U512};
+use alloy_primitives::U256;
 use k256::ecdsa::signature::hazmat::PrehashVerifier;
 use k256::ecdsa::{RecoveryId, Signature, VerifyingKey};
 use serde::{Serialize, Serializer};
@@ -73,7 +73,9 @@ use crate::lifecycle::State;
 use crate::policy::document::PublicKey;
 use crate::policy::record::DecisionRecord;
 use crate::policy::record::{frozen_decision, no_policy_decision, record, window_usage};
-use crate::policy::{self, Approval, DenyReason, Outcome, Policy, RollingUsage};
+use crate::policy::usage::UsageLedger;
+use crate::policy::{self, Approval, DenyReason, Outcome, Policy};
+use crate::vote;
 
 /// The stable codes a [`Finding`] carries.
 pub mod code {
@@ -208,7 +210,7 @@ pub struct Replayer {
     /// Terminal withdrawals: only their state is kept.
     finished: HashMap<String, State>,
     request_ids: HashSet<String>,
-    usage: HashMap<(String, String), Ledger>,
+    usage: HashMap<(String, String), UsageLedger>,
     /// Signature checks of the current batch, done ahead ([`Replayer::push_all`]).
     ahead: Ahead,
 }
@@ -1236,7 +1238,7 @@ impl Replayer {
             intent_hash: w.intent_hash,
             initiator: &w.initiator,
         };
-        let empty = Ledger::default();
+        let empty = UsageLedger::default();
         let ledger = self
             .usage
             .get(&(w.wallet_id.clone(), intent.asset.symbol.clone()))
@@ -1756,90 +1758,6 @@ fn verify_signed_tx(
             Ok(())
         }
     }
-}
-
-/// Limit usage of one wallet and asset, as running totals, so that reading a
-/// rolling window costs two binary searches however long the log.
-///
-/// The engine counts a withdrawal from the time it was APPROVED until it is
-/// cancelled (SIGNED keeps counting), and a window covers what was counted
-/// after `now - seconds`, including anything stamped after `now` (a clock
-/// that stepped back). `added` holds every approval, `removed` every
-/// cancellation of an approved withdrawal at its approval time; what a
-/// window holds is their difference.
-#[derive(Debug, Default)]
-struct Ledger {
-    added: Totals,
-    removed: Totals,
-}
-
-impl Ledger {
-    fn add(&mut self, at: u64, amount: U256) {
-        self.added.insert(at, amount);
-    }
-
-    fn remove(&mut self, at: u64, amount: U256) {
-        self.removed.insert(at, amount);
-    }
-}
-
-impl RollingUsage for Ledger {
-    fn within(&self, now: u64, seconds: u64) -> (U256, u64) {
-        let start = now.saturating_sub(seconds);
-        let (added, n) = self.added.after(start);
-        let (removed, m) = self.removed.after(start);
-        // Every removal is of an addition at the same time, so neither
-        // difference underflows; the sum saturates as the engine's does.
-        let sum = added.saturating_sub(removed);
-        (narrow(sum), n.saturating_sub(m))
-    }
-}
-
-/// Times in ascending order with cumulative amounts: `sums[i]` is the total
-/// of the first `i + 1` entries. 512 bits hold any sum of 256-bit amounts
-/// that fits in memory, so the running totals never saturate.
-#[derive(Debug, Default)]
-struct Totals {
-    times: Vec<u64>,
-    sums: Vec<U512>,
-}
-
-impl Totals {
-    fn insert(&mut self, at: u64, amount: U256) {
-        let amount = widen(amount);
-        let position = self.times.partition_point(|t| *t <= at);
-        let before = position.checked_sub(1).map_or(U512::ZERO, |i| self.sums[i]);
-        self.times.insert(position, at);
-        self.sums.insert(position, before + amount);
-        // Only a clock that stepped back inserts before the end.
-        for sum in &mut self.sums[position + 1..] {
-            *sum += amount;
-        }
-    }
-
-    /// Total and number of entries stamped after `start`.
-    fn after(&self, start: u64) -> (U512, u64) {
-        let position = self.times.partition_point(|t| *t <= start);
-        let total = self.sums.last().copied().unwrap_or(U512::ZERO);
-        let before = position.checked_sub(1).map_or(U512::ZERO, |i| self.sums[i]);
-        (total - before, (self.times.len() - position) as u64)
-    }
-}
-
-fn widen(amount: U256) -> U512 {
-    let mut limbs = [0u64; 8];
-    limbs[..4].copy_from_slice(amount.as_limbs());
-    U512::from_limbs(limbs)
-}
-
-fn narrow(sum: U512) -> U256 {
-    let limbs = sum.as_limbs();
-    if limbs[4..].iter().any(|l| *l != 0) {
-        return U256::MAX;
-    }
-    let mut low = [0u64; 4];
-    low.copy_from_slice(&limbs[..4]);
-    U256::from_limbs(low)
 }
 
 #[cfg(test)]
@@ -2811,32 +2729,6 @@ quorum = [{{ group = "treasury", min = 2 }}]
             hex::encode(policy_hash(&document(1, &[])))
         );
         assert_eq!(json["findings"][0]["code"], "malformed_entry");
-    }
-
-    #[test]
-    fn ledger_windows_match_the_engines_usage() {
-        let mut ledger = Ledger::default();
-        let mut usage = policy::Usage::default();
-        // Out of order (a clock that stepped back), then a cancellation.
-        for (at, amount) in [(100, 5u64), (300, 7), (200, 11), (300, 13), (50, 17)] {
-            ledger.add(at, U256::from(amount));
-            usage.entries.push((at, U256::from(amount)));
-        }
-        ledger.remove(200, U256::from(11u64));
-        usage.entries.retain(|e| *e != (200, U256::from(11u64)));
-        for now in [0, 50, 99, 100, 150, 200, 250, 299, 300, 400] {
-            for seconds in [1, 50, 100, 150, 1000] {
-                assert_eq!(
-                    RollingUsage::within(&ledger, now, seconds),
-                    usage.within(now, seconds),
-                    "now {now}, seconds {seconds}"
-                );
-            }
-        }
-        let mut big = Ledger::default();
-        big.add(1, U256::MAX);
-        big.add(2, U256::MAX);
-        assert_eq!(RollingUsage::within(&big, 2, 10), (U256::MAX, 2));
     }
 
     /// A busy log: two of three withdrawals wait for two verified votes, so

@@ -12,6 +12,7 @@
 pub mod document;
 pub mod evaluate;
 pub mod record;
+pub mod usage;
 
 pub use document::{
     Action, Allowlist, AllowlistEntry, FeeCaps, GroupQuorum, LimitWindow, Policy, PolicyError, Rule,
