@@ -44,6 +44,7 @@ use custos_core::audit::entry::{Event as AuditEvent, WindowUsage};
 use custos_core::chain::ethereum::EthereumNetwork;
 use custos_core::chain::{self, Intent, TxRefusal, UnsignedTx, bitcoin as bitcoin_chain, ethereum};
 use custos_core::lifecycle::{Event, FirstDecision, IllegalTransition, State};
+use custos_core::vote;
 use custos_core::policy::record::{frozen_decision, no_policy_decision, record, window_usage};
 use custos_core::policy::{self, DenyReason, Outcome, Policy, RollingUsage, Usage, Vote};
 
@@ -529,43 +530,39 @@ impl Custody {
                     let row = wd_store::by_id(tx, id)?
                         .ok_or_else(|| CustodyError::NotFound(format!("withdrawal {id}")))?;
                     let now = unix_now();
-                    if row.state != State::PendingApproval {
-                        return Err(precondition(
-                            "not_pending",
-                            format!("withdrawal {id} is {}; it takes no more votes", row.state),
-                        ));
-                    }
-                    if row.expires_at <= now {
-                        return Err(precondition(
-                            "approval_window_ended",
-                            format!("withdrawal {id}'s approval window ended at {}", row.expires_at),
-                        ));
-                    }
                     let governance = gov_store::state(tx)?;
-                    if governance.frozen {
-                        return Err(precondition("frozen", "custody is frozen; no votes are taken"));
-                    }
-                    let active = this
-                        .active_policy(tx, governance.active_version)?
-                        .ok_or_else(|| precondition("no_policy", "no policy is active"))?;
-                    let policy = &active.policy;
-                    let (message_fields, approval) =
-                        ApprovalMessage::verify_submitted(&message, &signature, &this.service_id, policy)?;
-                    check_binding(&message_fields, &row, policy, now)?;
-                    // A vote that no longer counts (it named a replaced
-                    // policy, or expired) gives way to a fresh one; a vote
-                    // that still counts cannot be changed or replayed.
+                    let active = match governance.frozen {
+                        true => None,
+                        false => this.active_policy(tx, governance.active_version)?,
+                    };
                     let mut approvals = stored_approvals(tx, id)?;
-                    if let Some(at) = approvals.iter().position(|a| a.approver == approval.approver) {
-                        let previous = approvals.remove(at);
-                        if previous.policy_hash == policy.hash && previous.expires_at > now {
-                            return Err(CustodyError::AlreadyExists(format!(
-                                "{} already voted on withdrawal {id}",
-                                approval.approver
-                            )));
-                        }
+                    let ballot = vote::Ballot {
+                        withdrawal_id: id,
+                        state: Some(row.state),
+                        window_ends_at: row.expires_at,
+                        intent_hash: row.intent_hash,
+                        initiator: &row.initiator,
+                        votes: &approvals,
+                    };
+                    let custody = vote::Custody {
+                        service_id: &this.service_id,
+                        frozen: governance.frozen,
+                        policy: active.as_ref().map(|a| &a.policy),
+                        now,
+                    };
+                    let admitted = vote::admit(&parsed, |key| parsed.verify(&signature, key), &ballot, &custody)
+                        .map_err(|refusal| vote_refused(refusal, &row, &parsed.approver))?;
+                    let approval = admitted.approval;
+                    // A vote that no longer counts (it named a replaced
+                    // policy, or expired) gives way to the fresh one.
+                    if let Some(at) = admitted.replaces {
+                        approvals.remove(at);
                         wd_store::delete_approval(tx, id, &approval.approver)?;
                     }
+                    let Some(active) = active else {
+                        return Err(CustodyError::Inconsistent("a vote was admitted with no policy".into()));
+                    };
+                    let policy = &active.policy;
                     wd_store::insert_approval(
                         tx,
                         id,
@@ -863,49 +860,52 @@ impl Snapshot {
     }
 }
 
-/// Checks that a verified approval is bound to this withdrawal, its intent,
-/// the active policy and the present, and that its signer is not the initiator.
-fn check_binding(
-    message: &ApprovalMessage,
-    row: &WithdrawalRow,
-    policy: &Policy,
-    now: u64,
-) -> Result<(), CustodyError> {
-    if message.intent_hash != row.intent_hash {
-        return Err(CustodyError::InvalidArgument {
+/// The client's error for a refused vote: the rule [`vote::admit`] names,
+/// in the words and codes custody has always used.
+fn vote_refused(refusal: vote::Refusal, row: &WithdrawalRow, approver: &str) -> CustodyError {
+    let id = &row.withdrawal_id;
+    match refusal {
+        vote::Refusal::WrongService { named } => ApprovalError::WrongService(named).into(),
+        vote::Refusal::WrongWithdrawal { named } => CustodyError::InvalidArgument {
+            field: "message.withdrawal_id".into(),
+            reason: format!("is {named}, but the vote was submitted for withdrawal {id}"),
+        },
+        vote::Refusal::NotPending { .. } => precondition(
+            "not_pending",
+            format!("withdrawal {id} is {}; it takes no more votes", row.state),
+        ),
+        vote::Refusal::WindowEnded { at } => precondition(
+            "approval_window_ended",
+            format!("withdrawal {id}'s approval window ended at {at}"),
+        ),
+        vote::Refusal::Frozen => precondition("frozen", "custody is frozen; no votes are taken"),
+        vote::Refusal::NoPolicy => precondition("no_policy", "no policy is active"),
+        vote::Refusal::UnknownApprover { approver, .. } => ApprovalError::UnknownApprover(approver).into(),
+        vote::Refusal::BadSignature(e) => e.into(),
+        vote::Refusal::WrongIntent { named, actual } => CustodyError::InvalidArgument {
             field: "message.intent_hash".into(),
             reason: format!(
-                "is {}, but withdrawal {}'s intent hash is {}; recompute it from the transaction",
-                hex::encode(message.intent_hash),
-                row.withdrawal_id,
-                hex::encode(row.intent_hash)
+                "is {}, but withdrawal {id}'s intent hash is {}; recompute it from the transaction",
+                hex::encode(named),
+                hex::encode(actual)
             ),
-        });
-    }
-    if message.policy_hash != policy.hash {
-        return Err(precondition(
+        },
+        vote::Refusal::StalePolicy { named, version, active } => precondition(
             "stale_policy",
             format!(
-                "the approval names policy {}, but the active policy is version {} ({}); sign again under it",
-                hex::encode(message.policy_hash),
-                policy.version,
-                hex::encode(policy.hash)
+                "the approval names policy {}, but the active policy is version {version} ({}); sign again under it",
+                hex::encode(named),
+                hex::encode(active)
             ),
-        ));
+        ),
+        vote::Refusal::Expired { at } => precondition("approval_expired", format!("the approval expired at {at}")),
+        vote::Refusal::Initiator => CustodyError::PermissionDenied(format!(
+            "{approver} initiated withdrawal {id} and cannot vote on it"
+        )),
+        vote::Refusal::AlreadyCounted => {
+            CustodyError::AlreadyExists(format!("{approver} already voted on withdrawal {id}"))
+        }
     }
-    if message.expires_at <= now {
-        return Err(precondition(
-            "approval_expired",
-            format!("the approval expired at {}", message.expires_at),
-        ));
-    }
-    if message.approver == row.initiator {
-        return Err(CustodyError::PermissionDenied(format!(
-            "{} initiated withdrawal {} and cannot vote on it",
-            message.approver, row.withdrawal_id
-        )));
-    }
-    Ok(())
 }
 
 /// Every stored vote on a withdrawal, as the policy core counts them. Each

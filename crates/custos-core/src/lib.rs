@@ -40,3 +40,4 @@ pub mod key;
 pub mod lifecycle;
 pub mod policy;
 pub mod signature;
+pub mod vote;

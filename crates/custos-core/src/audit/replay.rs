@@ -966,117 +966,63 @@ impl Replayer {
             ahead,
             ..
         } = self;
-        let mut flag = |code: &'static str, detail: String| {
-            report.findings.push(Finding { index, code, detail });
+        let w = open.get_mut(withdrawal_id);
+        // A withdrawal that is closed or unknown takes no votes; its ballot
+        // carries only the state, which the rules check before the rest.
+        let (state_name, ballot) = match &w {
+            Some(w) => (
+                w.state.map_or("undecided", State::name),
+                vote::Ballot {
+                    withdrawal_id,
+                    state: w.state,
+                    window_ends_at: w.expires_at,
+                    intent_hash: w.logged_intent_hash,
+                    initiator: &w.initiator,
+                    votes: &w.votes,
+                },
+            ),
+            None => (
+                finished.get(withdrawal_id).map_or("unknown", |s| s.name()),
+                vote::Ballot {
+                    withdrawal_id,
+                    state: finished.get(withdrawal_id).copied(),
+                    window_ends_at: 0,
+                    intent_hash: [0; 32],
+                    initiator: "",
+                    votes: &[],
+                },
+            ),
         };
-        if m.service_id != service_id {
-            return flag(
-                code::APPROVAL_UNBOUND,
-                format!("the approval names service {}, not {service_id}", m.service_id),
-            );
-        }
-        if m.withdrawal_id != withdrawal_id {
-            return flag(
-                code::APPROVAL_UNBOUND,
-                format!("the approval names withdrawal {}", m.withdrawal_id),
-            );
-        }
-        let Some(w) = open.get_mut(withdrawal_id) else {
-            let state = finished.get(withdrawal_id).map_or("unknown", |s| s.name());
-            return flag(
-                code::VOTE_REFUSED,
-                format!("withdrawal {withdrawal_id} is {state}; it takes no votes"),
-            );
+        let custody = vote::Custody {
+            service_id: &service_id,
+            frozen: *frozen,
+            policy: active.as_ref().map(|a| &a.policy),
+            now: time,
         };
-        if w.state != Some(State::PendingApproval) {
-            let state = w.state.map_or("undecided", State::name);
-            return flag(
-                code::VOTE_REFUSED,
-                format!("withdrawal {withdrawal_id} is {state}; it takes no votes"),
-            );
-        }
-        if w.expires_at <= time {
-            return flag(
-                code::VOTE_REFUSED,
-                format!("the approval window ended at {}", w.expires_at),
-            );
-        }
-        if *frozen {
-            return flag(code::VOTE_REFUSED, "custody is frozen".into());
-        }
-        let Some(active) = active else {
-            return flag(code::VOTE_REFUSED, "no policy is active".into());
-        };
-        let policy = &active.policy;
-        let Some(approver) = policy.approver(&m.approver) else {
-            return flag(
-                code::APPROVAL_UNAUTHORIZED,
-                format!(
-                    "{} is not on the roster of policy version {}",
-                    m.approver, policy.version
-                ),
-            );
-        };
-        let PublicKey::Secp256k1(key) = &approver.key;
-        let verified = match ahead.votes.remove(&index) {
+        let verify = |key: &VerifyingKey| match ahead.votes.remove(&index) {
             Some((checked, result)) if checked == *key => result,
             _ => m.verify(signature, key),
         };
-        if let Err(e) = verified {
-            return flag(
-                code::APPROVAL_UNAUTHORIZED,
-                format!(
-                    "{e}: the vote is not signed by {}'s key on the roster of policy version {}",
-                    m.approver, policy.version
-                ),
-            );
-        }
-        if m.intent_hash != w.logged_intent_hash {
-            return flag(
-                code::APPROVAL_UNBOUND,
-                format!(
-                    "the approval names intent {}, the withdrawal's is {}",
-                    hex::encode(m.intent_hash),
-                    hex::encode(w.logged_intent_hash)
-                ),
-            );
-        }
-        if m.policy_hash != policy.hash {
-            return flag(
-                code::APPROVAL_UNBOUND,
-                format!(
-                    "the approval names policy {}, the active policy is version {} ({})",
-                    hex::encode(m.policy_hash),
-                    policy.version,
-                    hex::encode(policy.hash)
-                ),
-            );
-        }
-        if m.expires_at <= time {
-            return flag(
-                code::APPROVAL_UNBOUND,
-                format!("the approval expired at {}", m.expires_at),
-            );
-        }
-        if m.approver == w.initiator {
-            return flag(
-                code::APPROVAL_UNAUTHORIZED,
-                format!("{} initiated the withdrawal and cannot vote on it", m.approver),
-            );
-        }
-        // A vote that still counts cannot be replaced; one that stopped
-        // counting gives way, as in the engine.
-        if let Some(at) = w.votes.iter().position(|a| a.approver == m.approver) {
-            let previous = &w.votes[at];
-            if previous.policy_hash == policy.hash && previous.expires_at > time {
-                return flag(
-                    code::VOTE_REFUSED,
-                    format!("{}'s earlier vote still counts", m.approver),
-                );
+        let admitted = vote::admit(&m, verify, &ballot, &custody);
+        let (code, detail) = match admitted {
+            Ok(admitted) => {
+                let Some(w) = w else {
+                    // Unreachable: a withdrawal that is not open has no
+                    // PENDING_APPROVAL state, so admission refused it.
+                    return;
+                };
+                if let Some(at) = admitted.replaces {
+                    w.votes.remove(at);
+                }
+                w.votes.push(admitted.approval);
+                return;
             }
-            w.votes.remove(at);
-        }
-        w.votes.push(m.to_approval());
+            Err(refusal) => {
+                let version = custody.policy.map_or(0, |p| p.version);
+                vote_finding(refusal, &m, withdrawal_id, state_name, &service_id, version)
+            }
+        };
+        report.findings.push(Finding { index, code, detail });
     }
 
     fn decision(&mut self, index: u64, time: u64, trigger: Option<Trigger>, d: &Logged<'_>) {
@@ -1518,6 +1464,66 @@ impl Expected {
         }
         text.push_str(&format!(", usage {}", describe_usage(&self.usage)));
         text
+    }
+}
+
+/// The finding of a vote that [`vote::admit`] refused, with the code and
+/// the words the replay reports.
+fn vote_finding(
+    refusal: vote::Refusal,
+    m: &ApprovalMessage,
+    withdrawal_id: &str,
+    state_name: &str,
+    service_id: &str,
+    version: u64,
+) -> (&'static str, String) {
+    use vote::Refusal as R;
+    match refusal {
+        R::WrongService { named } => (
+            code::APPROVAL_UNBOUND,
+            format!("the approval names service {named}, not {service_id}"),
+        ),
+        R::WrongWithdrawal { named } => (code::APPROVAL_UNBOUND, format!("the approval names withdrawal {named}")),
+        R::NotPending { .. } => (
+            code::VOTE_REFUSED,
+            format!("withdrawal {withdrawal_id} is {state_name}; it takes no votes"),
+        ),
+        R::WindowEnded { at } => (code::VOTE_REFUSED, format!("the approval window ended at {at}")),
+        R::Frozen => (code::VOTE_REFUSED, "custody is frozen".into()),
+        R::NoPolicy => (code::VOTE_REFUSED, "no policy is active".into()),
+        R::UnknownApprover { approver, version } => (
+            code::APPROVAL_UNAUTHORIZED,
+            format!("{approver} is not on the roster of policy version {version}"),
+        ),
+        R::BadSignature(e) => (
+            code::APPROVAL_UNAUTHORIZED,
+            format!(
+                "{e}: the vote is not signed by {}'s key on the roster of policy version {version}",
+                m.approver
+            ),
+        ),
+        R::WrongIntent { named, actual } => (
+            code::APPROVAL_UNBOUND,
+            format!(
+                "the approval names intent {}, the withdrawal's is {}",
+                hex::encode(named),
+                hex::encode(actual)
+            ),
+        ),
+        R::StalePolicy { named, version, active } => (
+            code::APPROVAL_UNBOUND,
+            format!(
+                "the approval names policy {}, the active policy is version {version} ({})",
+                hex::encode(named),
+                hex::encode(active)
+            ),
+        ),
+        R::Expired { at } => (code::APPROVAL_UNBOUND, format!("the approval expired at {at}")),
+        R::Initiator => (
+            code::APPROVAL_UNAUTHORIZED,
+            format!("{} initiated the withdrawal and cannot vote on it", m.approver),
+        ),
+        R::AlreadyCounted => (code::VOTE_REFUSED, format!("{}'s earlier vote still counts", m.approver)),
     }
 }
 
