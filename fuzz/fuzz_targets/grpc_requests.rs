@@ -29,7 +29,7 @@ use custos_fuzz::{
 use custos::api::fuzz_api::{CreateWallet, ListWallets, signed_message, state_filter, withdrawal_id};
 use custos::api::{FieldViolation, paging};
 use custos_core::audit::merkle::{self, MemoryNodes, MerkleError};
-use custos_core::chain::recompute;
+use custos_core::recompute;
 use custos::custody::NewWithdrawal;
 use custos_core::policy::Policy;
 use custos_core::policy::document::MAX_POLICY_BYTES;

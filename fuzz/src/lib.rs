@@ -27,7 +27,8 @@ use custos_core::chain::ethereum::{
     self, EthereumFields, EthereumNetwork, EthereumTxType, ParsedEthereumTx, Token, UnsignedEthereumTx,
 };
 use custos_core::chain::intent::INTENT_DOMAIN;
-use custos_core::chain::{Asset, Destination, FeeTerms, Intent, Network, TxRefusal, UnsignedTx, recompute};
+use custos_core::chain::{Asset, Destination, FeeTerms, Intent, Network, TxRefusal, UnsignedTx};
+use custos_core::recompute;
 use custos_core::governance::GovernanceMessage;
 use custos_core::policy::{
     Action, Approval, Decision, DenyReason, Outcome, Policy, Usage, Vote, Withdrawal, evaluate, policy_hash,

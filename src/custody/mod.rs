@@ -44,9 +44,9 @@ use custos_core::audit::entry::{Event as AuditEvent, WindowUsage};
 use custos_core::chain::ethereum::EthereumNetwork;
 use custos_core::chain::{self, Intent, TxRefusal, UnsignedTx, bitcoin as bitcoin_chain, ethereum};
 use custos_core::lifecycle::{Event, FirstDecision, IllegalTransition, State};
-use custos_core::vote;
 use custos_core::policy::record::{frozen_decision, no_policy_decision, record, window_usage};
 use custos_core::policy::{self, DenyReason, Outcome, Policy, RollingUsage, Usage, Vote};
+use custos_core::vote;
 
 /// Chain parameters.
 #[derive(Debug, Clone)]
@@ -550,8 +550,9 @@ impl Custody {
                         policy: active.as_ref().map(|a| &a.policy),
                         now,
                     };
-                    let admitted = vote::admit(&parsed, |key| parsed.verify(&signature, key), &ballot, &custody)
-                        .map_err(|refusal| vote_refused(refusal, &row, &parsed.approver))?;
+                    let admitted =
+                        vote::admit(&parsed, |key| parsed.verify(&signature, key), &ballot, &custody)
+                            .map_err(|refusal| vote_refused(refusal, &row, &parsed.approver))?;
                     let approval = admitted.approval;
                     // A vote that no longer counts (it named a replaced
                     // policy, or expired) gives way to the fresh one.
@@ -560,7 +561,9 @@ impl Custody {
                         wd_store::delete_approval(tx, id, &approval.approver)?;
                     }
                     let Some(active) = active else {
-                        return Err(CustodyError::Inconsistent("a vote was admitted with no policy".into()));
+                        return Err(CustodyError::Inconsistent(
+                            "a vote was admitted with no policy".into(),
+                        ));
                     };
                     let policy = &active.policy;
                     wd_store::insert_approval(
@@ -890,7 +893,11 @@ fn vote_refused(refusal: vote::Refusal, row: &WithdrawalRow, approver: &str) -> 
                 hex::encode(actual)
             ),
         },
-        vote::Refusal::StalePolicy { named, version, active } => precondition(
+        vote::Refusal::StalePolicy {
+            named,
+            version,
+            active,
+        } => precondition(
             "stale_policy",
             format!(
                 "the approval names policy {}, but the active policy is version {version} ({}); sign again under it",
@@ -898,7 +905,9 @@ fn vote_refused(refusal: vote::Refusal, row: &WithdrawalRow, approver: &str) -> 
                 hex::encode(active)
             ),
         ),
-        vote::Refusal::Expired { at } => precondition("approval_expired", format!("the approval expired at {at}")),
+        vote::Refusal::Expired { at } => {
+            precondition("approval_expired", format!("the approval expired at {at}"))
+        }
         vote::Refusal::Initiator => CustodyError::PermissionDenied(format!(
             "{approver} initiated withdrawal {id} and cannot vote on it"
         )),

@@ -34,12 +34,12 @@ use custos_core::audit::entry::{Entry, Event, WindowUsage};
 use custos_core::audit::note::NoteVerifier;
 use custos_core::audit::replay::Replayer;
 use custos_core::chain::ethereum::{self, EthereumNetwork, UnsignedEthereumTx};
-use custos_core::chain::recompute::{self, ParsedTx};
 use custos_core::chain::{Intent, Network};
 use custos_core::lifecycle::State;
 use custos_core::policy::{
     Approval, DenyReason, Outcome, Policy, Usage, Vote, Withdrawal, evaluate, policy_hash,
 };
+use custos_core::recompute::{self, ParsedTx};
 
 const SERVICE: &str = "custos-bench";
 const T0: u64 = 1_800_000_000;

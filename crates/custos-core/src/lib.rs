@@ -39,5 +39,6 @@ pub mod governance;
 pub mod key;
 pub mod lifecycle;
 pub mod policy;
+pub mod recompute;
 pub mod signature;
 pub mod vote;

@@ -221,7 +221,12 @@ mod tests {
     }
 
     fn policy() -> Policy {
-        let roster = |seed: u8| format!("secp256k1:{}", hex::encode(key(seed).verifying_key().to_sec1_bytes()));
+        let roster = |seed: u8| {
+            format!(
+                "secp256k1:{}",
+                hex::encode(key(seed).verifying_key().to_sec1_bytes())
+            )
+        };
         let document = format!(
             r#"version = 1
 approval_window_seconds = 86400
@@ -320,15 +325,23 @@ quorum = [{{ group = "treasury", min = 2 }}]
         let cases: Vec<Case<'_>> = vec![
             (
                 "service",
-                ApprovalMessage { service_id: "other".into(), ..good.clone() },
+                ApprovalMessage {
+                    service_id: "other".into(),
+                    ..good.clone()
+                },
                 1,
                 ballot(&[]),
                 custody(&p),
-                Refusal::WrongService { named: "other".into() },
+                Refusal::WrongService {
+                    named: "other".into(),
+                },
             ),
             (
                 "withdrawal",
-                ApprovalMessage { withdrawal_id: "wd_2".into(), ..good.clone() },
+                ApprovalMessage {
+                    withdrawal_id: "wd_2".into(),
+                    ..good.clone()
+                },
                 1,
                 ballot(&[]),
                 custody(&p),
@@ -338,27 +351,58 @@ quorum = [{{ group = "treasury", min = 2 }}]
                 "state",
                 good.clone(),
                 1,
-                Ballot { state: Some(State::Signed), ..ballot(&[]) },
+                Ballot {
+                    state: Some(State::Signed),
+                    ..ballot(&[])
+                },
                 custody(&p),
-                Refusal::NotPending { state: Some(State::Signed) },
+                Refusal::NotPending {
+                    state: Some(State::Signed),
+                },
             ),
             (
                 "window",
                 good.clone(),
                 1,
-                Ballot { window_ends_at: 1_000, ..ballot(&[]) },
+                Ballot {
+                    window_ends_at: 1_000,
+                    ..ballot(&[])
+                },
                 custody(&p),
                 Refusal::WindowEnded { at: 1_000 },
             ),
-            ("frozen", good.clone(), 1, ballot(&[]), Custody { frozen: true, ..custody(&p) }, Refusal::Frozen),
-            ("no policy", good.clone(), 1, ballot(&[]), Custody { policy: None, ..custody(&p) }, Refusal::NoPolicy),
+            (
+                "frozen",
+                good.clone(),
+                1,
+                ballot(&[]),
+                Custody {
+                    frozen: true,
+                    ..custody(&p)
+                },
+                Refusal::Frozen,
+            ),
+            (
+                "no policy",
+                good.clone(),
+                1,
+                ballot(&[]),
+                Custody {
+                    policy: None,
+                    ..custody(&p)
+                },
+                Refusal::NoPolicy,
+            ),
             (
                 "roster",
                 message(&p, "mallory"),
                 1,
                 ballot(&[]),
                 custody(&p),
-                Refusal::UnknownApprover { approver: "mallory".into(), version: 1 },
+                Refusal::UnknownApprover {
+                    approver: "mallory".into(),
+                    version: 1,
+                },
             ),
             (
                 "signature",
@@ -370,23 +414,39 @@ quorum = [{{ group = "treasury", min = 2 }}]
             ),
             (
                 "intent",
-                ApprovalMessage { intent_hash: [8; 32], ..good.clone() },
+                ApprovalMessage {
+                    intent_hash: [8; 32],
+                    ..good.clone()
+                },
                 1,
                 ballot(&[]),
                 custody(&p),
-                Refusal::WrongIntent { named: [8; 32], actual: INTENT },
+                Refusal::WrongIntent {
+                    named: [8; 32],
+                    actual: INTENT,
+                },
             ),
             (
                 "policy",
-                ApprovalMessage { policy_hash: [1; 32], ..good.clone() },
+                ApprovalMessage {
+                    policy_hash: [1; 32],
+                    ..good.clone()
+                },
                 1,
                 ballot(&[]),
                 custody(&p),
-                Refusal::StalePolicy { named: [1; 32], version: 1, active: p.hash },
+                Refusal::StalePolicy {
+                    named: [1; 32],
+                    version: 1,
+                    active: p.hash,
+                },
             ),
             (
                 "expiry",
-                ApprovalMessage { expires_at: 1_000, ..good.clone() },
+                ApprovalMessage {
+                    expires_at: 1_000,
+                    ..good.clone()
+                },
                 1,
                 ballot(&[]),
                 custody(&p),
@@ -396,11 +456,21 @@ quorum = [{{ group = "treasury", min = 2 }}]
                 "initiator",
                 good.clone(),
                 1,
-                Ballot { initiator: "alice", ..ballot(&[]) },
+                Ballot {
+                    initiator: "alice",
+                    ..ballot(&[])
+                },
                 custody(&p),
                 Refusal::Initiator,
             ),
-            ("counted", good.clone(), 1, ballot(&counted), custody(&p), Refusal::AlreadyCounted),
+            (
+                "counted",
+                good.clone(),
+                1,
+                ballot(&counted),
+                custody(&p),
+                Refusal::AlreadyCounted,
+            ),
         ];
         for (rule, m, seed, b, c, refusal) in cases {
             assert_eq!(run(&m, seed, &b, &c), Err(refusal), "{rule}");
@@ -414,7 +484,10 @@ quorum = [{{ group = "treasury", min = 2 }}]
     fn the_signature_is_checked_only_after_the_cheap_rules() {
         let p = policy();
         let m = message(&p, "alice");
-        let frozen = Custody { frozen: true, ..custody(&p) };
+        let frozen = Custody {
+            frozen: true,
+            ..custody(&p)
+        };
         let refused = admit(&m, |_| panic!("verified while frozen"), &ballot(&[]), &frozen);
         assert_eq!(refused, Err(Refusal::Frozen));
     }

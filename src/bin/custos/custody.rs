@@ -15,8 +15,9 @@ use custos::proto::{
 use custos::secret::{Pin, PinSource};
 use custos::signer::{KeyFile, TokenKey, public_key_string};
 use custos_core::approval::ApprovalMessage;
-use custos_core::chain::{Intent, recompute};
+use custos_core::chain::Intent;
 use custos_core::policy::{Policy, Vote, policy_hash};
+use custos_core::recompute;
 
 /// Withdrawal commands.
 #[derive(Debug, Subcommand)]
@@ -495,7 +496,7 @@ fn confirm(verb: &str) -> Result<(), String> {
 
 /// The intent of a withdrawal's transaction, derived here: the wallet's
 /// address from its public key, the network and token registry from the
-/// policy the vote will name ([`custos_core::chain::recompute`]).
+/// policy the vote will name ([`custos_core::recompute`]).
 fn recompute_intent(
     w: &proto::Withdrawal,
     wallet: &proto::Wallet,

@@ -18,7 +18,7 @@
 //!   quorum, each naming the current freeze epoch;
 //! - each withdrawal's intent is recomputed from its unsigned transaction,
 //!   the wallet's public key and the policy's network and asset registry
-//!   ([`crate::chain::recompute`]), and must be the logged intent;
+//!   ([`crate::recompute`]), and must be the logged intent;
 //! - each vote verifies under the rostered key of the policy active then and
 //!   is bound to its withdrawal, intent, policy and time;
 //! - each decision is evaluated again ([`crate::policy::evaluate()`]) under the
@@ -64,7 +64,6 @@ use serde::{Serialize, Serializer};
 use crate::approval::{ApprovalError, ApprovalMessage};
 use crate::audit::entry::{Entry, EntryError, Event, WindowUsage};
 use crate::chain::ethereum::UnsignedEthereumTx;
-use crate::chain::recompute::{self, BITCOIN_NETWORKS, ParsedTx};
 use crate::chain::{Network, UnsignedTx};
 use crate::governance::PolicySignature;
 use crate::governance::valid_signers;
@@ -75,6 +74,7 @@ use crate::policy::record::DecisionRecord;
 use crate::policy::record::{frozen_decision, no_policy_decision, record, window_usage};
 use crate::policy::usage::UsageLedger;
 use crate::policy::{self, Approval, DenyReason, Outcome, Policy};
+use crate::recompute::{self, BITCOIN_NETWORKS, ParsedTx};
 use crate::vote;
 
 /// The stable codes a [`Finding`] carries.
@@ -1483,7 +1483,10 @@ fn vote_finding(
             code::APPROVAL_UNBOUND,
             format!("the approval names service {named}, not {service_id}"),
         ),
-        R::WrongWithdrawal { named } => (code::APPROVAL_UNBOUND, format!("the approval names withdrawal {named}")),
+        R::WrongWithdrawal { named } => (
+            code::APPROVAL_UNBOUND,
+            format!("the approval names withdrawal {named}"),
+        ),
         R::NotPending { .. } => (
             code::VOTE_REFUSED,
             format!("withdrawal {withdrawal_id} is {state_name}; it takes no votes"),
@@ -1510,7 +1513,11 @@ fn vote_finding(
                 hex::encode(actual)
             ),
         ),
-        R::StalePolicy { named, version, active } => (
+        R::StalePolicy {
+            named,
+            version,
+            active,
+        } => (
             code::APPROVAL_UNBOUND,
             format!(
                 "the approval names policy {}, the active policy is version {version} ({})",
@@ -1523,7 +1530,10 @@ fn vote_finding(
             code::APPROVAL_UNAUTHORIZED,
             format!("{} initiated the withdrawal and cannot vote on it", m.approver),
         ),
-        R::AlreadyCounted => (code::VOTE_REFUSED, format!("{}'s earlier vote still counts", m.approver)),
+        R::AlreadyCounted => (
+            code::VOTE_REFUSED,
+            format!("{}'s earlier vote still counts", m.approver),
+        ),
     }
 }
 

@@ -10,7 +10,6 @@
 pub mod bitcoin;
 pub mod ethereum;
 pub mod intent;
-pub mod recompute;
 pub mod units;
 
 pub use intent::{Asset, Destination, FeeTerms, Intent, Network};

@@ -10,9 +10,9 @@
 use ::bitcoin::Network as BitcoinNetwork;
 use k256::ecdsa::VerifyingKey;
 
-use super::bitcoin::{self as bitcoin_chain, ParsedBitcoinTx};
-use super::ethereum::{self, EthereumNetwork, ParsedEthereumTx, Token, UnsignedEthereumTx};
-use super::{Intent, Network, TxRefusal, UnsignedTx};
+use crate::chain::bitcoin::{self as bitcoin_chain, ParsedBitcoinTx};
+use crate::chain::ethereum::{self, EthereumNetwork, ParsedEthereumTx, Token, UnsignedEthereumTx};
+use crate::chain::{Intent, Network, TxRefusal, UnsignedTx};
 use crate::policy::Policy;
 
 /// The Bitcoin networks a CAIP-2 `bip122:` id can name.
