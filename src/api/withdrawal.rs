@@ -170,11 +170,11 @@ impl From<&WithdrawalView> for proto::Withdrawal {
                     .unwrap_or_default(),
                 total_amount: row.amount.clone(),
                 max_fee,
-                json: row.intent.clone(),
+                json: row.intent.to_string(),
             }),
             intent_hash: row.intent_hash.to_vec(),
             decision: Some(proto::Decision {
-                policy_hash: decision.policy_hash.clone(),
+                policy_hash: decision.policy_hash_hex(),
                 policy_version: decision.policy_version,
                 rule: decision.rule.clone().unwrap_or_default(),
                 reason_code: decision.reason_code.clone().unwrap_or_default(),

@@ -961,13 +961,8 @@ fn usage<'c>(
 /// The audit entry of a withdrawal's latest decision.
 fn decision_event(row: &WithdrawalRow, usage: Vec<WindowUsage>) -> AuditEvent {
     let d = &row.decision;
-    let mut policy_hash = [0u8; 32];
-    // Stored hashes are hex written by `record`; an empty one means no policy.
-    if let Ok(bytes) = hex::decode(&d.policy_hash)
-        && bytes.len() == 32
-    {
-        policy_hash.copy_from_slice(&bytes);
-    }
+    // The log writes all zeros when no policy was active.
+    let policy_hash = d.policy_hash.unwrap_or([0u8; 32]);
     AuditEvent::Decision {
         withdrawal_id: row.withdrawal_id.clone(),
         policy_hash,

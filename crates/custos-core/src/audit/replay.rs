@@ -1155,7 +1155,7 @@ impl Replayer {
             }
             let frozen = frozen_decision(None);
             let record = DecisionRecord {
-                policy_hash: active.map(|p| hex::encode(p.hash)).unwrap_or_default(),
+                policy_hash: active.map(|p| p.hash),
                 policy_version: active.map_or(0, |p| p.version),
                 ..frozen
             };
@@ -1427,11 +1427,7 @@ struct Expected {
 impl Expected {
     fn differences(&self, state: State, d: &Logged<'_>) -> Vec<&'static str> {
         let r = &self.record;
-        let policy_hash = if r.policy_hash.is_empty() {
-            [0u8; 32] == *d.policy_hash
-        } else {
-            r.policy_hash == hex::encode(d.policy_hash)
-        };
+        let policy_hash = r.policy_hash.unwrap_or([0u8; 32]) == *d.policy_hash;
         [
             ("policy_hash", policy_hash),
             ("policy_version", r.policy_version == d.policy_version),
@@ -1783,7 +1779,7 @@ mod tests {
     use k256::ecdsa::SigningKey;
 
     use super::*;
-    use crate::chain::ethereum::{self, EthereumNetwork};
+    use crate::chain::ethereum::{EthereumNetwork, UnsignedEthereumTx};
     use crate::policy::{Vote, policy_hash};
 
     const SERVICE: &str = "custos-test";

@@ -28,8 +28,11 @@ pub struct WindowUsage {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DecisionRecord {
-    /// Hex policy hash the decision was made under (empty without a policy).
-    pub policy_hash: String,
+    /// The hash of the policy the decision was made under; `None` when no
+    /// policy was active. Stored as 64 hex digits, or the empty string for
+    /// `None`; anything else is refused when the record is read.
+    #[serde(with = "policy_hash_hex")]
+    pub policy_hash: Option<[u8; 32]>,
     /// The policy version.
     pub policy_version: u64,
     /// The rule that matched, if one did.
@@ -55,7 +58,7 @@ pub fn record(decision: &Decision, version: u64) -> DecisionRecord {
         _ => Vec::new(),
     };
     DecisionRecord {
-        policy_hash: hex::encode(decision.policy_hash),
+        policy_hash: Some(decision.policy_hash),
         policy_version: version,
         rule: decision.rule.clone(),
         reason_code,
@@ -68,7 +71,7 @@ pub fn record(decision: &Decision, version: u64) -> DecisionRecord {
 /// The decision on a withdrawal created while custody is frozen.
 pub fn frozen_decision(active: Option<&Policy>) -> DecisionRecord {
     DecisionRecord {
-        policy_hash: active.map(|p| hex::encode(p.hash)).unwrap_or_default(),
+        policy_hash: active.map(|p| p.hash),
         policy_version: active.map_or(0, |p| p.version),
         reason_code: Some("frozen".into()),
         reason: Some(
@@ -119,4 +122,65 @@ pub fn window_usage<U: RollingUsage + ?Sized>(
             }
         })
         .collect()
+}
+
+impl DecisionRecord {
+    /// The policy hash as the stored record and the API write it: 64 hex
+    /// digits, or empty when no policy was active.
+    pub fn policy_hash_hex(&self) -> String {
+        self.policy_hash.map(hex::encode).unwrap_or_default()
+    }
+}
+
+/// The stored form of [`DecisionRecord::policy_hash`].
+mod policy_hash_hex {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(hash: &Option<[u8; 32]>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hash.map(hex::encode).unwrap_or_default())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<[u8; 32]>, D::Error> {
+        let text = String::deserialize(d)?;
+        if text.is_empty() {
+            return Ok(None);
+        }
+        let bytes = hex::decode(&text).map_err(serde::de::Error::custom)?;
+        let hash = <[u8; 32]>::try_from(bytes)
+            .map_err(|_| serde::de::Error::custom("a policy hash is 32 bytes (64 hex digits)"))?;
+        Ok(Some(hash))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The stored JSON is what it was when the hash was a hex string, and a
+    /// hash that does not decode to 32 bytes is refused, not read as zeros.
+    #[test]
+    fn the_policy_hash_is_stored_as_hex_and_read_strictly() {
+        let with = DecisionRecord {
+            policy_hash: Some([0xab; 32]),
+            ..DecisionRecord::default()
+        };
+        let json = serde_json::to_string(&with).unwrap();
+        assert!(
+            json.starts_with(&format!("{{\"policy_hash\":\"{}\"", "ab".repeat(32))),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<DecisionRecord>(&json).unwrap(), with);
+        let without = serde_json::to_string(&DecisionRecord::default()).unwrap();
+        assert!(without.starts_with("{\"policy_hash\":\"\""), "{without}");
+        assert_eq!(
+            serde_json::from_str::<DecisionRecord>(&without)
+                .unwrap()
+                .policy_hash,
+            None
+        );
+        for bad in ["zz", "abab", &"ab".repeat(33)] {
+            let json = without.replacen("\"policy_hash\":\"\"", &format!("\"policy_hash\":\"{bad}\""), 1);
+            assert!(serde_json::from_str::<DecisionRecord>(&json).is_err(), "{bad}");
+        }
+    }
 }
