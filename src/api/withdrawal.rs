@@ -14,6 +14,7 @@ use crate::proto::{
     self, approval_service_server::ApprovalService, withdrawal_service_server::WithdrawalService,
 };
 use crate::wallet::WalletId;
+use custos_core::chain::Chain;
 use custos_core::lifecycle::State;
 use custos_core::policy::document::is_identifier;
 
@@ -122,15 +123,15 @@ pub(super) fn timestamp(seconds: u64) -> Option<prost_types::Timestamp> {
 impl From<&WithdrawalView> for proto::Withdrawal {
     fn from(view: &WithdrawalView) -> Self {
         let row = &view.row;
-        let intent: serde_json::Value = serde_json::from_str(&row.intent).unwrap_or_default();
+        let intent = &row.intent;
         let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
-        let transaction = match row.chain.as_str() {
-            "ethereum" => proto::unsigned_transaction::Kind::Ethereum(proto::EthereumTransaction {
+        let transaction = match row.chain {
+            Chain::Ethereum => proto::unsigned_transaction::Kind::Ethereum(proto::EthereumTransaction {
                 encoding: Some(proto::ethereum_transaction::Encoding::Rlp(
                     row.unsigned_tx.clone(),
                 )),
             }),
-            _ => proto::unsigned_transaction::Kind::Bitcoin(proto::BitcoinTransaction {
+            Chain::Bitcoin => proto::unsigned_transaction::Kind::Bitcoin(proto::BitcoinTransaction {
                 psbt: row.unsigned_tx.clone(),
             }),
         };

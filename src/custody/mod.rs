@@ -42,7 +42,7 @@ use crate::wallet::{Wallet, WalletError, WalletId, Wallets};
 use custos_core::approval::{ApprovalError, ApprovalMessage};
 use custos_core::audit::entry::{Event as AuditEvent, WindowUsage};
 use custos_core::chain::ethereum::EthereumNetwork;
-use custos_core::chain::{self, Intent, TxRefusal, UnsignedTx, bitcoin as bitcoin_chain, ethereum};
+use custos_core::chain::{Chain, Intent, TxRefusal, UnsignedTx, bitcoin as bitcoin_chain, ethereum};
 use custos_core::lifecycle::{Event, FirstDecision, IllegalTransition, State};
 use custos_core::policy::record::{frozen_decision, no_policy_decision, record, window_usage};
 use custos_core::policy::{self, DenyReason, Outcome, Policy, RollingUsage, Usage, Vote};
@@ -260,7 +260,8 @@ impl Custody {
             other => other.into(),
         })?;
         let parsed = self.parse_for(&wallet, request.transaction.clone())?;
-        let (chain, unsigned) = canonical(&request.transaction);
+        let chain = request.transaction.chain();
+        let unsigned = request.transaction.canonical_bytes();
         let intent = parsed.intent().clone();
         let intent_hash = intent.hash();
         let request_hash = request_hash(&request, chain, &unsigned);
@@ -331,9 +332,9 @@ impl Custody {
                         request_hash,
                         wallet_id: request.wallet.as_str().to_owned(),
                         initiator: request.initiator.clone(),
-                        chain: chain.to_owned(),
+                        chain,
                         unsigned_tx: unsigned,
-                        intent: intent.to_json().to_string(),
+                        intent: intent.to_json(),
                         intent_hash,
                         asset: intent.asset.symbol.clone(),
                         amount: intent.total_amount().to_string(),
@@ -355,7 +356,7 @@ impl Custody {
                             request_id: row.request_id.clone(),
                             wallet_id: row.wallet_id.clone(),
                             initiator: row.initiator.clone(),
-                            chain: row.chain.clone(),
+                            chain: row.chain.name().to_owned(),
                             unsigned_tx: row.unsigned_tx.clone(),
                             intent: intent.canonical_bytes(),
                             intent_hash,
@@ -983,33 +984,21 @@ fn vote_name(vote: Vote) -> &'static str {
     }
 }
 
-/// The chain name and canonical bytes stored for an unsigned transaction.
-fn canonical(tx: &UnsignedTx) -> (&'static str, Vec<u8>) {
-    match tx {
-        UnsignedTx::Ethereum(tx) => ("ethereum", ethereum::signing_payload(tx)),
-        UnsignedTx::Bitcoin(psbt) => ("bitcoin", psbt.serialize()),
-    }
-}
-
 /// Decodes a stored transaction again.
 fn decode_stored(row: &WithdrawalRow) -> Result<UnsignedTx, CustodyError> {
-    let decoded = match row.chain.as_str() {
-        "ethereum" => ethereum::decode_unsigned(&row.unsigned_tx).map(UnsignedTx::Ethereum),
-        "bitcoin" => chain::bitcoin::decode_psbt(&row.unsigned_tx).map(UnsignedTx::Bitcoin),
-        other => return Err(CustodyError::Inconsistent(format!("stored chain {other:?}"))),
-    };
-    decoded.map_err(|e| CustodyError::Inconsistent(format!("stored transaction no longer decodes: {e}")))
+    UnsignedTx::decode(row.chain, &row.unsigned_tx)
+        .map_err(|e| CustodyError::Inconsistent(format!("stored transaction no longer decodes: {e}")))
 }
 
 /// SHA-256 over everything a request asks for: a retry with the same request
 /// id must match it exactly.
-fn request_hash(request: &NewWithdrawal, chain: &str, unsigned: &[u8]) -> [u8; 32] {
+fn request_hash(request: &NewWithdrawal, chain: Chain, unsigned: &[u8]) -> [u8; 32] {
     let mut hasher = Sha256::new();
     hasher.update(REQUEST_DOMAIN);
     for part in [
         request.wallet.as_str().as_bytes(),
         request.initiator.as_bytes(),
-        chain.as_bytes(),
+        chain.name().as_bytes(),
         unsigned,
     ] {
         hasher.update((part.len() as u64).to_be_bytes());

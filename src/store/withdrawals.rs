@@ -11,6 +11,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::StoreError;
 use super::governance::{to_i64, to_u64};
+use custos_core::chain::Chain;
 use custos_core::lifecycle::State;
 use custos_core::policy::record::DecisionRecord;
 
@@ -29,12 +30,13 @@ pub struct WithdrawalRow {
     pub wallet_id: String,
     /// Who submitted it.
     pub initiator: String,
-    /// `ethereum` or `bitcoin`.
-    pub chain: String,
+    /// The chain the transaction is for.
+    pub chain: Chain,
     /// The canonical unsigned encoding (Ethereum) or the PSBT (Bitcoin).
     pub unsigned_tx: Vec<u8>,
-    /// The intent as JSON, for display.
-    pub intent: String,
+    /// The intent as JSON, for display; a row whose JSON does not parse is
+    /// refused as corrupt when read.
+    pub intent: serde_json::Value,
     /// The intent hash approvals sign.
     pub intent_hash: [u8; 32],
     /// Asset symbol.
@@ -90,9 +92,9 @@ pub fn insert(conn: &Connection, row: &WithdrawalRow) -> Result<i64, StoreError>
             row.request_hash.as_slice(),
             row.wallet_id,
             row.initiator,
-            row.chain,
+            row.chain.name(),
             row.unsigned_tx,
-            row.intent,
+            row.intent.to_string(),
             row.intent_hash.as_slice(),
             row.asset,
             row.amount,
@@ -309,6 +311,15 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<WithdrawalRow, StoreErr
         Ok(d) => d,
         Err(e) => return Ok(Err(corrupt(format!("decision: {e}")))),
     };
+    let chain_name: String = r.get(6)?;
+    let Some(chain) = Chain::from_name(&chain_name) else {
+        return Ok(Err(corrupt(format!("unknown chain {chain_name:?}"))));
+    };
+    let intent: String = r.get(8)?;
+    let intent = match serde_json::from_str(&intent) {
+        Ok(intent) => intent,
+        Err(e) => return Ok(Err(corrupt(format!("intent: {e}")))),
+    };
     let hash32 = |v: Vec<u8>| <[u8; 32]>::try_from(v);
     let (Ok(request_hash), Ok(intent_hash)) = (hash32(r.get(3)?), hash32(r.get(9)?)) else {
         return Ok(Err(corrupt("hash is not 32 bytes".into())));
@@ -320,9 +331,9 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<WithdrawalRow, StoreErr
         request_hash,
         wallet_id: r.get(4)?,
         initiator: r.get(5)?,
-        chain: r.get(6)?,
+        chain,
         unsigned_tx: r.get(7)?,
-        intent: r.get(8)?,
+        intent,
         intent_hash,
         asset: r.get(10)?,
         amount: r.get(11)?,
@@ -350,9 +361,9 @@ mod tests {
             request_hash: [1; 32],
             wallet_id: "hot".into(),
             initiator: "ops".into(),
-            chain: "ethereum".into(),
+            chain: Chain::Ethereum,
             unsigned_tx: vec![0x02],
-            intent: "{}".into(),
+            intent: serde_json::json!({}),
             intent_hash: [2; 32],
             asset: "ETH".into(),
             amount: "5".into(),

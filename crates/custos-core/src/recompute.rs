@@ -12,7 +12,7 @@ use k256::ecdsa::VerifyingKey;
 
 use crate::chain::bitcoin::{self as bitcoin_chain, ParsedBitcoinTx};
 use crate::chain::ethereum::{self, EthereumNetwork, ParsedEthereumTx, Token, UnsignedEthereumTx};
-use crate::chain::{Intent, Network, TxRefusal, UnsignedTx};
+use crate::chain::{Chain, Intent, Network, TxRefusal, UnsignedTx};
 use crate::policy::Policy;
 
 /// The Bitcoin networks a CAIP-2 `bip122:` id can name.
@@ -46,14 +46,9 @@ impl ParsedTx {
 /// canonical unsigned encoding) or `bitcoin` (a PSBT), as the store and the
 /// audit log name them.
 pub fn decode(chain: &str, bytes: &[u8]) -> Result<UnsignedTx, TxRefusal> {
-    match chain {
-        "ethereum" => ethereum::decode_unsigned(bytes).map(UnsignedTx::Ethereum),
-        "bitcoin" => bitcoin_chain::decode_psbt(bytes).map(UnsignedTx::Bitcoin),
-        other => Err(TxRefusal::new(
-            "chain",
-            format!("{other:?} is neither ethereum nor bitcoin"),
-        )),
-    }
+    let chain = Chain::from_name(chain)
+        .ok_or_else(|| TxRefusal::new("chain", format!("{chain:?} is neither ethereum nor bitcoin")))?;
+    UnsignedTx::decode(chain, bytes)
 }
 
 /// The network a CAIP-2 id names, if custos supports it.

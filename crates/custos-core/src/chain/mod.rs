@@ -40,6 +40,39 @@ impl std::fmt::Debug for SigningDigest {
     }
 }
 
+/// A chain custos signs for, named as the store and the audit log name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Chain {
+    /// Ethereum: the canonical unsigned encoding of an EIP-1559 or legacy
+    /// EIP-155 transaction.
+    Ethereum,
+    /// Bitcoin: a PSBT.
+    Bitcoin,
+}
+
+impl Chain {
+    /// `ethereum` or `bitcoin`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Chain::Ethereum => "ethereum",
+            Chain::Bitcoin => "bitcoin",
+        }
+    }
+
+    /// Parses [`Chain::name`]; any other name is no chain.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Chain::Ethereum, Chain::Bitcoin]
+            .into_iter()
+            .find(|c| c.name() == name)
+    }
+}
+
+impl std::fmt::Display for Chain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// An unsigned transaction of a supported chain, decoded but not yet parsed
 /// against a wallet.
 #[derive(Debug, Clone, PartialEq)]
@@ -48,6 +81,35 @@ pub enum UnsignedTx {
     Ethereum(ethereum::UnsignedEthereumTx),
     /// Bitcoin, as a PSBT.
     Bitcoin(::bitcoin::psbt::Psbt),
+}
+
+impl UnsignedTx {
+    /// The chain it is for.
+    pub fn chain(&self) -> Chain {
+        match self {
+            UnsignedTx::Ethereum(_) => Chain::Ethereum,
+            UnsignedTx::Bitcoin(_) => Chain::Bitcoin,
+        }
+    }
+
+    /// Decodes the bytes the store and the audit log keep for a
+    /// transaction of `chain`: the canonical unsigned Ethereum encoding, or
+    /// a PSBT.
+    pub fn decode(chain: Chain, bytes: &[u8]) -> Result<Self, TxRefusal> {
+        match chain {
+            Chain::Ethereum => ethereum::decode_unsigned(bytes).map(UnsignedTx::Ethereum),
+            Chain::Bitcoin => bitcoin::decode_psbt(bytes).map(UnsignedTx::Bitcoin),
+        }
+    }
+
+    /// The bytes the store and the audit log keep: the inverse of
+    /// [`UnsignedTx::decode`].
+    pub fn canonical_bytes(&self) -> Vec<u8> {
+        match self {
+            UnsignedTx::Ethereum(tx) => ethereum::signing_payload(tx),
+            UnsignedTx::Bitcoin(psbt) => psbt.serialize(),
+        }
+    }
 }
 
 /// Why an unsigned transaction was refused: the field and the rule.
