@@ -54,8 +54,6 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
-use alloy_consensus::{SignableTransaction, TxEnvelope};
-use alloy_eips::eip2718::Decodable2718;
 use alloy_primitives::U256;
 use k256::ecdsa::signature::hazmat::PrehashVerifier;
 use k256::ecdsa::{RecoveryId, Signature, VerifyingKey};
@@ -63,7 +61,7 @@ use serde::{Serialize, Serializer};
 
 use crate::approval::{ApprovalError, ApprovalMessage};
 use crate::audit::entry::{Entry, EntryError, Event, WindowUsage};
-use crate::chain::ethereum::UnsignedEthereumTx;
+use crate::chain::ethereum;
 use crate::chain::{Network, UnsignedTx};
 use crate::governance::PolicySignature;
 use crate::governance::valid_signers;
@@ -1353,29 +1351,21 @@ impl Job<'_> {
         match self {
             Job::Vote(index, m, signature, key) => Done::Vote(*index, *key, m.verify(signature, key)),
             Job::Recover(index, signed_tx) => {
-                let mut rest = *signed_tx;
-                let Ok(envelope) = TxEnvelope::decode_2718(&mut rest) else {
+                let Ok(decoded) = ethereum::decode_signed(signed_tx) else {
                     return Done::Nothing;
                 };
-                let (prehash, sig) = match &envelope {
-                    TxEnvelope::Legacy(s) => (s.tx().signature_hash(), s.signature()),
-                    TxEnvelope::Eip1559(s) => (s.tx().signature_hash(), s.signature()),
-                    _ => return Done::Nothing,
-                };
-                let Ok(signature) =
-                    Signature::from_scalars(sig.r().to_be_bytes::<32>(), sig.s().to_be_bytes::<32>())
-                else {
-                    return Done::Nothing;
-                };
-                let recovery_id = RecoveryId::new(sig.v(), false);
-                let key =
-                    VerifyingKey::recover_from_prehash(prehash.as_slice(), &signature, recovery_id).ok();
+                let key = VerifyingKey::recover_from_prehash(
+                    decoded.signing_hash.as_slice(),
+                    &decoded.signature,
+                    decoded.recovery_id,
+                )
+                .ok();
                 Done::Recover(
                     *index,
                     Recovered {
-                        prehash: prehash.0,
-                        signature,
-                        recovery_id,
+                        prehash: decoded.signing_hash.0,
+                        signature: decoded.signature,
+                        recovery_id: decoded.recovery_id,
                         key,
                     },
                 )
@@ -1673,25 +1663,13 @@ fn verify_signed_tx(
 ) -> Result<(), String> {
     match parsed {
         ParsedTx::Ethereum(p) => {
-            let mut rest = signed_tx;
-            let envelope = TxEnvelope::decode_2718(&mut rest)
-                .map_err(|e| format!("the signed transaction does not decode: {e}"))?;
-            if !rest.is_empty() {
-                return Err("the signed transaction has trailing bytes".into());
-            }
-            let (unsigned, sig, hash) = match &envelope {
-                TxEnvelope::Legacy(s) => (
-                    UnsignedEthereumTx::Legacy(s.tx().clone()),
-                    s.signature(),
-                    s.hash(),
-                ),
-                TxEnvelope::Eip1559(s) => (
-                    UnsignedEthereumTx::Eip1559(s.tx().clone()),
-                    s.signature(),
-                    s.hash(),
-                ),
-                _ => return Err("the signed transaction is of a type custos never signs".into()),
-            };
+            let decoded = ethereum::decode_signed(signed_tx)?;
+            let (unsigned, signature, recovery_id, hash) = (
+                decoded.unsigned,
+                decoded.signature,
+                decoded.recovery_id,
+                decoded.hash,
+            );
             if unsigned != *p.transaction() {
                 return Err("the signed transaction is not the withdrawal's transaction".into());
             }
@@ -1701,12 +1679,9 @@ fn verify_signed_tx(
                     hex::encode(tx_hash)
                 ));
             }
-            let signature = Signature::from_scalars(sig.r().to_be_bytes::<32>(), sig.s().to_be_bytes::<32>())
-                .map_err(|_| "the signature's r or s is out of range".to_owned())?;
             if !crate::signature::is_low_s(&signature) {
                 return Err("the signature has high S".into());
             }
-            let recovery_id = RecoveryId::new(sig.v(), false);
             let recovered = match ahead {
                 Some(a)
                     if a.prehash == p.signing_hash()

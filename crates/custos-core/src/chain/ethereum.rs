@@ -413,6 +413,63 @@ pub fn assemble(
     }
 }
 
+/// A broadcastable transaction of the kinds custos signs, decoded back into
+/// its parts: what [`assemble`] wrote, for an auditor to check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecodedSignedTx {
+    /// The transaction without its signature.
+    pub unsigned: UnsignedEthereumTx,
+    /// Its signature, as ECDSA scalars.
+    pub signature: k256::ecdsa::Signature,
+    /// The signature's recovery id (the y parity; custos never writes an
+    /// x-reduced id into a transaction).
+    pub recovery_id: k256::ecdsa::RecoveryId,
+    /// The signing hash the signature is over.
+    pub signing_hash: B256,
+    /// The transaction hash.
+    pub hash: B256,
+}
+
+/// Decodes a signed EIP-1559 or legacy transaction (EIP-2718 envelope), with
+/// no trailing bytes. The one decoder of signed Ethereum transactions; the
+/// audit replay uses it both to recover keys ahead in parallel and to check
+/// each `signed` entry.
+pub fn decode_signed(bytes: &[u8]) -> Result<DecodedSignedTx, String> {
+    use alloy_eips::eip2718::Decodable2718;
+
+    let mut rest = bytes;
+    let envelope = TxEnvelope::decode_2718(&mut rest)
+        .map_err(|e| format!("the signed transaction does not decode: {e}"))?;
+    if !rest.is_empty() {
+        return Err("the signed transaction has trailing bytes".into());
+    }
+    let (unsigned, sig, signing_hash, hash) = match &envelope {
+        TxEnvelope::Legacy(s) => (
+            UnsignedEthereumTx::Legacy(s.tx().clone()),
+            s.signature(),
+            s.tx().signature_hash(),
+            *s.hash(),
+        ),
+        TxEnvelope::Eip1559(s) => (
+            UnsignedEthereumTx::Eip1559(s.tx().clone()),
+            s.signature(),
+            s.tx().signature_hash(),
+            *s.hash(),
+        ),
+        _ => return Err("the signed transaction is of a type custos never signs".into()),
+    };
+    let signature =
+        k256::ecdsa::Signature::from_scalars(sig.r().to_be_bytes::<32>(), sig.s().to_be_bytes::<32>())
+            .map_err(|_| "the signature's r or s is out of range".to_owned())?;
+    Ok(DecodedSignedTx {
+        unsigned,
+        signature,
+        recovery_id: k256::ecdsa::RecoveryId::new(sig.v(), false),
+        signing_hash,
+        hash,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
