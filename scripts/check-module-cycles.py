@@ -18,8 +18,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent / "src"
-if len(sys.argv) > 1 and not sys.argv[-1].startswith("--"):
-    ROOT = Path(sys.argv[-1]).resolve()
+_roots = [a for a in sys.argv[1:] if not a.startswith("--")]
+if _roots:
+    ROOT = Path(_roots[0]).resolve()
 
 
 def module_of(path: Path) -> str | None:
