@@ -426,19 +426,55 @@ fn build(raw: RawPolicy, hash: [u8; 32]) -> Result<Policy, PolicyError> {
     if raw.approval_window_seconds == 0 {
         return Err(invalid("approval_window_seconds must be at least 1"));
     }
+    let (admins, approvers) = roster(&raw.admins, raw.approvers)?;
+    let wallets = wallets(raw.wallets)?;
+    let assets = assets(raw.assets)?;
+    let allowlists = allowlists(raw.allowlists)?;
+    let limits = limits(raw.limits, &wallets, &assets)?;
+    let fee_caps = fee_caps(raw.fee_caps)?;
+    let rules = rules(raw.rules, &approvers, &wallets, &assets, &allowlists)?;
+    Ok(Policy {
+        version: raw.version,
+        hash,
+        approval_window_secs: raw.approval_window_seconds,
+        allowlist_delay_secs: raw.allowlist_delay_seconds,
+        admin_quorum: raw.admins.quorum,
+        admins,
+        approvers,
+        security_officers: raw.admins.security_officers,
+        wallets,
+        assets,
+        allowlists,
+        limits,
+        fee_caps,
+        rules,
+    })
+}
+
+/// Admin ids and their keys.
+type Admins = BTreeMap<String, PublicKey>;
+/// Approver ids and their keys and groups.
+type Approvers = BTreeMap<String, Approver>;
+
+/// The admins and approvers: ids and keys, the admin quorum, one key per
+/// person, and security officers who are on the roster.
+fn roster(
+    admins_raw: &RawAdmins,
+    approvers_raw: BTreeMap<String, RawApprover>,
+) -> Result<(Admins, Approvers), PolicyError> {
     let mut admins = BTreeMap::new();
-    for (id, key) in &raw.admins.keys {
+    for (id, key) in &admins_raw.keys {
         identifier("admin", id)?;
         admins.insert(id.clone(), public_key(&format!("admins.keys.{id}"), key)?);
     }
-    if raw.admins.quorum == 0 || raw.admins.quorum > admins.len() {
+    if admins_raw.quorum == 0 || admins_raw.quorum > admins.len() {
         return Err(invalid(format!(
             "admins.quorum must be between 1 and the number of admin keys ({})",
             admins.len()
         )));
     }
     let mut approvers = BTreeMap::new();
-    for (id, approver) in raw.approvers {
+    for (id, approver) in approvers_raw {
         identifier("approver", &id)?;
         if approver.groups.is_empty() {
             return Err(invalid(format!(
@@ -468,15 +504,20 @@ fn build(raw: RawPolicy, hash: [u8; 32]) -> Result<Policy, PolicyError> {
         }
         seen_keys.push(key);
     }
-    for officer in &raw.admins.security_officers {
+    for officer in &admins_raw.security_officers {
         if !approvers.contains_key(officer) && !admins.contains_key(officer) {
             return Err(invalid(format!(
                 "admins.security_officers: {officer:?} is neither an approver nor an admin"
             )));
         }
     }
+    Ok((admins, approvers))
+}
+
+/// The wallets the policy governs, each on a CAIP-2 network.
+fn wallets(raw: BTreeMap<String, RawWallet>) -> Result<BTreeMap<String, PolicyWallet>, PolicyError> {
     let mut wallets = BTreeMap::new();
-    for (id, wallet) in raw.wallets {
+    for (id, wallet) in raw {
         identifier("wallet", &id)?;
         caip2(&format!("wallets.{id}.network"), &wallet.network)?;
         wallets.insert(
@@ -487,8 +528,13 @@ fn build(raw: RawPolicy, hash: [u8; 32]) -> Result<Policy, PolicyError> {
             },
         );
     }
+    Ok(wallets)
+}
+
+/// The registered tokens: one entry per symbol and contract on a network.
+fn assets(raw: Vec<RawAsset>) -> Result<Vec<RegisteredAsset>, PolicyError> {
     let mut assets: Vec<RegisteredAsset> = Vec::new();
-    for (index, asset) in raw.assets.into_iter().enumerate() {
+    for (index, asset) in raw.into_iter().enumerate() {
         identifier("asset", &asset.symbol)?;
         caip2(&format!("assets[{index}].network"), &asset.network)?;
         if matches!(asset.symbol.as_str(), "ETH" | "BTC") {
@@ -515,8 +561,13 @@ fn build(raw: RawPolicy, hash: [u8; 32]) -> Result<Policy, PolicyError> {
             decimals: asset.decimals,
         });
     }
+    Ok(assets)
+}
+
+/// The named allowlists, with the times their entries were added.
+fn allowlists(raw: BTreeMap<String, RawAllowlist>) -> Result<BTreeMap<String, Allowlist>, PolicyError> {
     let mut allowlists = BTreeMap::new();
-    for (name, list) in raw.allowlists {
+    for (name, list) in raw {
         identifier("allowlist", &name)?;
         let entries = list
             .entries
@@ -528,8 +579,18 @@ fn build(raw: RawPolicy, hash: [u8; 32]) -> Result<Policy, PolicyError> {
             .collect();
         allowlists.insert(name, Allowlist { entries });
     }
+    Ok(allowlists)
+}
+
+/// Per-transaction and rolling limits, each for a wallet and asset of this
+/// policy, once.
+fn limits(
+    raw: Vec<RawLimit>,
+    wallets: &BTreeMap<String, PolicyWallet>,
+    assets: &[RegisteredAsset],
+) -> Result<Vec<WalletLimit>, PolicyError> {
     let mut limits: Vec<WalletLimit> = Vec::new();
-    for (index, limit) in raw.limits.into_iter().enumerate() {
+    for (index, limit) in raw.into_iter().enumerate() {
         let key = format!("limits[{index}]");
         if !wallets.contains_key(&limit.wallet) {
             return Err(invalid(format!(
@@ -537,7 +598,7 @@ fn build(raw: RawPolicy, hash: [u8; 32]) -> Result<Policy, PolicyError> {
                 limit.wallet
             )));
         }
-        if !known_symbol(&assets, &limit.asset) {
+        if !known_symbol(assets, &limit.asset) {
             return Err(invalid(format!(
                 "{key}.asset {:?} is neither ETH, BTC nor a registered asset",
                 limit.asset
@@ -580,9 +641,13 @@ fn build(raw: RawPolicy, hash: [u8; 32]) -> Result<Policy, PolicyError> {
             windows,
         });
     }
-    let fee_caps = FeeCaps {
+    Ok(limits)
+}
+
+/// The fee caps per chain.
+fn fee_caps(raw: RawFeeCaps) -> Result<FeeCaps, PolicyError> {
+    Ok(FeeCaps {
         ethereum: raw
-            .fee_caps
             .ethereum
             .map(|f| -> Result<_, PolicyError> {
                 let per_gas = amount("fee_caps.ethereum.max_fee_per_gas", &f.max_fee_per_gas)?;
@@ -594,11 +659,22 @@ fn build(raw: RawPolicy, hash: [u8; 32]) -> Result<Policy, PolicyError> {
                 ))
             })
             .transpose()?,
-        bitcoin: raw.fee_caps.bitcoin.map(|f| (f.max_fee, f.max_fee_rate)),
-    };
+        bitcoin: raw.bitcoin.map(|f| (f.max_fee, f.max_fee_rate)),
+    })
+}
+
+/// The rules, in order: each names only wallets, assets, allowlists and
+/// groups the policy defines, and a quorum only with action `require`.
+fn rules(
+    raw: Vec<RawRule>,
+    approvers: &BTreeMap<String, Approver>,
+    wallets: &BTreeMap<String, PolicyWallet>,
+    assets: &[RegisteredAsset],
+    allowlists: &BTreeMap<String, Allowlist>,
+) -> Result<Vec<Rule>, PolicyError> {
     let groups: BTreeSet<&String> = approvers.values().flat_map(|a| &a.groups).collect();
     let mut rules: Vec<Rule> = Vec::new();
-    for (index, rule) in raw.rules.into_iter().enumerate() {
+    for (index, rule) in raw.into_iter().enumerate() {
         let key = format!("rules[{index}]");
         identifier("rule", &rule.name)?;
         if rules.iter().any(|r| r.name == rule.name) {
@@ -609,7 +685,7 @@ fn build(raw: RawPolicy, hash: [u8; 32]) -> Result<Policy, PolicyError> {
                 "{key}.wallets: {unknown:?} is not a wallet of this policy"
             )));
         }
-        if let Some(unknown) = rule.assets.iter().flatten().find(|a| !known_symbol(&assets, a)) {
+        if let Some(unknown) = rule.assets.iter().flatten().find(|a| !known_symbol(assets, a)) {
             return Err(invalid(format!(
                 "{key}.assets: {unknown:?} is neither ETH, BTC nor a registered asset"
             )));
@@ -675,20 +751,5 @@ fn build(raw: RawPolicy, hash: [u8; 32]) -> Result<Policy, PolicyError> {
             action,
         });
     }
-    Ok(Policy {
-        version: raw.version,
-        hash,
-        approval_window_secs: raw.approval_window_seconds,
-        allowlist_delay_secs: raw.allowlist_delay_seconds,
-        admin_quorum: raw.admins.quorum,
-        admins,
-        approvers,
-        security_officers: raw.admins.security_officers,
-        wallets,
-        assets,
-        allowlists,
-        limits,
-        fee_caps,
-        rules,
-    })
+    Ok(rules)
 }
