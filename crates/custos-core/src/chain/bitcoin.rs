@@ -89,6 +89,62 @@ pub fn parse(
     network: ::bitcoin::Network,
     wallet_key: &CompressedPublicKey,
 ) -> Result<ParsedBitcoinTx, TxRefusal> {
+    check_shape(&psbt)?;
+    let tx = psbt.unsigned_tx;
+    let wallet_script = ScriptBuf::new_p2wpkh(&wallet_key.wpubkey_hash());
+    let from = Address::p2wpkh(wallet_key, network);
+
+    let mut input_total = Amount::ZERO;
+    let mut amounts = Vec::with_capacity(tx.input.len());
+    for (index, (txin, input)) in tx.input.iter().zip(&psbt.inputs).enumerate() {
+        let amount = spent_amount(index, txin, input, &wallet_script, &from)?;
+        input_total = input_total.checked_add(amount).ok_or_else(|| {
+            TxRefusal::new(
+                format!("inputs[{index}].witness_utxo.amount"),
+                "input total overflows",
+            )
+        })?;
+        amounts.push(amount);
+    }
+    let outputs = paid_outputs(&tx, &psbt.outputs, network, &wallet_script)?;
+    let (output_total, change, destinations) = (outputs.total, outputs.change, outputs.destinations);
+    let fee = input_total.checked_sub(output_total).ok_or_else(|| {
+        TxRefusal::new(
+            "outputs",
+            format!("outputs ({output_total}) exceed inputs ({input_total})"),
+        )
+    })?;
+
+    let sighashes = p2wpkh_sighashes(&tx, &amounts, &wallet_script)?;
+
+    let inputs = tx.input.len() as u64;
+    let weight = tx.base_size() as u64 * 4 + SEGWIT_MARKER_WEIGHT + inputs * P2WPKH_WITNESS_WEIGHT_MAX;
+    let intent = Intent {
+        network: Network::Bitcoin(network),
+        asset: Asset {
+            symbol: "BTC".into(),
+            contract: None,
+            decimals: BTC_DECIMALS,
+        },
+        from: from.to_string(),
+        destinations,
+        fee: FeeTerms::Bitcoin {
+            change: change.to_sat(),
+            fee: fee.to_sat(),
+            vsize: weight.div_ceil(4),
+        },
+        transaction_id: tx.compute_txid().to_byte_array(),
+    };
+    Ok(ParsedBitcoinTx {
+        tx,
+        intent,
+        sighashes,
+    })
+}
+
+/// The PSBT's global shape: version 0, no unknown or proprietary global
+/// keys, one map per input and output, at least one of each.
+fn check_shape(psbt: &Psbt) -> Result<(), TxRefusal> {
     if psbt.version != 0 {
         return Err(TxRefusal::new(
             "psbt.version",
@@ -101,118 +157,139 @@ pub fn parse(
             "unknown or proprietary global keys are refused",
         ));
     }
-    let tx = psbt.unsigned_tx;
-    if tx.input.len() != psbt.inputs.len() || tx.output.len() != psbt.outputs.len() {
+    if psbt.unsigned_tx.input.len() != psbt.inputs.len()
+        || psbt.unsigned_tx.output.len() != psbt.outputs.len()
+    {
         return Err(TxRefusal::new(
             "psbt",
             "the number of input or output maps does not match the transaction",
         ));
     }
-    if tx.input.is_empty() {
+    if psbt.unsigned_tx.input.is_empty() {
         return Err(TxRefusal::new("inputs", "the transaction has no inputs"));
     }
-    if tx.output.is_empty() {
+    if psbt.unsigned_tx.output.is_empty() {
         return Err(TxRefusal::new("outputs", "the transaction has no outputs"));
     }
-    let wallet_script = ScriptBuf::new_p2wpkh(&wallet_key.wpubkey_hash());
-    let from = Address::p2wpkh(wallet_key, network);
+    Ok(())
+}
 
-    let mut input_total = Amount::ZERO;
-    let mut amounts = Vec::with_capacity(tx.input.len());
-    for (index, (txin, input)) in tx.input.iter().zip(&psbt.inputs).enumerate() {
-        let field = |name: &str| format!("inputs[{index}].{name}");
-        let utxo = input.witness_utxo.as_ref().ok_or_else(|| {
-            TxRefusal::new(
-                field("witness_utxo"),
-                "is missing; every input needs its witness_utxo",
-            )
-        })?;
-        if utxo.script_pubkey != wallet_script {
-            return Err(TxRefusal::new(
-                field("witness_utxo.script_pubkey"),
-                format!("does not pay to this wallet's P2WPKH script ({from})"),
-            ));
-        }
-        let previous = input.non_witness_utxo.as_ref().ok_or_else(|| {
-            TxRefusal::new(
-                field("non_witness_utxo"),
-                "is missing; every input needs its previous transaction so that its amount is proven",
-            )
-        })?;
-        let proven = previous.compute_txid() == txin.previous_output.txid
-            && usize::try_from(txin.previous_output.vout)
-                .ok()
-                .and_then(|vout| previous.output.get(vout))
-                == Some(utxo);
-        if !proven {
-            return Err(TxRefusal::new(
-                field("non_witness_utxo"),
-                "does not match the outpoint and witness_utxo",
-            ));
-        }
-        if utxo.value > Amount::MAX_MONEY {
-            return Err(TxRefusal::new(
-                field("witness_utxo.amount"),
-                "exceeds 21,000,000 BTC",
-            ));
-        }
-        let taproot_or_preimages = input.tap_key_sig.is_some()
-            || !input.tap_script_sigs.is_empty()
-            || !input.tap_scripts.is_empty()
-            || !input.tap_key_origins.is_empty()
-            || input.tap_internal_key.is_some()
-            || input.tap_merkle_root.is_some()
-            || !input.ripemd160_preimages.is_empty()
-            || !input.sha256_preimages.is_empty()
-            || !input.hash160_preimages.is_empty()
-            || !input.hash256_preimages.is_empty();
-        if taproot_or_preimages {
-            return Err(TxRefusal::new(
-                field("taproot"),
-                "taproot fields and hash preimages are refused on a P2WPKH input",
-            ));
-        }
-        match input.sighash_type {
-            None => {}
-            Some(t) if t == PsbtSighashType::from(EcdsaSighashType::All) => {}
-            Some(t) => {
-                return Err(TxRefusal::new(
-                    field("sighash_type"),
-                    format!("{t} is refused; only SIGHASH_ALL is signed"),
-                ));
-            }
-        }
-        if input.redeem_script.is_some() || input.witness_script.is_some() {
-            return Err(TxRefusal::new(
-                field("redeem_script"),
-                "a P2WPKH input carries no redeem or witness script",
-            ));
-        }
-        if !input.partial_sigs.is_empty()
-            || input.final_script_sig.is_some()
-            || input.final_script_witness.is_some()
-        {
-            return Err(TxRefusal::new(
-                field("partial_sigs"),
-                "the input is already (partially) signed",
-            ));
-        }
-        if !input.unknown.is_empty() || !input.proprietary.is_empty() {
-            return Err(TxRefusal::new(
-                field("unknown"),
-                "unknown or proprietary input keys are refused",
-            ));
-        }
-        input_total = input_total
-            .checked_add(utxo.value)
-            .ok_or_else(|| TxRefusal::new(field("witness_utxo.amount"), "input total overflows"))?;
-        amounts.push(utxo.value);
+/// Checks input `index` (a P2WPKH spend of the wallet, its amount proven by
+/// the previous transaction, SIGHASH_ALL, unsigned, nothing unknown) and
+/// returns the amount it spends.
+fn spent_amount(
+    index: usize,
+    txin: &::bitcoin::TxIn,
+    input: &::bitcoin::psbt::Input,
+    wallet_script: &ScriptBuf,
+    from: &Address,
+) -> Result<Amount, TxRefusal> {
+    let field = |name: &str| format!("inputs[{index}].{name}");
+    let utxo = input.witness_utxo.as_ref().ok_or_else(|| {
+        TxRefusal::new(
+            field("witness_utxo"),
+            "is missing; every input needs its witness_utxo",
+        )
+    })?;
+    if utxo.script_pubkey != *wallet_script {
+        return Err(TxRefusal::new(
+            field("witness_utxo.script_pubkey"),
+            format!("does not pay to this wallet's P2WPKH script ({from})"),
+        ));
     }
+    let previous = input.non_witness_utxo.as_ref().ok_or_else(|| {
+        TxRefusal::new(
+            field("non_witness_utxo"),
+            "is missing; every input needs its previous transaction so that its amount is proven",
+        )
+    })?;
+    let proven = previous.compute_txid() == txin.previous_output.txid
+        && usize::try_from(txin.previous_output.vout)
+            .ok()
+            .and_then(|vout| previous.output.get(vout))
+            == Some(utxo);
+    if !proven {
+        return Err(TxRefusal::new(
+            field("non_witness_utxo"),
+            "does not match the outpoint and witness_utxo",
+        ));
+    }
+    if utxo.value > Amount::MAX_MONEY {
+        return Err(TxRefusal::new(
+            field("witness_utxo.amount"),
+            "exceeds 21,000,000 BTC",
+        ));
+    }
+    let taproot_or_preimages = input.tap_key_sig.is_some()
+        || !input.tap_script_sigs.is_empty()
+        || !input.tap_scripts.is_empty()
+        || !input.tap_key_origins.is_empty()
+        || input.tap_internal_key.is_some()
+        || input.tap_merkle_root.is_some()
+        || !input.ripemd160_preimages.is_empty()
+        || !input.sha256_preimages.is_empty()
+        || !input.hash160_preimages.is_empty()
+        || !input.hash256_preimages.is_empty();
+    if taproot_or_preimages {
+        return Err(TxRefusal::new(
+            field("taproot"),
+            "taproot fields and hash preimages are refused on a P2WPKH input",
+        ));
+    }
+    match input.sighash_type {
+        None => {}
+        Some(t) if t == PsbtSighashType::from(EcdsaSighashType::All) => {}
+        Some(t) => {
+            return Err(TxRefusal::new(
+                field("sighash_type"),
+                format!("{t} is refused; only SIGHASH_ALL is signed"),
+            ));
+        }
+    }
+    if input.redeem_script.is_some() || input.witness_script.is_some() {
+        return Err(TxRefusal::new(
+            field("redeem_script"),
+            "a P2WPKH input carries no redeem or witness script",
+        ));
+    }
+    if !input.partial_sigs.is_empty()
+        || input.final_script_sig.is_some()
+        || input.final_script_witness.is_some()
+    {
+        return Err(TxRefusal::new(
+            field("partial_sigs"),
+            "the input is already (partially) signed",
+        ));
+    }
+    if !input.unknown.is_empty() || !input.proprietary.is_empty() {
+        return Err(TxRefusal::new(
+            field("unknown"),
+            "unknown or proprietary input keys are refused",
+        ));
+    }
+    Ok(utxo.value)
+}
 
+/// What the outputs pay: the total, the change back to the wallet, and every
+/// other output as a destination address.
+struct PaidOutputs {
+    total: Amount,
+    change: Amount,
+    destinations: Vec<Destination>,
+}
+
+/// Checks every output (no taproot fields or unknown keys, at most 21M BTC,
+/// a standard address script) and sums what they pay.
+fn paid_outputs(
+    tx: &Transaction,
+    outputs: &[::bitcoin::psbt::Output],
+    network: ::bitcoin::Network,
+    wallet_script: &ScriptBuf,
+) -> Result<PaidOutputs, TxRefusal> {
     let mut output_total = Amount::ZERO;
     let mut change = Amount::ZERO;
     let mut destinations = Vec::new();
-    for (index, (txout, output)) in tx.output.iter().zip(&psbt.outputs).enumerate() {
+    for (index, (txout, output)) in tx.output.iter().zip(outputs).enumerate() {
         if output.tap_internal_key.is_some()
             || output.tap_tree.is_some()
             || !output.tap_key_origins.is_empty()
@@ -237,7 +314,7 @@ pub fn parse(
         output_total = output_total
             .checked_add(txout.value)
             .ok_or_else(|| TxRefusal::new(format!("outputs[{index}].amount"), "output total overflows"))?;
-        if txout.script_pubkey == wallet_script {
+        if txout.script_pubkey == *wallet_script {
             change += txout.value;
             continue;
         }
@@ -266,45 +343,27 @@ pub fn parse(
             amount: U256::from(txout.value.to_sat()),
         });
     }
-    let fee = input_total.checked_sub(output_total).ok_or_else(|| {
-        TxRefusal::new(
-            "outputs",
-            format!("outputs ({output_total}) exceed inputs ({input_total})"),
-        )
-    })?;
+    Ok(PaidOutputs {
+        total: output_total,
+        change,
+        destinations,
+    })
+}
 
-    let mut cache = SighashCache::new(&tx);
-    let sighashes = amounts
+/// The BIP-143 sighash of every input, in input order.
+fn p2wpkh_sighashes(
+    tx: &Transaction,
+    amounts: &[Amount],
+    wallet_script: &ScriptBuf,
+) -> Result<Vec<SigningDigest>, TxRefusal> {
+    let mut cache = SighashCache::new(tx);
+    amounts
         .iter()
         .enumerate()
         .map(|(index, amount)| {
-            p2wpkh_sighash_all(&mut cache, index, &wallet_script, *amount).map(SigningDigest::computed)
+            p2wpkh_sighash_all(&mut cache, index, wallet_script, *amount).map(SigningDigest::computed)
         })
-        .collect::<Result<Vec<_>, _>>()?;
-
-    let inputs = tx.input.len() as u64;
-    let weight = tx.base_size() as u64 * 4 + SEGWIT_MARKER_WEIGHT + inputs * P2WPKH_WITNESS_WEIGHT_MAX;
-    let intent = Intent {
-        network: Network::Bitcoin(network),
-        asset: Asset {
-            symbol: "BTC".into(),
-            contract: None,
-            decimals: BTC_DECIMALS,
-        },
-        from: from.to_string(),
-        destinations,
-        fee: FeeTerms::Bitcoin {
-            change: change.to_sat(),
-            fee: fee.to_sat(),
-            vsize: weight.div_ceil(4),
-        },
-        transaction_id: tx.compute_txid().to_byte_array(),
-    };
-    Ok(ParsedBitcoinTx {
-        tx,
-        intent,
-        sighashes,
-    })
+        .collect()
 }
 
 /// The BIP-143 SIGHASH_ALL digest of a P2WPKH input, computed by rust-bitcoin.
