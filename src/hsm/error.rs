@@ -77,7 +77,7 @@ pub enum HsmError {
 
 impl HsmError {
     /// Wraps a cryptoki error, naming the C function when the module returned a code.
-    pub(crate) fn from_cryptoki(context: &'static str, error: CkError) -> Self {
+    pub fn from_cryptoki(context: &'static str, error: CkError) -> Self {
         crate::metrics::hsm_error(&error);
         match error {
             CkError::Pkcs11(rv, function) => HsmError::Pkcs11 {

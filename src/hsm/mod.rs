@@ -64,10 +64,8 @@
 mod cache;
 mod config;
 mod error;
-mod keys;
-pub mod personal;
+pub(crate) mod keys;
 mod pool;
-pub mod raw_bench;
 mod recovery;
 mod token;
 
@@ -88,7 +86,7 @@ pub use keys::{
     ED25519_EC_PARAMS, KEY_ID_LEN, KeyAttributes, KeyKind, P256_EC_PARAMS, SECP256K1_EC_PARAMS, TokenKeyKind,
     check_private_key_attributes, ed25519_from_ec_point, sec1_from_ec_point,
 };
-pub use token::init_token;
+pub use token::{init_token, tool_session};
 use tokio::sync::Semaphore;
 
 use crate::secret::Pin;

@@ -87,6 +87,24 @@ pub(crate) fn login(session: &Session, pin: &Pin) -> Result<(), HsmError> {
     }
 }
 
+/// A logged-in read-write session on the token `selector` names, outside the
+/// pool: for tools that make a few calls and exit (a person's own token, the
+/// raw `C_Sign` bench), never for the wallet path. Returns the module too,
+/// which must outlive the session.
+pub fn tool_session(
+    module: &std::path::Path,
+    selector: &TokenSelector,
+    pin: &Pin,
+) -> Result<(Pkcs11, Slot, Session), HsmError> {
+    let pkcs11 = load_module(module)?;
+    let slot = find_slot(&pkcs11, selector)?;
+    let session = pkcs11
+        .open_rw_session(slot)
+        .map_err(|e| HsmError::from_cryptoki("open session", e))?;
+    login(&session, pin)?;
+    Ok((pkcs11, slot, session))
+}
+
 /// Initializes a token in the first free slot: sets its label and SO PIN, then
 /// the user PIN. Used for dev-mode and test tokens on SoftHSM.
 pub fn init_token(

@@ -183,7 +183,7 @@ fn histogram() -> Result<Histogram<u64>, String> {
 pub fn raw_sign(args: RawSignArgs) -> Result<(), String> {
     let pin = Pin::load(&PinSource::File(args.pin_file)).map_err(|e| e.to_string())?;
     let cpu = CpuClock::now(Some(std::process::id()));
-    let run = custos::hsm::raw_bench::raw_sign(
+    let run = crate::raw_bench::raw_sign(
         &args.module,
         &TokenSelector::Label(args.token_label),
         &pin,

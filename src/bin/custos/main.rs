@@ -13,6 +13,7 @@ mod audit;
 mod bench;
 mod custody;
 mod governance;
+mod raw_bench;
 
 use std::io::Write;
 use std::path::PathBuf;

@@ -8,15 +8,12 @@ use std::time::{Duration, Instant};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, ObjectClass};
 
-use super::TokenSelector;
-use super::{HsmError, token};
-use crate::secret::Pin;
+use custos::hsm::{HsmError, TokenSelector, tool_session};
+use custos::secret::Pin;
 
 /// What one raw run measured.
 #[derive(Debug, Clone)]
 pub struct RawSignRun {
-    /// Signatures made.
-    pub signatures: u64,
     /// Wall time of the run.
     pub elapsed: Duration,
     /// Latency of every `C_Sign` call, in nanoseconds.
@@ -33,12 +30,7 @@ pub fn raw_sign(
     sessions: usize,
     duration: Duration,
 ) -> Result<RawSignRun, HsmError> {
-    let pkcs11 = token::load_module(module)?;
-    let slot = token::find_slot(&pkcs11, token_selector)?;
-    let anchor = pkcs11
-        .open_rw_session(slot)
-        .map_err(|e| HsmError::from_cryptoki("open session", e))?;
-    token::login(&anchor, pin)?;
+    let (pkcs11, slot, anchor) = tool_session(module, token_selector, pin)?;
     let key = anchor
         .find_objects(&[
             Attribute::Class(ObjectClass::PRIVATE_KEY),
@@ -86,7 +78,6 @@ pub fn raw_sign(
         latencies_ns.extend(result?);
     }
     Ok(RawSignRun {
-        signatures: latencies_ns.len() as u64,
         elapsed,
         latencies_ns,
     })

@@ -1,7 +1,7 @@
 //! A person's own key on their own PKCS#11 token, for the `custos` CLI:
 //! one short session per operation, no pool.
 //!
-//! This is not the wallet path. Wallet keys are used only through [`super::Hsm`],
+//! This is not the wallet path. Wallet keys are used only through [`crate::hsm::Hsm`],
 //! which signs nothing but digests custos computed from a parsed transaction.
 //! A personal key signs the SHA-256 prehash of an approval or governance
 //! message that the CLI built and showed its holder.
@@ -13,20 +13,11 @@ use cryptoki::object::{Attribute, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 use k256::ecdsa::VerifyingKey;
 
-use super::TokenSelector;
-use super::keys::{KeyKind, TokenKeyKind};
-use super::token::{find_slot, load_module, login};
-use super::{HsmError, keys};
+use crate::hsm::{HsmError, KeyKind, TokenKeyKind, TokenSelector, keys, tool_session};
 use crate::secret::Pin;
 
 fn open(module: &Path, token: &TokenSelector, pin: &Pin) -> Result<Session, HsmError> {
-    let pkcs11 = load_module(module)?;
-    let slot = find_slot(&pkcs11, token)?;
-    let session = pkcs11
-        .open_rw_session(slot)
-        .map_err(|e| HsmError::from_cryptoki("open session", e))?;
-    login(&session, pin)?;
-    Ok(session)
+    tool_session(module, token, pin).map(|(_, _, session)| session)
 }
 
 fn find(session: &Session, class: ObjectClass, label: &str) -> Result<ObjectHandle, HsmError> {

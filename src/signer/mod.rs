@@ -10,7 +10,10 @@
 //!   slot), found by token and key label, used through `CKM_ECDSA`.
 //!
 //! Either way the output is a 64-byte low-S `r || s` over a SHA-256 prehash,
-//! checked against the public key before it is returned.
+//! checked against the public key before it is returned. The PKCS#11 side
+//! is in `token.rs`.
+
+mod token;
 
 use std::fmt;
 use std::fs::{self, OpenOptions};
@@ -154,12 +157,7 @@ impl TokenKey {
     /// Generates a non-extractable secp256k1 key pair on the token under
     /// `key_label` and returns its public key.
     pub fn generate(&self, pin: &Pin) -> Result<VerifyingKey, SignerError> {
-        Ok(crate::hsm::personal::generate(
-            &self.module,
-            &self.token,
-            &self.key_label,
-            pin,
-        )?)
+        Ok(token::generate(&self.module, &self.token, &self.key_label, pin)?)
     }
 
     /// Signs a SHA-256 prehash on the token: 64-byte low-S `r || s`,
@@ -169,8 +167,7 @@ impl TokenKey {
         pin: &Pin,
         prehash: &[u8; 32],
     ) -> Result<([u8; 64], VerifyingKey), SignerError> {
-        let (raw, public) =
-            crate::hsm::personal::sign(&self.module, &self.token, &self.key_label, pin, prehash)?;
+        let (raw, public) = token::sign(&self.module, &self.token, &self.key_label, pin, prehash)?;
         let signature = Signature::from_slice(&raw).map_err(|_| SignerError::Unverified)?;
         let signature = signature.normalize_s();
         Ok((checked(signature, prehash, &public)?, public))
