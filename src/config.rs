@@ -562,16 +562,6 @@ pub fn parse_bitcoin_network(name: &str) -> Result<bitcoin::Network, ConfigError
     }
 }
 
-/// Name of a Bitcoin network as written in config files.
-pub fn bitcoin_network_name(network: bitcoin::Network) -> &'static str {
-    match network {
-        bitcoin::Network::Bitcoin => "bitcoin",
-        bitcoin::Network::Testnet => "testnet",
-        bitcoin::Network::Signet => "signet",
-        _ => "regtest",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

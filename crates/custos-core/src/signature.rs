@@ -46,14 +46,6 @@ impl RecoverableSignature {
     pub fn recovery_id(&self) -> RecoveryId {
         self.recovery_id
     }
-
-    /// `r || s || v` with `v` the recovery id byte (0..=3).
-    pub fn to_bytes65(&self) -> [u8; 65] {
-        let mut out = [0u8; 65];
-        out[..64].copy_from_slice(&self.signature.to_bytes());
-        out[64] = self.recovery_id.to_byte();
-        out
-    }
 }
 
 /// Normalises a raw `r || s` from the HSM to low-S, verifies it against

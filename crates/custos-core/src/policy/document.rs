@@ -345,14 +345,6 @@ impl Policy {
     pub fn approver(&self, id: &str) -> Option<&Approver> {
         self.approvers.get(id)
     }
-
-    /// Members of a group.
-    pub fn group_members(&self, group: &str) -> impl Iterator<Item = &str> {
-        self.approvers
-            .iter()
-            .filter(move |(_, a)| a.groups.contains(group))
-            .map(|(id, _)| id.as_str())
-    }
 }
 
 fn invalid(message: impl Into<String>) -> PolicyError {

@@ -183,13 +183,6 @@ pub struct ReplayReport {
     pub findings: Vec<Finding>,
 }
 
-impl ReplayReport {
-    /// Whether nothing was found.
-    pub fn is_clean(&self) -> bool {
-        self.findings.is_empty()
-    }
-}
-
 fn hex_hash<S: Serializer>(hash: &Option<[u8; 32]>, s: S) -> Result<S::Ok, S::Error> {
     match hash {
         Some(h) => s.serialize_some(&hex::encode(h)),
