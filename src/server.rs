@@ -63,9 +63,14 @@ pub enum ServerError {
     /// Preparing the wallets before the policy failed (dev mode).
     #[error("preparing: {0}")]
     Prepare(String),
-    /// The policy state could not be initialised or failed verification.
-    #[error("policy: {0}")]
-    Policy(#[from] CustodyError),
+    /// Custody could not start: the policy history failed verification, or
+    /// the store or the wallets failed while it was read. The message names
+    /// which.
+    #[error("{}", startup_label(.0))]
+    Custody(#[from] CustodyError),
+    /// A start-up task on the blocking pool failed.
+    #[error("start-up: {0} failed")]
+    Worker(&'static str),
     /// The audit log key could not be made or loaded.
     #[error("audit log: {0}")]
     Audit(#[from] CheckpointError),
@@ -81,6 +86,17 @@ pub enum ServerError {
     /// The gRPC server failed.
     #[error("gRPC transport: {0}")]
     Serve(#[from] tonic::transport::Error),
+}
+
+/// What failed when custody started: its own policy checks, or the store
+/// or wallet registry under them.
+fn startup_label(error: &CustodyError) -> String {
+    match error {
+        CustodyError::Store(e) => format!("store: {e}"),
+        CustodyError::Wallet(e) => format!("wallets: {e}"),
+        CustodyError::Worker => "custody: a start-up task failed".to_owned(),
+        other => format!("policy: {other}"),
+    }
 }
 
 /// Everything the services need, opened and checked.
@@ -161,7 +177,7 @@ impl App {
         let path = config.store.path.clone();
         let store = tokio::task::spawn_blocking(move || Store::open(&path))
             .await
-            .map_err(|_| WalletError::Worker)?
+            .map_err(|_| ServerError::Worker("opening the store"))?
             .map_err(|source| ServerError::Store {
                 path: config.store.path.display().to_string(),
                 source,
@@ -330,5 +346,26 @@ pub fn shutdown_signal() -> impl Future<Output = ()> + Send {
             _ = term.recv() => tracing::info!("SIGTERM received"),
             _ = int.recv() => tracing::info!("SIGINT received"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A custody start-up failure is labelled by what failed, not always
+    /// "policy".
+    #[test]
+    fn startup_failures_name_what_failed() {
+        let store = ServerError::from(CustodyError::Store(StoreError::Conflict("wallet")));
+        assert!(store.to_string().starts_with("store: "), "{store}");
+        let wallets = ServerError::from(CustodyError::Wallet(WalletError::Worker));
+        assert!(wallets.to_string().starts_with("wallets: "), "{wallets}");
+        let policy = ServerError::from(CustodyError::Inconsistent("genesis admins differ".into()));
+        assert!(policy.to_string().starts_with("policy: "), "{policy}");
+        assert_eq!(
+            ServerError::Worker("opening the store").to_string(),
+            "start-up: opening the store failed"
+        );
     }
 }

@@ -161,6 +161,14 @@ pub fn custody_status(error: &CustodyError) -> Status {
                 "custos refused to act on inconsistent stored state; see the server log",
             )
         }
+        CustodyError::Randomness => {
+            tracing::error!(error = %error, "request refused: the random source failed");
+            status(
+                Code::Internal,
+                reason::INTERNAL,
+                "the server could not draw a withdrawal id; nothing was stored",
+            )
+        }
         CustodyError::Store(_) | CustodyError::Worker => {
             tracing::error!(error = %error, "internal error");
             status(
@@ -245,5 +253,20 @@ mod tests {
             status.get_details_error_info().unwrap().reason,
             reason::HSM_UNAVAILABLE
         );
+    }
+
+    /// A failed random source is not reported as the store being down: the
+    /// client learns that nothing was stored, and no more.
+    #[test]
+    fn a_failed_random_source_says_nothing_was_stored() {
+        let status = custody_status(&CustodyError::Randomness);
+        assert_eq!(status.code(), Code::Internal);
+        assert_eq!(status.get_details_error_info().unwrap().reason, reason::INTERNAL);
+        assert!(
+            status.message().contains("nothing was stored"),
+            "{}",
+            status.message()
+        );
+        assert!(!status.message().contains("store is unavailable"));
     }
 }

@@ -175,6 +175,6 @@ pub(super) fn request_hash(request: &NewWithdrawal, chain: Chain, unsigned: &[u8
 
 pub(super) fn new_withdrawal_id() -> Result<String, CustodyError> {
     let mut bytes = [0u8; 16];
-    getrandom::fill(&mut bytes).map_err(|_| CustodyError::Worker)?;
+    getrandom::fill(&mut bytes).map_err(|_| CustodyError::Randomness)?;
     Ok(format!("wd_{}", hex::encode(bytes)))
 }

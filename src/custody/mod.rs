@@ -123,6 +123,9 @@ pub enum CustodyError {
     /// A blocking task failed.
     #[error("background task failed")]
     Worker,
+    /// The system's random source failed, so no withdrawal id could be drawn.
+    #[error("no randomness for a new withdrawal id")]
+    Randomness,
 }
 
 impl From<StoreError> for CustodyError {
