@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what custos needs to build and run that a fresh machine may lack:
 # SoftHSMv2 (the PKCS#11 token used by dev mode and the tests). Idempotent.
+# `--fuzz` and `--lint` install what only the fuzz run and CI's lints need.
 set -euo pipefail
 
 module="${TEST_PKCS11_MODULE:-/usr/lib/softhsm/libsofthsm2.so}"
@@ -25,8 +26,20 @@ ensure_fuzz_deps() {
     fi
 }
 
+# `--lint` (from .ci/run): cargo-deny, for the licence, ban and source checks.
+ensure_lint_deps() {
+    if ! cargo deny --version >/dev/null 2>&1; then
+        echo "ensure-deps: installing cargo-deny ..." >&2
+        cargo install cargo-deny --locked
+    fi
+}
+
 if [ "${1:-}" = "--fuzz" ]; then
     ensure_fuzz_deps
+    exit 0
+fi
+if [ "${1:-}" = "--lint" ]; then
+    ensure_lint_deps
     exit 0
 fi
 

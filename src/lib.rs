@@ -1,34 +1,47 @@
 //! custos: a custody signing service whose withdrawal keys live only inside a PKCS#11 HSM.
 //!
+//! This crate is the server: everything that does I/O (gRPC, TLS, the
+//! store, the HSM, metrics, the clock). Everything that decides or verifies
+//! without I/O is in the [`custos_core`] crate (`crates/custos-core`):
+//! the policy language and `evaluate`, the chains' parsers, intents,
+//! approval and governance messages, vote admission, the lifecycle, the
+//! signature post-processing, and the audit log's format, replay and
+//! verifier. This crate depends on the core, never the reverse.
+//!
 //! # Layout
 //!
-//! Data flows one way, from the gRPC edge through pure domain code to the HSM:
+//! Dependencies point down the table: a module uses only modules below it
+//! (`scripts/check-module-cycles.py`, run by CI, fails on a cycle).
 //!
-//! | module | owns |
-//! |---|---|
-//! | [`access`] | who may call what: client identities, roles, the authorization matrix, and the guard enforcing it with request limits |
-//! | [`approval`] | approval messages: canonical encoding, strict parsing, low-S signature verification |
-//! | [`audit`] | the audit log: entries and their RFC 6962 Merkle tree, roots and proofs, and the offline replay |
-//! | [`api`] | the only code that knows prost types: `TryFrom` conversions, gRPC services, the error-to-`Status` mapping |
-//! | [`custody`] | the custody engine: withdrawals, votes, signing, and policy governance over the store and HSM |
-//! | [`failpoint`] | debug-build crash points for the crash-consistency tests |
-//! | [`governance`] | governance messages (policy activation, freeze, unfreeze) and allowlist time anchoring |
-//! | [`lifecycle`] | the withdrawal state machine: the only legal transitions between states |
-//! | [`metrics`] | Prometheus `/metrics` on its own port: decision and HSM counters, store state read at each scrape |
-//! | [`policy`] | the withdrawal policy language, its hash, and the pure decision core `evaluate` |
-//! | [`server`] | `server::run(listener, shutdown)`: wiring, health, reflection, graceful shutdown |
-//! | [`config`] | the TOML configuration, parsed into validated types (unknown fields rejected) |
-//! | [`dev`] | `custosd --dev`: a fresh SoftHSM token, config and store under one directory |
-//! | [`hsm`] | cryptoki: token discovery, login, session pool, key generation with read-back, raw signing |
-//! | [`chain`] | parsing unsigned Ethereum and Bitcoin transactions into intents and digests; assembling signed transactions |
-//! | [`signer`] | people's own keys (approvers, admins): 0600 PKCS#8 key files and personal PKCS#11 tokens |
-//! | [`signature`] | secp256k1 post-processing of HSM output: low-S, recovery id, verification |
-//! | [`address`] | Ethereum (EIP-55) and Bitcoin (P2WPKH) addresses from a public key |
-//! | [`wallet`] | the wallet registry: creating HSM keys, caching them, signing digests with them |
-//! | [`store`] | SQLite persistence with versioned migrations |
-//! | [`secret`] | the HSM PIN in a zeroizing type with redacted `Debug` |
-//! | [`tls`] | the transport: TLS 1.3 with client certificates, each connection's peer identity, the dev PKI |
-//! | [`telemetry`] | tracing subscriber setup (text or JSON) |
+//! | layer | module | owns |
+//! |---|---|---|
+//! | wiring | [`server`] | `server::run(listener, app, shutdown)`: the services, health, reflection, the sweep, graceful shutdown |
+//! | | [`dev`] | `custosd --dev`: a fresh SoftHSM token, config, keys and store under one directory |
+//! | | [`config`] | the TOML file, parsed and assembled into each subsystem's own config type (unknown fields rejected) |
+//! | edge | [`api`] | the only code that knows prost types: `TryFrom` conversions, the gRPC services, errors mapped to `Status` |
+//! | | [`guard`] | the tower layer in front of every service: authentication, the authorization matrix, rate, concurrency, size and deadline limits |
+//! | | [`exporter`] | Prometheus `/metrics` on its own port: the event counters and the store's state at each scrape |
+//! | | [`tls`] | TLS 1.3 with client certificates, each connection's peer identity, the dev PKI |
+//! | engine | [`custody`] | withdrawals, votes, signing, the sweep and policy governance, over the store and the wallets |
+//! | below the engine | [`wallet`] | the wallet registry: HSM keys, their addresses, signing a parsed transaction's digests |
+//! | | [`checkpoints`] | the log key in the HSM and the signed checkpoints |
+//! | | [`store`] | SQLite persistence: versioned migrations, group commit, the audit log's rows and tree |
+//! | | [`signer`] | people's own keys (approvers, admins): 0600 key files and personal PKCS#11 tokens, for the CLI and dev mode |
+//! | HSM | [`hsm`] | cryptoki: token discovery, login, the session pool, recovery, key generation with read-back, signing |
+//! | leaves | [`access`] | client identities, roles and the authorization matrix (`RPC_ACCESS`) |
+//! | | [`status`] | the wire error model: the `ErrorInfo` domain, the table of reasons, the one `Status` builder |
+//! | | [`metrics`] | metrics events (decisions, `C_Sign` latency, PKCS#11 errors), imported by hsm and custody |
+//! | | [`secret`] | the HSM PIN in a zeroizing type with redacted `Debug` |
+//! | | [`clock`] | the one wall clock |
+//! | | [`telemetry`] | tracing subscriber setup (text or JSON) |
+//! | | [`failpoint`] | debug-build crash and pause points for the crash-consistency tests |
+//! | | [`proto`] | the generated `custos.v1` types and the descriptor set |
+//!
+//! Where to look for a job: a gRPC method, `api/`; who may call it,
+//! `access/` and `guard.rs`; a withdrawal's path, `custody/create.rs`,
+//! `custody/vote.rs`, `custody/sign.rs`; a PKCS#11 call, `hsm/`; a table or a
+//! migration, `store/`; a policy rule or a chain's parser, the core crate.
+//! The binaries are `src/bin/custosd.rs` and `src/bin/custos/`.
 //!
 //! See `docs/ARCHITECTURE.md` for the invariants each module upholds.
 

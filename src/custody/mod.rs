@@ -4,7 +4,7 @@
 //! - a request is parsed against its wallet ([`custos_core::chain`]) before anything
 //!   is stored; a malformed one changes nothing;
 //! - the request id is reserved, the rolling usage read, the policy evaluated
-//!   ([`custos_core::policy::evaluate`]) and the outcome stored in ONE
+//!   ([`custos_core::policy::evaluate()`]) and the outcome stored in ONE
 //!   `BEGIN IMMEDIATE` transaction, so concurrent requests can never push a
 //!   limit past its cap, and one request id is one withdrawal;
 //! - votes are verified against the active policy's roster and bound to the
@@ -259,7 +259,7 @@ impl Custody {
         &self.service_id
     }
 
-    /// Ids of withdrawals as they change state; [`Custody::watch`] filters it.
+    /// Ids of withdrawals as they change state; the API's `WatchWithdrawal` filters it.
     pub fn subscribe(&self) -> broadcast::Receiver<String> {
         self.updates.subscribe()
     }

@@ -145,7 +145,7 @@ pub(crate) fn templates(kind: KeyKind, label: &str, id: &[u8]) -> (Vec<Attribute
 
 /// Checks read-back attributes against custos's requirements.
 ///
-/// Every attribute in [`READ_BACK`] must be present with the required value;
+/// Every attribute in `READ_BACK` must be present with the required value;
 /// a missing attribute is a refusal, never a default.
 pub fn check_private_key_attributes(
     label: &str,

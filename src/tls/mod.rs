@@ -6,7 +6,7 @@
 //! an unknown CA must receive a gRPC `UNAUTHENTICATED` that names the
 //! problem, not a TLS alert that surfaces as an opaque transport error. So
 //! the handshake proves only that the peer holds the key of the certificate
-//! it presents ([`DeferredClientVerifier`]); the chain is then verified
+//! it presents (`DeferredClientVerifier`); the chain is then verified
 //! against the client CA, once per connection, and the outcome is recorded
 //! as the connection's [`Peer`]. The guard ([`crate::guard`]) refuses
 //! every request from a peer that is not a configured client, except health

@@ -3,7 +3,7 @@
 //! offline replay of a clean audit log, in entries per second.
 //!
 //! ```sh
-//! cargo bench --bench custody_core   # about a minute
+//! cargo bench -p custos-core --bench custody_core   # about a minute
 //! ```
 //!
 //! Everything runs in memory, with no HSM and no store. The only keys that

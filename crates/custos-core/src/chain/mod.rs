@@ -41,6 +41,14 @@ impl std::fmt::Debug for SigningDigest {
 }
 
 /// A chain custos signs for, named as the store and the audit log name it.
+///
+/// ```
+/// use custos_core::chain::Chain;
+///
+/// assert_eq!(Chain::from_name("bitcoin"), Some(Chain::Bitcoin));
+/// assert_eq!(Chain::Ethereum.name(), "ethereum");
+/// assert_eq!(Chain::from_name("Ethereum"), None);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Chain {
     /// Ethereum: the canonical unsigned encoding of an EIP-1559 or legacy

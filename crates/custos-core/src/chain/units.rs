@@ -9,6 +9,16 @@ const MAX_DECIMAL_DIGITS: usize = 78;
 
 /// A decimal amount: digits only, no sign, no leading zeros, below 2^256.
 /// The empty string is 0.
+///
+/// ```
+/// use alloy_primitives::U256;
+/// use custos_core::chain::units::decimal;
+///
+/// assert_eq!(decimal("1000000000000000000"), Ok(U256::from(10u64).pow(U256::from(18u64))));
+/// assert_eq!(decimal(""), Ok(U256::ZERO));
+/// assert!(decimal("01").is_err());
+/// assert!(decimal("1.5").is_err());
+/// ```
 pub fn decimal(text: &str) -> Result<U256, &'static str> {
     if text.is_empty() {
         return Ok(U256::ZERO);
@@ -26,6 +36,17 @@ pub fn decimal(text: &str) -> Result<U256, &'static str> {
 }
 
 /// A 0x-prefixed address; mixed-case input must carry a valid EIP-55 checksum.
+///
+/// ```
+/// use custos_core::chain::units::address;
+///
+/// assert!(address("0x9d8a62f656a8d1615c1294fd71e9cfb3e4855a4f").is_ok());
+/// assert!(address("0x9d8A62f656a8d1615C1294fd71e9CFb3E4855A4F").is_ok());
+/// assert_eq!(
+///     address("0x9D8A62f656a8d1615C1294fd71e9CFb3E4855A4F"),
+///     Err("has an invalid EIP-55 checksum")
+/// );
+/// ```
 pub fn address(text: &str) -> Result<Address, &'static str> {
     let hex_part = text.strip_prefix("0x").ok_or("must start with 0x")?;
     if hex_part.len() != 40 || !hex_part.bytes().all(|b| b.is_ascii_hexdigit()) {
