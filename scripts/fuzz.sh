@@ -29,7 +29,9 @@ build_flags=(-O --debug-assertions --sanitizer address)
 export ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=0}"
 
 started=$(date +%s)
-cargo fuzz build "${build_flags[@]}"
+# `server` adds the gRPC request target, the only one that needs the server
+# crate; the others fuzz custos-core alone.
+cargo fuzz build "${build_flags[@]}" --features server
 echo "fuzz: built ${#all_targets[@]} targets in $(($(date +%s) - started)) s"
 # Run the binaries just built, not `cargo fuzz run`, which would rebuild
 # first: every target then fuzzes the same code, and the time stays bounded.
@@ -79,7 +81,7 @@ for target in "${targets[@]}"; do
         echo "fuzz: $target: CRASH (exit $status); full log: $logs/$target.log" >&2
         while IFS= read -r artifact; do
             echo "fuzz: $target: crash input saved at $artifact" >&2
-            echo "fuzz:   reproduce: RUSTC_BOOTSTRAP=1 cargo fuzz run ${build_flags[*]} $target $artifact" >&2
+            echo "fuzz:   reproduce: RUSTC_BOOTSTRAP=1 cargo fuzz run ${build_flags[*]} --features server $target $artifact" >&2
             echo "fuzz:   once fixed, commit it as fuzz/regressions/$target/$(basename "$artifact")" >&2
         done < <(find "fuzz/artifacts/$target" -type f -newer "$marker" 2>/dev/null)
         failed+=("$target")

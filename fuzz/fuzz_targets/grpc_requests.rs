@@ -22,7 +22,7 @@ use std::sync::OnceLock;
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
 use custos_fuzz::{
-    check_intent, check_policy, check_refusal, check_signed_message, check_unsigned, check_violation,
+    check_intent, check_policy, check_refusal, check_signed_message, check_unsigned,
     example_policy, wallet_key,
 };
 
@@ -271,4 +271,20 @@ fn consistency_proof(request: proto::GetConsistencyProofRequest) -> Result<(), F
         }
         Err(e) => panic!("consistency proof of {old_size} to {new_size}: {e}"),
     }
+}
+
+/// A refused request field becomes INVALID_ARGUMENT naming that field.
+pub fn check_violation(violation: FieldViolation) {
+    assert!(
+        !violation.field.is_empty(),
+        "violation without a field: {violation:?}"
+    );
+    assert!(
+        !violation.description.is_empty(),
+        "violation without a rule: {violation:?}"
+    );
+    let field = violation.field.clone();
+    let status = tonic::Status::from(violation);
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().starts_with(&field), "{status:?}");
 }

@@ -5,7 +5,9 @@
 //! encodings round-trip, refusals name a field, and what a parse yields
 //! commits to exactly the input. The checks live here because the
 //! `grpc_requests` target reaches the same parsers through the request
-//! conversions and runs the same checks there.
+//! conversions and runs the same checks there. This library needs only
+//! `custos-core`; the server crate comes in with the `server` feature, for
+//! `grpc_requests` alone.
 //!
 //! Every check panics on a broken property; libFuzzer reports the panic as a
 //! crash and saves the input.
@@ -20,7 +22,6 @@ use bitcoin::{Amount, CompressedPublicKey, ScriptBuf};
 use k256::ecdsa::VerifyingKey;
 use k256::sha2::{Digest, Sha256};
 
-use custos::api::FieldViolation;
 use custos_core::approval::ApprovalMessage;
 use custos_core::chain::bitcoin::{self as btc, ParsedBitcoinTx};
 use custos_core::chain::ethereum::{
@@ -77,22 +78,6 @@ pub fn check_refusal(refusal: &TxRefusal) {
         !refusal.reason.is_empty(),
         "refusal without a reason: {refusal:?}"
     );
-}
-
-/// A refused request field becomes INVALID_ARGUMENT naming that field.
-pub fn check_violation(violation: FieldViolation) {
-    assert!(
-        !violation.field.is_empty(),
-        "violation without a field: {violation:?}"
-    );
-    assert!(
-        !violation.description.is_empty(),
-        "violation without a rule: {violation:?}"
-    );
-    let field = violation.field.clone();
-    let status = tonic::Status::from(violation);
-    assert_eq!(status.code(), tonic::Code::InvalidArgument);
-    assert!(status.message().starts_with(&field), "{status:?}");
 }
 
 /// Checks a decoded or converted unsigned transaction of either chain.
