@@ -4,6 +4,7 @@
 //! (verified against the wallet key) and their closing.
 
 use super::*;
+use crate::lifecycle::Event as LifecycleEvent;
 
 impl Replayer {
     // Wallets and governance.
@@ -451,17 +452,25 @@ impl Replayer {
                 format!("withdrawal {withdrawal_id} is {state}; it cannot become {target}"),
             );
         };
-        let problem = match (w.state, target) {
-            (Some(State::PendingApproval), State::Expired) if time < w.expires_at => Some(format!(
+        // The transition is the lifecycle's, as in the engine; only the
+        // time of an expiry is the replay's own check.
+        let event = match target {
+            State::Expired => LifecycleEvent::WindowElapsed,
+            _ => LifecycleEvent::Cancel,
+        };
+        let legal = w.state.is_some_and(|from| from.apply(event) == Ok(target));
+        let problem = if !legal {
+            Some(format!(
+                "a {} withdrawal cannot become {target}",
+                w.state.map_or("undecided", State::name)
+            ))
+        } else if target == State::Expired && time < w.expires_at {
+            Some(format!(
                 "withdrawal {withdrawal_id} expired at {time}, before its approval window ended at {}",
                 w.expires_at
-            )),
-            (Some(State::PendingApproval), State::Expired)
-            | (Some(State::PendingApproval | State::Approved), State::Cancelled) => None,
-            (from, _) => Some(format!(
-                "a {} withdrawal cannot become {target}",
-                from.map_or("undecided", State::name)
-            )),
+            ))
+        } else {
+            None
         };
         match problem {
             Some(problem) => self.flag(index, code::CLOSE_INVALID, problem),
