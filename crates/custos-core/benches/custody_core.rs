@@ -30,12 +30,13 @@ use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_
 use k256::ecdsa::{SigningKey, VerifyingKey};
 
 use custos_core::approval::ApprovalMessage;
-use custos_core::audit::entry::{Entry, Event, WindowUsage};
+use custos_core::audit::entry::{Entry, Event};
 use custos_core::audit::note::NoteVerifier;
 use custos_core::audit::replay::Replayer;
 use custos_core::chain::ethereum::{self, EthereumNetwork, UnsignedEthereumTx};
 use custos_core::chain::{Intent, Network};
 use custos_core::lifecycle::State;
+use custos_core::policy::record::{record, window_usage};
 use custos_core::policy::{
     Approval, DenyReason, Outcome, Policy, Usage, Vote, Withdrawal, evaluate, policy_hash,
 };
@@ -477,7 +478,7 @@ impl History {
     }
 
     /// The decision `evaluate` reaches now, recorded as the engine records
-    /// it (`custody::record` and `custody::window_usage`, which are private).
+    /// it, with the same `policy::record` functions.
     fn decide(&mut self, id: &str, parsed: &ParsedTx, votes: &[Approval], first: bool) -> State {
         let now = self.time;
         let w = withdrawal(id, parsed.intent());
@@ -488,42 +489,18 @@ impl History {
             (Outcome::Deny(DenyReason::Rejected { .. }), false) => State::Rejected,
             (Outcome::Deny(_), _) => State::Denied,
         };
-        let (reason_code, reason) = match &decision.outcome {
-            Outcome::Deny(r) => (r.code().to_owned(), r.to_string()),
-            _ => (String::new(), String::new()),
-        };
         let counted = state == State::Approved;
         let amount = w.intent.total_amount();
-        let usage = self
-            .policy
-            .limits
-            .iter()
-            .filter(|l| l.wallet == w.wallet && l.asset == w.intent.asset.symbol)
-            .flat_map(|l| &l.windows)
-            .map(|window| {
-                let (used, count) = self.usage.within(now, window.seconds);
-                let (after, count_after) = if counted {
-                    (used.saturating_add(amount), count + 1)
-                } else {
-                    (used, count)
-                };
-                WindowUsage {
-                    seconds: window.seconds,
-                    amount_before: used.to_string(),
-                    count_before: count,
-                    amount_after: after.to_string(),
-                    count_after,
-                }
-            })
-            .collect();
+        let usage = window_usage(&self.policy, &w, &self.usage, now, counted);
+        let stored = record(&decision, self.policy.version);
         self.push(Event::Decision {
             withdrawal_id: id.into(),
             policy_hash: decision.policy_hash,
             policy_version: self.policy.version,
             state: state.name().into(),
             rule: decision.rule.unwrap_or_default(),
-            reason_code,
-            reason,
+            reason_code: stored.reason_code.unwrap_or_default(),
+            reason: stored.reason.unwrap_or_default(),
             counted_approvers: decision.counted_approvers,
             usage,
         });
