@@ -228,6 +228,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::policy::tests::{NOW, policy};
 
     pub(crate) fn message() -> ApprovalMessage {
         ApprovalMessage {
@@ -395,5 +396,48 @@ mod tests {
                 prop_assert_eq!(m.encode(), bytes);
             }
         }
+    }
+
+    /// A submitted approval counts only for this deployment, and only under the
+    /// roster key of the approver it names.
+    #[test]
+    fn submitted_approvals_are_bound_to_service_and_roster() {
+        let p = policy();
+        // Test-only stand-in for alice's own key (seed 1 in the fixture).
+        let alice = k256::ecdsa::SigningKey::from_slice(&[1; 32]).unwrap();
+        let sign = |m: &ApprovalMessage| {
+            let (sig, _) = alice.sign_prehash_recoverable(&m.digest());
+            sig.normalize_s().to_bytes().to_vec()
+        };
+        let message = ApprovalMessage {
+            service_id: "custos-test".into(),
+            withdrawal_id: "w-1".into(),
+            intent_hash: [5; 32],
+            policy_hash: p.hash,
+            vote: Vote::Approve,
+            expires_at: NOW + 60,
+            approver: "alice".into(),
+        };
+        let (_, approval) =
+            ApprovalMessage::verify_submitted(&message.encode(), &sign(&message), "custos-test", &p).unwrap();
+        assert_eq!(approval.approver, "alice");
+        assert_eq!(approval.policy_hash, p.hash);
+
+        let err = ApprovalMessage::verify_submitted(&message.encode(), &sign(&message), "custos-prod", &p);
+        assert_eq!(
+            err.unwrap_err(),
+            ApprovalError::WrongService("custos-test".into())
+        );
+
+        let mut eve = message.clone();
+        eve.approver = "eve".into();
+        let err = ApprovalMessage::verify_submitted(&eve.encode(), &sign(&eve), "custos-test", &p);
+        assert_eq!(err.unwrap_err(), ApprovalError::UnknownApprover("eve".into()));
+
+        // Alice's key cannot speak for bob.
+        let mut bob = message.clone();
+        bob.approver = "bob".into();
+        let err = ApprovalMessage::verify_submitted(&bob.encode(), &sign(&bob), "custos-test", &p);
+        assert_eq!(err.unwrap_err(), ApprovalError::InvalidSignature);
     }
 }

@@ -213,51 +213,13 @@ mod tests {
 
     use super::*;
     use crate::policy::Vote;
+    // The policy tests' fixture: alice and bob hold seeds 1 and 2.
+    use crate::policy::tests::policy;
 
     const INTENT: [u8; 32] = [7; 32];
 
     fn key(seed: u8) -> SigningKey {
         SigningKey::from_slice(&[seed; 32]).unwrap()
-    }
-
-    fn policy() -> Policy {
-        let roster = |seed: u8| {
-            format!(
-                "secp256k1:{}",
-                hex::encode(key(seed).verifying_key().to_sec1_bytes())
-            )
-        };
-        let document = format!(
-            r#"version = 1
-approval_window_seconds = 86400
-allowlist_delay_seconds = 86400
-
-[admins]
-quorum = 1
-keys = {{ root = "{root}" }}
-security_officers = ["alice"]
-
-[approvers.alice]
-key = "{alice}"
-groups = ["treasury"]
-[approvers.bob]
-key = "{bob}"
-groups = ["treasury"]
-
-[wallets.hot]
-network = "eip155:1"
-key_label = "custos-wallet-hot"
-
-[[rules]]
-name = "large"
-action = "require"
-quorum = [{{ group = "treasury", min = 2 }}]
-"#,
-            root = roster(9),
-            alice = roster(1),
-            bob = roster(2),
-        );
-        Policy::parse(document.as_bytes()).unwrap()
     }
 
     fn message(policy: &Policy, approver: &str) -> ApprovalMessage {
@@ -401,7 +363,7 @@ quorum = [{{ group = "treasury", min = 2 }}]
                 custody(&p),
                 Refusal::UnknownApprover {
                     approver: "mallory".into(),
-                    version: 1,
+                    version: p.version,
                 },
             ),
             (
@@ -437,7 +399,7 @@ quorum = [{{ group = "treasury", min = 2 }}]
                 custody(&p),
                 Refusal::StalePolicy {
                     named: [1; 32],
-                    version: 1,
+                    version: p.version,
                     active: p.hash,
                 },
             ),

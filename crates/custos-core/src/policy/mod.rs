@@ -23,4 +23,4 @@ pub use evaluate::{
 };
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

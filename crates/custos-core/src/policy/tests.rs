@@ -10,7 +10,7 @@ const ALLOWED: &str = "0x3535353535353535353535353535353535353535";
 const FRESH: &str = "0x4646464646464646464646464646464646464646";
 const STRANGER: &str = "0x5757575757575757575757575757575757575757";
 const DAY: u64 = 86_400;
-const NOW: u64 = 1_800_000_000;
+pub(crate) const NOW: u64 = 1_800_000_000;
 const ETHER: u64 = 1_000_000_000_000_000_000;
 
 fn key(seed: u8) -> String {
@@ -110,7 +110,7 @@ quorum = [{{ group = "treasury", min = 2 }}, {{ group = "security", min = 1 }}]
     )
 }
 
-fn policy() -> Policy {
+pub(crate) fn policy() -> Policy {
     Policy::parse(document().as_bytes()).unwrap()
 }
 
@@ -564,49 +564,4 @@ fn published_example_and_hash_vector() {
         spec.contains(&published),
         "docs/policy.md must publish the example's hash {published}"
     );
-}
-
-/// A submitted approval counts only for this deployment, and only under the
-/// roster key of the approver it names.
-#[test]
-fn submitted_approvals_are_bound_to_service_and_roster() {
-    use crate::approval::{ApprovalError, ApprovalMessage};
-
-    let p = policy();
-    // Test-only stand-in for alice's own key (seed 1 in the fixture).
-    let alice = k256::ecdsa::SigningKey::from_slice(&[1; 32]).unwrap();
-    let sign = |m: &ApprovalMessage| {
-        let (sig, _) = alice.sign_prehash_recoverable(&m.digest());
-        sig.normalize_s().to_bytes().to_vec()
-    };
-    let message = ApprovalMessage {
-        service_id: "custos-test".into(),
-        withdrawal_id: "w-1".into(),
-        intent_hash: [5; 32],
-        policy_hash: p.hash,
-        vote: Vote::Approve,
-        expires_at: NOW + 60,
-        approver: "alice".into(),
-    };
-    let (_, approval) =
-        ApprovalMessage::verify_submitted(&message.encode(), &sign(&message), "custos-test", &p).unwrap();
-    assert_eq!(approval.approver, "alice");
-    assert_eq!(approval.policy_hash, p.hash);
-
-    let err = ApprovalMessage::verify_submitted(&message.encode(), &sign(&message), "custos-prod", &p);
-    assert_eq!(
-        err.unwrap_err(),
-        ApprovalError::WrongService("custos-test".into())
-    );
-
-    let mut eve = message.clone();
-    eve.approver = "eve".into();
-    let err = ApprovalMessage::verify_submitted(&eve.encode(), &sign(&eve), "custos-test", &p);
-    assert_eq!(err.unwrap_err(), ApprovalError::UnknownApprover("eve".into()));
-
-    // Alice's key cannot speak for bob.
-    let mut bob = message.clone();
-    bob.approver = "bob".into();
-    let err = ApprovalMessage::verify_submitted(&bob.encode(), &sign(&bob), "custos-test", &p);
-    assert_eq!(err.unwrap_err(), ApprovalError::InvalidSignature);
 }
