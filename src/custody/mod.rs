@@ -73,7 +73,7 @@ const REQUEST_DOMAIN: &[u8] = b"custos/request/v1";
 
 /// Why a custody operation was refused or failed. Each variant says what the
 /// client should know; server-side details stay in the wrapped errors, which
-/// [`crate::api`] logs and does not send.
+/// the API layer logs and does not send.
 #[derive(Debug, thiserror::Error)]
 pub enum CustodyError {
     /// A request field is malformed.
@@ -422,8 +422,7 @@ fn usage<'c>(
 /// The audit entry of a withdrawal's latest decision.
 fn decision_event(row: &WithdrawalRow, usage: Vec<WindowUsage>) -> AuditEvent {
     let d = &row.decision;
-    // The log writes all zeros when no policy was active.
-    let policy_hash = d.policy_hash.unwrap_or([0u8; 32]);
+    let policy_hash = d.logged_policy_hash();
     AuditEvent::Decision {
         withdrawal_id: row.withdrawal_id.clone(),
         policy_hash,

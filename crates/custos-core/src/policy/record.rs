@@ -128,7 +128,13 @@ impl DecisionRecord {
     /// The policy hash as the stored record and the API write it: 64 hex
     /// digits, or empty when no policy was active.
     pub fn policy_hash_hex(&self) -> String {
-        self.policy_hash.map(hex::encode).unwrap_or_default()
+        policy_hash_hex::text(&self.policy_hash)
+    }
+
+    /// The policy hash as a decision's audit entry carries it: all zeros
+    /// when no policy was active.
+    pub fn logged_policy_hash(&self) -> [u8; 32] {
+        self.policy_hash.unwrap_or([0u8; 32])
     }
 }
 
@@ -136,8 +142,13 @@ impl DecisionRecord {
 mod policy_hash_hex {
     use serde::{Deserialize, Deserializer, Serializer};
 
+    /// 64 hex digits, or the empty string for `None`.
+    pub fn text(hash: &Option<[u8; 32]>) -> String {
+        hash.map(hex::encode).unwrap_or_default()
+    }
+
     pub fn serialize<S: Serializer>(hash: &Option<[u8; 32]>, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&hash.map(hex::encode).unwrap_or_default())
+        s.serialize_str(&text(hash))
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<[u8; 32]>, D::Error> {

@@ -536,7 +536,7 @@ pub(super) struct Expected {
 impl Expected {
     pub(super) fn differences(&self, state: State, d: &Logged<'_>) -> Vec<&'static str> {
         let r = &self.record;
-        let policy_hash = r.policy_hash.unwrap_or([0u8; 32]) == *d.policy_hash;
+        let policy_hash = r.logged_policy_hash() == *d.policy_hash;
         [
             ("policy_hash", policy_hash),
             ("policy_version", r.policy_version == d.policy_version),
