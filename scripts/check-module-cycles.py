@@ -3,7 +3,9 @@
 
 Reads every `crate::` path in src/ (excluding the binaries, which are their
 own crates), in `use` items, including grouped ones such as
-`use crate::{a::X, b}`, and inline paths such as `crate::a::f()`. A file
+`use crate::{a::X, b}`, and inline paths such as `crate::a::f()`, and in
+test modules and doc links too: a test or a doc that reaches up the layers
+is read as the dependency it is for a reader. A file
 `src/foo.rs` or `src/foo/...` belongs to module `foo`. The edges form a
 graph between modules; any strongly connected component with more than one
 module is a cycle, printed with one path through it.
@@ -28,17 +30,6 @@ def module_of(path: Path) -> str | None:
     if rel.parts[0] == "bin" or rel.name == "lib.rs" and len(rel.parts) == 1:
         return None
     return rel.parts[0].removesuffix(".rs")
-
-
-def strip_tests(text: str) -> str:
-    """The file without its test module, which may reach anywhere."""
-    m = re.search(r"^#\[cfg\(test\)\]\s*(pub(\(crate\))?\s+)?mod\s+\w+\s*\{", text, flags=re.M)
-    return text[: m.start()] if m else text
-
-
-def strip_comments(text: str) -> str:
-    text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
-    return "\n".join(line.split("//", 1)[0] for line in text.splitlines())
 
 
 def use_targets(tree: str) -> list[str]:
@@ -70,9 +61,7 @@ def edges() -> dict[str, set[str]]:
         source = module_of(path)
         if source is None:
             continue
-        if path.name == "tests.rs":
-            continue
-        text = strip_comments(strip_tests(path.read_text()))
+        text = path.read_text()
         targets: set[str] = set()
         for m in re.finditer(r"\buse\s+crate::(\{.*?\}|[^;]+);", text, flags=re.S):
             targets.update(use_targets(m.group(1)))

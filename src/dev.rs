@@ -277,7 +277,7 @@ pub fn prepare(paths: &DevPaths, module: &Path, listen: Option<SocketAddr>) -> R
     Ok(config)
 }
 
-/// Runs inside [`crate::server::App::open_with`] on first start: creates the
+/// Runs inside the server's `App::open_with` on first start: creates the
 /// dev wallet in the token and writes the genesis policy naming its key.
 pub async fn bootstrap(paths: &DevPaths, wallets: Arc<Wallets>) -> Result<(), String> {
     if paths.policy.exists() {

@@ -185,7 +185,7 @@ fn saturate(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
 
-/// A metrics listener bound at startup and served by [`crate::server::run`]
+/// A metrics listener bound at startup and served by the server's `run`
 /// (through [`spawn`]). Clones share it; the first [`Listener::take`] gets it.
 #[derive(Debug, Clone)]
 pub struct Listener {
@@ -220,7 +220,7 @@ impl Listener {
 }
 
 /// Serves the metrics of `store` on `listener`, unless it was taken
-/// already, until the returned guard drops. [`crate::server::run`] holds the
+/// already, until the returned guard drops. The server's `run` holds the
 /// guard for as long as it serves gRPC.
 pub fn spawn(listener: &Listener, store: Arc<Store>) -> Option<Running> {
     let listener = listener.take()?;

@@ -2,7 +2,7 @@
 //! the custody engine bump where things happen. This module imports nothing
 //! of the crate, so any module may call it without a cycle; the Prometheus
 //! endpoint that exports these and the store's state is
-//! [`crate::exporter`].
+//! the `exporter` module, which depends on this one.
 //!
 //! Events counted: decisions by outcome and rule ([`decided`], after the
 //! decision is committed), the latency of every `C_Sign`

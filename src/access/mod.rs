@@ -2,12 +2,13 @@
 //! matrix every RPC is checked against.
 //!
 //! A caller is known only by the client certificate it presented in the mTLS
-//! handshake (see [`crate::tls`]). Its SAN (a URI or DNS name) is looked up in
-//! the configured [`ClientRegistry`], which grants roles. [`RPC_ACCESS`] is the
-//! single table that says which roles may call each RPC; a method absent from
-//! it is refused to everyone, so a new RPC is unreachable until someone
-//! decides who may call it. [`crate::guard`] enforces the table, with the
-//! request limits, as a tower layer in front of every service.
+//! handshake (the transport, `tls`, records it). Its SAN (a URI or DNS name)
+//! is looked up in the configured [`ClientRegistry`], which grants roles.
+//! [`RPC_ACCESS`] is the single table that says which roles may call each
+//! RPC; a method absent from it is refused to everyone, so a new RPC is
+//! unreachable until someone decides who may call it. The `guard` module,
+//! above this one, enforces the table, with the request limits, as a tower
+//! layer in front of every service.
 
 use std::collections::BTreeMap;
 use std::fmt;

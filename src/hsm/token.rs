@@ -89,8 +89,9 @@ pub(crate) fn login(session: &Session, pin: &Pin) -> Result<(), HsmError> {
 
 /// A logged-in read-write session on the token `selector` names, outside the
 /// pool: for tools that make a few calls and exit (a person's own token, the
-/// raw `C_Sign` bench), never for the wallet path. Returns the module too,
-/// which must outlive the session.
+/// raw `C_Sign` bench), never for the wallet path. Returns the module and
+/// the slot too, for a caller that opens more sessions (the session holds
+/// its own handle on the module).
 pub fn tool_session(
     module: &std::path::Path,
     selector: &TokenSelector,

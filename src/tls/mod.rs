@@ -8,7 +8,7 @@
 //! the handshake proves only that the peer holds the key of the certificate
 //! it presents (`DeferredClientVerifier`); the chain is then verified
 //! against the client CA, once per connection, and the outcome is recorded
-//! as the connection's [`Peer`]. The guard ([`crate::guard`]) refuses
+//! as the connection's [`Peer`]. The guard (`guard.rs`, which depends on this module) refuses
 //! every request from a peer that is not a configured client, except health
 //! checks.
 //!

@@ -1,7 +1,7 @@
 //! Recomputing a withdrawal's intent without the server: from its stored
 //! unsigned transaction, the wallet's public key and a policy. An approver's
-//! tool (`custos approve`) and the audit replay ([`crate::audit::replay`])
-//! both do this instead of trusting the intent the server shows or logged.
+//! tool (`custos approve`) and the audit replay both do this instead of
+//! trusting the intent the server shows or logged.
 //!
 //! The wallet's addresses come from its public key, and the network and
 //! token registry from the policy, so nothing in the recomputed intent comes

@@ -62,10 +62,11 @@ impl Usage {
     }
 }
 
-/// Rolling usage as the limit checks read it. [`Usage`] is what the engine
-/// reads from the store; the audit replay keeps its own running totals
-/// (`crate::audit::replay`), so that replaying a long log costs O(log n) per
-/// decision rather than a scan of every counted withdrawal.
+/// Rolling usage as the limit checks read it. [`Usage`], the plain list of
+/// counted withdrawals, defines the meaning; the engine's usage cache and the
+/// audit replay both count with running totals
+/// ([`super::usage::UsageLedger`]), so that a decision costs O(log n) rather
+/// than a scan of every counted withdrawal.
 pub trait RollingUsage {
     /// Amount and count of counted withdrawals stamped after `now - seconds`,
     /// including any stamped after `now`.
