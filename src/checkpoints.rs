@@ -339,7 +339,7 @@ fn merkle_store_error(e: merkle::MerkleError<StoreError>) -> StoreError {
 
 async fn write<T: Send + 'static>(
     store: &Arc<Store>,
-    f: impl FnOnce(&rusqlite::Connection) -> Result<T, StoreError> + Send + 'static,
+    f: impl FnOnce(crate::store::sql::Conn<'_>) -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, CheckpointError> {
     let store = Arc::clone(store);
     tokio::task::spawn_blocking(move || store.write(f))
@@ -350,7 +350,7 @@ async fn write<T: Send + 'static>(
 
 async fn blocking<T: Send + 'static>(
     store: &Arc<Store>,
-    f: impl FnOnce(&rusqlite::Connection) -> Result<T, StoreError> + Send + 'static,
+    f: impl FnOnce(crate::store::sql::Conn<'_>) -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, CheckpointError> {
     let store = Arc::clone(store);
     tokio::task::spawn_blocking(move || store.read(f))

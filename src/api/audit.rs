@@ -34,7 +34,7 @@ impl AuditApi {
 
     async fn read<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&rusqlite::Connection) -> Result<T, ReadError> + Send + 'static,
+        f: impl FnOnce(crate::store::sql::Conn<'_>) -> Result<T, ReadError> + Send + 'static,
     ) -> Result<T, Status> {
         let store = Arc::clone(&self.store);
         tokio::task::spawn_blocking(move || store.read(f))

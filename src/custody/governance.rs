@@ -79,7 +79,10 @@ pub struct Genesis {
 
 /// Rebuilds an activated version from the store, anchoring allowlists along
 /// the activation history.
-pub(crate) fn load_version(conn: &rusqlite::Connection, version: u64) -> Result<ActivePolicy, CustodyError> {
+pub(crate) fn load_version(
+    conn: crate::store::sql::Conn<'_>,
+    version: u64,
+) -> Result<ActivePolicy, CustodyError> {
     let history = gov_store::activated_history(conn)?;
     let mut previous: Option<ActivePolicy> = None;
     for row in history.into_iter().take_while(|r| r.version <= version) {

@@ -383,7 +383,7 @@ impl Snapshot {
     /// rebuilt from the store.
     fn active_policy(
         &self,
-        conn: &rusqlite::Connection,
+        conn: crate::store::sql::Conn<'_>,
         version: Option<u64>,
     ) -> Result<Option<Arc<ActivePolicy>>, CustodyError> {
         let Some(version) = version else { return Ok(None) };
@@ -401,7 +401,7 @@ impl Snapshot {
 fn usage<'c>(
     cache: &'c mut UsageCache,
     store: &Store,
-    conn: &rusqlite::Connection,
+    conn: crate::store::sql::Conn<'_>,
     policy: &Policy,
     w: &policy::Withdrawal<'_>,
     now: u64,

@@ -14,10 +14,10 @@
 use std::collections::HashMap;
 
 use alloy_primitives::U256;
-use rusqlite::Connection;
 
 use super::CustodyError;
 use crate::store::Store;
+use crate::store::sql::Conn;
 use crate::store::withdrawals as wd_store;
 use custos_core::policy::RollingUsage;
 use custos_core::policy::usage::UsageLedger;
@@ -51,7 +51,7 @@ impl UsageCache {
     pub(crate) fn list(
         &mut self,
         store: &Store,
-        conn: &Connection,
+        conn: Conn<'_>,
         wallet: &str,
         asset: &str,
         now: u64,

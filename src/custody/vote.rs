@@ -210,7 +210,7 @@ pub(super) fn vote_refused(refusal: vote::Refusal, row: &WithdrawalRow, approver
 /// Every stored vote on a withdrawal, as the policy core counts them. Each
 /// was verified when stored; they are parsed again from the signed bytes.
 pub(super) fn stored_approvals(
-    conn: &rusqlite::Connection,
+    conn: crate::store::sql::Conn<'_>,
     withdrawal_id: &str,
 ) -> Result<Vec<policy::Approval>, CustodyError> {
     wd_store::approvals(conn, withdrawal_id)?

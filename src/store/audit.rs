@@ -8,27 +8,26 @@
 //! (`merkle_nodes`), so roots and proofs cost O(log n) reads whatever the
 //! log's size.
 
-use rusqlite::{Connection, OptionalExtension, params};
-
 use super::StoreError;
 use super::governance::{to_i64, to_u64};
+use super::sql::{Conn, Row};
 use crate::hsm::KeyAttributes;
 use custos_core::audit::entry::{Entry, Event};
 use custos_core::audit::merkle::{self, NodeStore};
 use custos_core::key::KeyKind;
 
-/// The tree nodes in SQLite, read through the caller's connection.
-pub struct SqlNodes<'a>(pub &'a Connection);
+/// The tree nodes in the store, read through the caller's connection.
+pub struct SqlNodes<'a>(pub Conn<'a>);
 
 impl NodeStore for SqlNodes<'_> {
     type Error = StoreError;
 
     fn node(&self, level: u8, index: u64) -> Result<Option<[u8; 32]>, StoreError> {
-        let hash: Option<Vec<u8>> = self
-            .0
-            .prepare_cached("SELECT hash FROM merkle_nodes WHERE level = ?1 AND idx = ?2")?
-            .query_row(params![level, to_i64(index)], |r| r.get(0))
-            .optional()?;
+        let hash: Option<Vec<u8>> = self.0.query_opt(
+            "SELECT hash FROM merkle_nodes WHERE level = ?1 AND idx = ?2",
+            &[&i64::from(level), &to_i64(index)],
+            |r| r.get(0),
+        )?;
         hash.map(|h| {
             <[u8; 32]>::try_from(h).map_err(|_| StoreError::Corrupt {
                 table: "merkle_nodes",
@@ -40,16 +39,16 @@ impl NodeStore for SqlNodes<'_> {
 }
 
 /// Number of entries.
-pub fn size(conn: &Connection) -> Result<u64, StoreError> {
-    let n: i64 = conn
-        .prepare_cached("SELECT COALESCE(MAX(idx) + 1, 0) FROM audit_log")?
-        .query_row([], |r| r.get(0))?;
+pub fn size(conn: Conn<'_>) -> Result<u64, StoreError> {
+    let n: i64 = conn.query_one("SELECT COALESCE(MAX(idx) + 1, 0) FROM audit_log", &[], |r| {
+        r.get(0)
+    })?;
     Ok(to_u64(n))
 }
 
 /// Appends `event` at `time` as the next entry, with its tree nodes, in the
 /// caller's transaction. Returns the entry.
-pub fn append(conn: &Connection, time: u64, event: Event) -> Result<Entry, StoreError> {
+pub fn append(conn: Conn<'_>, time: u64, event: Event) -> Result<Entry, StoreError> {
     let entry = Entry {
         index: size(conn)?,
         time,
@@ -58,22 +57,26 @@ pub fn append(conn: &Connection, time: u64, event: Event) -> Result<Entry, Store
     let bytes = entry.encode();
     let leaf = merkle::leaf_hash(&bytes);
     let nodes = merkle::append_nodes(&SqlNodes(conn), entry.index, leaf)?;
-    conn.prepare_cached("INSERT INTO audit_log (idx, time, entry) VALUES (?1, ?2, ?3)")?
-        .execute(params![to_i64(entry.index), to_i64(time), bytes])?;
-    let mut insert =
-        conn.prepare_cached("INSERT INTO merkle_nodes (level, idx, hash) VALUES (?1, ?2, ?3)")?;
+    conn.execute(
+        "INSERT INTO audit_log (idx, time, entry) VALUES (?1, ?2, ?3)",
+        &[&to_i64(entry.index), &to_i64(time), &bytes],
+    )?;
     for (level, index, hash) in nodes {
-        insert.execute(params![level, to_i64(index), hash.as_slice()])?;
+        conn.execute(
+            "INSERT INTO merkle_nodes (level, idx, hash) VALUES (?1, ?2, ?3)",
+            &[&i64::from(level), &to_i64(index), &hash.as_slice()],
+        )?;
     }
     Ok(entry)
 }
 
 /// Encoded entries with index in `start..end`, in order.
-pub fn entries(conn: &Connection, start: u64, end: u64) -> Result<Vec<Vec<u8>>, StoreError> {
-    let mut stmt =
-        conn.prepare_cached("SELECT entry FROM audit_log WHERE idx >= ?1 AND idx < ?2 ORDER BY idx")?;
-    let rows = stmt.query_map(params![to_i64(start), to_i64(end)], |r| r.get(0))?;
-    Ok(rows.collect::<Result<_, _>>()?)
+pub fn entries(conn: Conn<'_>, start: u64, end: u64) -> Result<Vec<Vec<u8>>, StoreError> {
+    conn.query(
+        "SELECT entry FROM audit_log WHERE idx >= ?1 AND idx < ?2 ORDER BY idx",
+        &[&to_i64(start), &to_i64(end)],
+        |r| r.get(0),
+    )
 }
 
 /// The log key as recorded when it was generated.
@@ -96,57 +99,51 @@ pub struct LogKeyRecord {
 }
 
 /// The log key's record, if one was made.
-pub fn log_key(conn: &Connection) -> Result<Option<LogKeyRecord>, StoreError> {
+pub fn log_key(conn: Conn<'_>) -> Result<Option<LogKeyRecord>, StoreError> {
     let corrupt = |reason: &str| StoreError::Corrupt {
         table: "log_key",
         reason: reason.to_owned(),
     };
-    conn.prepare_cached(
+    conn.query_opt(
         "SELECT kind, key_label, key_id, public_key, attributes, origin, created_at FROM log_key WHERE id = 1",
-    )?
-    .query_row([], |r| {
-        let kind: String = r.get(0)?;
-        let attributes: String = r.get(4)?;
-        let created_at: i64 = r.get(6)?;
-        Ok((kind, attributes, created_at, r.get(1)?, r.get(2)?, r.get(3)?, r.get(5)?))
-    })
-    .optional()?
-    .map(|(kind, attributes, created_at, key_label, key_id, public_key, origin)| {
-        Ok(LogKeyRecord {
-            kind: KeyKind::from_name(&kind).ok_or_else(|| corrupt("unknown key kind"))?,
-            key_label,
-            key_id,
-            public_key,
-            attributes: serde_json::from_str::<super::StoredAttributes>(&attributes)
-                .map_err(|_| corrupt("attributes"))?
-                .into(),
-            origin,
-            created_at: to_u64(created_at),
-        })
-    })
-    .transpose()
+        &[],
+        |r| {
+            let kind: String = r.get(0)?;
+            let attributes: String = r.get(4)?;
+            Ok(LogKeyRecord {
+                kind: KeyKind::from_name(&kind).ok_or_else(|| corrupt("unknown key kind"))?,
+                key_label: r.get(1)?,
+                key_id: r.get(2)?,
+                public_key: r.get(3)?,
+                attributes: serde_json::from_str::<super::StoredAttributes>(&attributes)
+                    .map_err(|_| corrupt("attributes"))?
+                    .into(),
+                origin: r.get(5)?,
+                created_at: to_u64(r.get(6)?),
+            })
+        },
+    )
 }
 
 /// Records the log key; there is only ever one.
-pub fn insert_log_key(conn: &Connection, key: &LogKeyRecord) -> Result<(), StoreError> {
+pub fn insert_log_key(conn: Conn<'_>, key: &LogKeyRecord) -> Result<(), StoreError> {
     let attributes = serde_json::to_string(&key.attributes).map_err(|_| StoreError::Corrupt {
         table: "log_key",
         reason: "attributes do not serialize".into(),
     })?;
-    let inserted = conn
-        .prepare_cached(
-            "INSERT INTO log_key (id, kind, key_label, key_id, public_key, attributes, origin, created_at)
+    let inserted = conn.execute(
+        "INSERT INTO log_key (id, kind, key_label, key_id, public_key, attributes, origin, created_at)
          VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        )?
-        .execute(params![
-            key.kind.name(),
-            key.key_label,
-            key.key_id,
-            key.public_key,
-            attributes,
-            key.origin,
-            to_i64(key.created_at)
-        ]);
+        &[
+            &key.kind.name(),
+            &key.key_label,
+            &key.key_id,
+            &key.public_key,
+            &attributes,
+            &key.origin,
+            &to_i64(key.created_at),
+        ],
+    );
     super::conflict_as(inserted, "log key")?;
     Ok(())
 }
@@ -166,46 +163,49 @@ pub struct StoredCheckpoint {
 
 /// Stores a signed checkpoint. A second one for the same size is refused:
 /// a log has one root per size.
-pub fn insert_checkpoint(conn: &Connection, checkpoint: &StoredCheckpoint) -> Result<(), StoreError> {
-    let inserted = conn
-        .prepare_cached("INSERT INTO checkpoints (size, root, note, signed_at) VALUES (?1, ?2, ?3, ?4)")?
-        .execute(params![
-            to_i64(checkpoint.size),
-            checkpoint.root.as_slice(),
-            checkpoint.note,
-            to_i64(checkpoint.signed_at)
-        ]);
+pub fn insert_checkpoint(conn: Conn<'_>, checkpoint: &StoredCheckpoint) -> Result<(), StoreError> {
+    let inserted = conn.execute(
+        "INSERT INTO checkpoints (size, root, note, signed_at) VALUES (?1, ?2, ?3, ?4)",
+        &[
+            &to_i64(checkpoint.size),
+            &checkpoint.root.as_slice(),
+            &checkpoint.note,
+            &to_i64(checkpoint.signed_at),
+        ],
+    );
     super::conflict_as(inserted, "checkpoint")?;
     Ok(())
 }
 
 /// The checkpoint at `size`, or the latest one when `size` is `None`.
-pub fn checkpoint(conn: &Connection, size: Option<u64>) -> Result<Option<StoredCheckpoint>, StoreError> {
-    let mut stmt = match size {
-        Some(_) => {
-            conn.prepare_cached("SELECT size, root, note, signed_at FROM checkpoints WHERE size = ?1")?
-        }
-        None => conn.prepare_cached(
-            "SELECT size, root, note, signed_at FROM checkpoints WHERE ?1 IS NULL ORDER BY size DESC LIMIT 1",
-        )?,
-    };
-    stmt.query_row(params![size.map(to_i64)], checkpoint_row)
-        .optional()?
-        .transpose()
+pub fn checkpoint(conn: Conn<'_>, size: Option<u64>) -> Result<Option<StoredCheckpoint>, StoreError> {
+    match size {
+        Some(size) => conn.query_opt(
+            "SELECT size, root, note, signed_at FROM checkpoints WHERE size = ?1",
+            &[&to_i64(size)],
+            checkpoint_row,
+        ),
+        None => conn.query_opt(
+            "SELECT size, root, note, signed_at FROM checkpoints ORDER BY size DESC LIMIT 1",
+            &[],
+            checkpoint_row,
+        ),
+    }
 }
 
 /// Every checkpoint, oldest first.
-pub fn checkpoints(conn: &Connection) -> Result<Vec<StoredCheckpoint>, StoreError> {
-    let mut stmt =
-        conn.prepare_cached("SELECT size, root, note, signed_at FROM checkpoints ORDER BY size")?;
-    let rows = stmt.query_map([], checkpoint_row)?;
-    rows.map(|r| r?).collect()
+pub fn checkpoints(conn: Conn<'_>) -> Result<Vec<StoredCheckpoint>, StoreError> {
+    conn.query(
+        "SELECT size, root, note, signed_at FROM checkpoints ORDER BY size",
+        &[],
+        checkpoint_row,
+    )
 }
 
-fn checkpoint_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<StoredCheckpoint, StoreError>> {
+fn checkpoint_row(r: &Row<'_, '_>) -> Result<StoredCheckpoint, StoreError> {
     let (size, root, note, signed_at): (i64, Vec<u8>, String, i64) =
         (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?);
-    Ok(<[u8; 32]>::try_from(root)
+    <[u8; 32]>::try_from(root)
         .map_err(|_| StoreError::Corrupt {
             table: "checkpoints",
             reason: "root is not 32 bytes".into(),
@@ -215,5 +215,5 @@ fn checkpoint_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<StoredCheckp
             root,
             note,
             signed_at: to_u64(signed_at),
-        }))
+        })
 }

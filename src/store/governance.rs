@@ -7,9 +7,8 @@
 //! replayed). Activated versions are unique, and a signature row per admin and
 //! policy is unique, by constraint.
 
-use rusqlite::{Connection, OptionalExtension, params};
-
 use super::StoreError;
+use super::sql::{Conn, Row};
 use custos_core::governance::PolicySignature;
 
 /// The single governance row.
@@ -39,120 +38,118 @@ pub struct PolicyRow {
 }
 
 /// Reads the governance row.
-pub fn state(conn: &Connection) -> Result<GovernanceRow, StoreError> {
-    Ok(conn
-        .prepare_cached("SELECT active_version, frozen, freeze_epoch FROM governance WHERE id = 1")?
-        .query_row([], |row| {
+pub fn state(conn: Conn<'_>) -> Result<GovernanceRow, StoreError> {
+    conn.query_one(
+        "SELECT active_version, frozen, freeze_epoch FROM governance WHERE id = 1",
+        &[],
+        |row| {
             Ok(GovernanceRow {
-                active_version: row.get::<_, Option<i64>>(0)?.map(to_u64),
-                frozen: row.get::<_, i64>(1)? == 1,
+                active_version: row.get::<Option<i64>>(0)?.map(to_u64),
+                frozen: row.get::<i64>(1)? == 1,
                 freeze_epoch: to_u64(row.get(2)?),
             })
-        })?)
+        },
+    )
 }
 
 /// Inserts a proposed document; [`StoreError::Conflict`] if it is already stored.
-pub fn insert_policy(conn: &Connection, row: &PolicyRow) -> Result<(), StoreError> {
+pub fn insert_policy(conn: Conn<'_>, row: &PolicyRow) -> Result<(), StoreError> {
     let inserted = conn.execute(
         "INSERT INTO policies (hash, version, document, proposed_at, activated_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![
-            row.hash.as_slice(),
-            to_i64(row.version),
-            row.document,
-            to_i64(row.proposed_at),
-            row.activated_at.map(to_i64)
+        &[
+            &row.hash.as_slice(),
+            &to_i64(row.version),
+            &row.document,
+            &to_i64(row.proposed_at),
+            &row.activated_at.map(to_i64),
         ],
     );
     super::conflict_as(inserted, "policy").map(|_| ())
 }
 
 /// Marks a stored policy active from `at` and makes it the active version.
-pub fn activate(conn: &Connection, hash: &[u8; 32], version: u64, at: u64) -> Result<(), StoreError> {
+pub fn activate(conn: Conn<'_>, hash: &[u8; 32], version: u64, at: u64) -> Result<(), StoreError> {
     let updated = conn.execute(
         "UPDATE policies SET activated_at = ?2 WHERE hash = ?1 AND activated_at IS NULL",
-        params![hash.as_slice(), to_i64(at)],
+        &[&hash.as_slice(), &to_i64(at)],
     );
     if super::conflict_as(updated, "active policy version")? != 1 {
         return Err(StoreError::Conflict("active policy"));
     }
     conn.execute(
         "UPDATE governance SET active_version = ?1 WHERE id = 1",
-        [to_i64(version)],
+        &[&to_i64(version)],
     )?;
     Ok(())
 }
 
 /// One policy by hash.
-pub fn policy(conn: &Connection, hash: &[u8; 32]) -> Result<Option<PolicyRow>, StoreError> {
-    Ok(conn
-        .query_row(
-            &format!("{SELECT_POLICY} WHERE hash = ?1"),
-            [hash.as_slice()],
-            policy_row,
-        )
-        .optional()?)
+pub fn policy(conn: Conn<'_>, hash: &[u8; 32]) -> Result<Option<PolicyRow>, StoreError> {
+    conn.query_opt(
+        &format!("{SELECT_POLICY} WHERE hash = ?1"),
+        &[&hash.as_slice()],
+        policy_row,
+    )
 }
 
 /// The activated policy of `version`.
-pub fn activated(conn: &Connection, version: u64) -> Result<Option<PolicyRow>, StoreError> {
-    Ok(conn
-        .query_row(
-            &format!("{SELECT_POLICY} WHERE version = ?1 AND activated_at IS NOT NULL"),
-            [to_i64(version)],
-            policy_row,
-        )
-        .optional()?)
+pub fn activated(conn: Conn<'_>, version: u64) -> Result<Option<PolicyRow>, StoreError> {
+    conn.query_opt(
+        &format!("{SELECT_POLICY} WHERE version = ?1 AND activated_at IS NOT NULL"),
+        &[&to_i64(version)],
+        policy_row,
+    )
 }
 
 /// Every activated policy, oldest first. Versions are few: one per policy
 /// change, so this stays small whatever the withdrawal history.
-pub fn activated_history(conn: &Connection) -> Result<Vec<PolicyRow>, StoreError> {
-    let mut stmt = conn.prepare_cached(&format!(
-        "{SELECT_POLICY} WHERE activated_at IS NOT NULL ORDER BY version"
-    ))?;
-    let rows = stmt.query_map([], policy_row)?;
-    Ok(rows.collect::<Result<_, _>>()?)
+pub fn activated_history(conn: Conn<'_>) -> Result<Vec<PolicyRow>, StoreError> {
+    conn.query(
+        &format!("{SELECT_POLICY} WHERE activated_at IS NOT NULL ORDER BY version"),
+        &[],
+        policy_row,
+    )
 }
 
 /// Records an admin signature; [`StoreError::Conflict`] if this admin already signed.
 pub fn insert_policy_signature(
-    conn: &Connection,
+    conn: Conn<'_>,
     hash: &[u8; 32],
     row: &PolicySignature,
 ) -> Result<(), StoreError> {
     let inserted = conn.execute(
         "INSERT INTO policy_signatures (policy_hash, admin, message, signature, signed_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![
-            hash.as_slice(),
-            row.admin,
-            row.message,
-            row.signature,
-            to_i64(row.signed_at)
+        &[
+            &hash.as_slice(),
+            &row.admin,
+            &row.message,
+            &row.signature,
+            &to_i64(row.signed_at),
         ],
     );
     super::conflict_as(inserted, "signature by this admin").map(|_| ())
 }
 
 /// Admin signatures over a policy, by admin id.
-pub fn policy_signatures(conn: &Connection, hash: &[u8; 32]) -> Result<Vec<PolicySignature>, StoreError> {
-    let mut stmt = conn.prepare_cached(
+pub fn policy_signatures(conn: Conn<'_>, hash: &[u8; 32]) -> Result<Vec<PolicySignature>, StoreError> {
+    conn.query(
         "SELECT admin, message, signature, signed_at FROM policy_signatures WHERE policy_hash = ?1 ORDER BY admin",
-    )?;
-    let rows = stmt.query_map([hash.as_slice()], |row| {
-        Ok(PolicySignature {
-            admin: row.get(0)?,
-            message: row.get(1)?,
-            signature: row.get(2)?,
-            signed_at: to_u64(row.get(3)?),
-        })
-    })?;
-    Ok(rows.collect::<Result<_, _>>()?)
+        &[&hash.as_slice()],
+        |row| {
+            Ok(PolicySignature {
+                admin: row.get(0)?,
+                message: row.get(1)?,
+                signature: row.get(2)?,
+                signed_at: to_u64(row.get(3)?),
+            })
+        },
+    )
 }
 
 /// Applies a freeze or unfreeze: records it under the current epoch and
 /// advances the epoch. `signatures` is the JSON record of who signed.
 pub fn set_frozen(
-    conn: &Connection,
+    conn: Conn<'_>,
     frozen: bool,
     epoch: u64,
     signatures: &str,
@@ -160,17 +157,17 @@ pub fn set_frozen(
 ) -> Result<(), StoreError> {
     let inserted = conn.execute(
         "INSERT INTO freeze_events (epoch, action, signatures, at) VALUES (?1, ?2, ?3, ?4)",
-        params![
-            to_i64(epoch),
-            if frozen { "FREEZE" } else { "UNFREEZE" },
-            signatures,
-            to_i64(at)
+        &[
+            &to_i64(epoch),
+            &if frozen { "FREEZE" } else { "UNFREEZE" },
+            &signatures,
+            &to_i64(at),
         ],
     );
     super::conflict_as(inserted, "freeze event for this epoch")?;
     let updated = conn.execute(
         "UPDATE governance SET frozen = ?1, freeze_epoch = freeze_epoch + 1 WHERE id = 1 AND freeze_epoch = ?2",
-        params![i64::from(frozen), to_i64(epoch)],
+        &[&i64::from(frozen), &to_i64(epoch)],
     )?;
     if updated != 1 {
         return Err(StoreError::Conflict("freeze epoch"));
@@ -180,7 +177,7 @@ pub fn set_frozen(
 
 const SELECT_POLICY: &str = "SELECT hash, version, document, proposed_at, activated_at FROM policies";
 
-fn policy_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<PolicyRow> {
+fn policy_row(row: &Row<'_, '_>) -> Result<PolicyRow, StoreError> {
     let hash: Vec<u8> = row.get(0)?;
     Ok(PolicyRow {
         // The column is CHECKed to 32 bytes.
@@ -188,11 +185,11 @@ fn policy_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<PolicyRow> {
         version: to_u64(row.get(1)?),
         document: row.get(2)?,
         proposed_at: to_u64(row.get(3)?),
-        activated_at: row.get::<_, Option<i64>>(4)?.map(to_u64),
+        activated_at: row.get::<Option<i64>>(4)?.map(to_u64),
     })
 }
 
-/// SQLite integers are signed; custos stores only non-negative values.
+/// Stored integers are signed (SQLite INTEGER, PostgreSQL BIGINT); custos stores only non-negative values.
 pub(crate) fn to_u64(value: i64) -> u64 {
     u64::try_from(value).unwrap_or(0)
 }

@@ -3,7 +3,9 @@
 //! The store owns the schema and every SQL statement: wallets here, withdrawals
 //! and approvals in [`withdrawals`], policy versions and freeze state in
 //! [`governance`]. Uniqueness is enforced by constraints, not only by checks in
-//! code. Callers run these blocking methods off the async runtime.
+//! code. Callers run these blocking methods off the async runtime. Every
+//! statement goes through [`sql::Conn`], written once for SQLite and
+//! PostgreSQL alike.
 //!
 //! Writes go through one connection, one closure at a time, so whatever a
 //! [`Store::write`] closure reads stays true until it commits: that is how
@@ -18,14 +20,16 @@
 
 pub mod audit;
 pub mod governance;
+pub mod sql;
 pub mod withdrawals;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
-use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
+use rusqlite::{Connection, ErrorCode};
 
+use self::sql::{Conn, Row};
 use crate::hsm::KeyAttributes;
 
 /// Store settings.
@@ -178,6 +182,9 @@ pub enum StoreError {
     /// SQLite reported an error.
     #[error("SQLite error: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// PostgreSQL (or the connection to it) reported an error.
+    #[error("PostgreSQL error: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
     /// The group commit holding this write failed; nothing of it is stored.
     #[error("commit failed: {0}")]
     CommitFailed(String),
@@ -318,21 +325,21 @@ impl Store {
             reason: e.to_string(),
         })?;
         self.write(|tx| {
-            let inserted = tx.execute(
+            let inserted = tx.query_one(
                 "INSERT INTO wallets (wallet_id, display_name, key_label, key_id, public_key, attributes, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![
-                    wallet.wallet_id,
-                    wallet.display_name,
-                    wallet.key_label,
-                    wallet.key_id,
-                    wallet.public_key,
-                    attributes,
-                    wallet.created_at
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) RETURNING seq",
+                &[
+                    &wallet.wallet_id,
+                    &wallet.display_name,
+                    &wallet.key_label,
+                    &wallet.key_id,
+                    &wallet.public_key,
+                    &attributes,
+                    &wallet.created_at,
                 ],
+                |r| r.get::<i64>(0),
             );
-            conflict_as(inserted, "wallet")?;
-            let seq = tx.last_insert_rowid();
+            let seq = conflict_as(inserted, "wallet")?;
             let a = wallet.attributes;
             let bits = [a.token, a.private, a.sensitive, a.extractable, a.always_sensitive, a.never_extractable]
                 .iter()
@@ -355,24 +362,25 @@ impl Store {
 
     /// One wallet by id.
     pub fn wallet(&self, wallet_id: &str) -> Result<Option<WalletRecord>, StoreError> {
-        self.conn()
-            .query_row(
+        self.read(|conn| {
+            conn.query_opt(
                 &format!("{SELECT_WALLET} WHERE wallet_id = ?1"),
-                [wallet_id],
+                &[&wallet_id],
                 wallet_row,
             )
-            .optional()?
-            .transpose()
+        })
     }
 
     /// Up to `limit` wallets with `seq > after`, in creation order.
     pub fn wallets_after(&self, after: i64, limit: usize) -> Result<Vec<WalletRecord>, StoreError> {
-        let conn = self.conn();
-        let mut stmt =
-            conn.prepare_cached(&format!("{SELECT_WALLET} WHERE seq > ?1 ORDER BY seq LIMIT ?2"))?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = stmt.query_map(params![after, limit], wallet_row)?;
-        rows.map(|row| row?).collect()
+        self.read(|conn| {
+            conn.query(
+                &format!("{SELECT_WALLET} WHERE seq > ?1 ORDER BY seq LIMIT ?2"),
+                &[&after, &limit],
+                wallet_row,
+            )
+        })
     }
 
     /// Runs `f` as one atomic unit of a `BEGIN IMMEDIATE` transaction and
@@ -380,7 +388,7 @@ impl Store {
     /// are rolled back and the error returned. Writers run one at a time, so
     /// whatever `f` reads stays true until commit; writers that queued up
     /// meanwhile share one commit (see the module docs).
-    pub fn write<T, E: From<StoreError>>(&self, f: impl FnOnce(&Connection) -> Result<T, E>) -> Result<T, E> {
+    pub fn write<T, E: From<StoreError>>(&self, f: impl FnOnce(Conn<'_>) -> Result<T, E>) -> Result<T, E> {
         self.writers_waiting.fetch_add(1, Ordering::SeqCst);
         let mut writer = lock(&self.writer);
         self.writers_waiting.fetch_sub(1, Ordering::SeqCst);
@@ -405,7 +413,7 @@ impl Store {
         let opened_group = writer.members == 1;
         let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             if opened_group {
-                f(&writer.conn)
+                f(Conn::Sqlite(&writer.conn))
             } else {
                 run_in_savepoint(&writer.conn, f)
             }
@@ -481,12 +489,8 @@ impl Store {
     }
 
     /// Runs `f` with the read connection, which sees committed data only.
-    pub fn read<T, E: From<StoreError>>(&self, f: impl FnOnce(&Connection) -> Result<T, E>) -> Result<T, E> {
-        f(&lock(&self.reader))
-    }
-
-    fn conn(&self) -> MutexGuard<'_, Connection> {
-        lock(&self.reader)
+    pub fn read<T, E: From<StoreError>>(&self, f: impl FnOnce(Conn<'_>) -> Result<T, E>) -> Result<T, E> {
+        f(Conn::Sqlite(&lock(&self.reader)))
     }
 }
 
@@ -495,10 +499,10 @@ impl Store {
 /// behind in a group another writer commits.
 fn run_in_savepoint<T, E: From<StoreError>>(
     conn: &Connection,
-    f: impl FnOnce(&Connection) -> Result<T, E>,
+    f: impl FnOnce(Conn<'_>) -> Result<T, E>,
 ) -> Result<T, E> {
     run_cached(conn, "SAVEPOINT writer")?;
-    let result = f(conn);
+    let result = f(Conn::Sqlite(conn));
     let end = match result {
         Ok(_) => run_cached(conn, "RELEASE writer"),
         Err(_) => conn
@@ -522,31 +526,44 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Maps a uniqueness violation to [`StoreError::Conflict`] naming `what`.
-pub(crate) fn conflict_as(result: rusqlite::Result<usize>, what: &'static str) -> Result<usize, StoreError> {
+/// Maps a constraint violation to [`StoreError::Conflict`] naming `what`.
+pub(crate) fn conflict_as<T>(result: Result<T, StoreError>, what: &'static str) -> Result<T, StoreError> {
     match result {
-        Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == ErrorCode::ConstraintViolation => {
-            Err(StoreError::Conflict(what))
+        Err(e) if e.is_constraint() => Err(StoreError::Conflict(what)),
+        other => other,
+    }
+}
+
+impl StoreError {
+    /// Whether a constraint (uniqueness, CHECK, foreign key, NOT NULL)
+    /// refused the statement: SQLite's constraint error, or a PostgreSQL
+    /// SQLSTATE of class 23 (integrity constraint violation).
+    pub fn is_constraint(&self) -> bool {
+        match self {
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => {
+                e.code == ErrorCode::ConstraintViolation
+            }
+            StoreError::Postgres(e) => e.code().is_some_and(|code| code.code().starts_with("23")),
+            _ => false,
         }
-        other => Ok(other?),
     }
 }
 
 const SELECT_WALLET: &str =
     "SELECT seq, wallet_id, display_name, key_label, key_id, public_key, attributes, created_at FROM wallets";
 
-fn wallet_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<WalletRecord, StoreError>> {
+fn wallet_row(row: &Row<'_, '_>) -> Result<WalletRecord, StoreError> {
     let attributes: String = row.get(6)?;
     let attributes = match serde_json::from_str::<StoredAttributes>(&attributes) {
         Ok(a) => a.into(),
         Err(e) => {
-            return Ok(Err(StoreError::Corrupt {
+            return Err(StoreError::Corrupt {
                 table: "wallets",
                 reason: format!("attributes: {e}"),
-            }));
+            });
         }
     };
-    Ok(Ok(WalletRecord {
+    Ok(WalletRecord {
         seq: row.get(0)?,
         wallet_id: row.get(1)?,
         display_name: row.get(2)?,
@@ -555,7 +572,7 @@ fn wallet_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<WalletRecord, 
         public_key: row.get(5)?,
         attributes,
         created_at: row.get(7)?,
-    }))
+    })
 }
 
 #[derive(serde::Deserialize)]
@@ -596,8 +613,8 @@ mod tests {
         let store = std::sync::Arc::new(Store::open(&dir.path().join("g.db")).unwrap());
         store
             .write(|c| {
-                c.execute_batch("CREATE TABLE t (v INTEGER PRIMARY KEY); CREATE TABLE n (id INTEGER PRIMARY KEY, k INTEGER);")?;
-                c.execute("INSERT INTO n VALUES (1, 0)", [])?;
+                c.batch("CREATE TABLE t (v INTEGER PRIMARY KEY); CREATE TABLE n (id INTEGER PRIMARY KEY, k INTEGER);")?;
+                c.execute("INSERT INTO n VALUES (1, 0)", &[])?;
                 Ok::<_, StoreError>(())
             })
             .unwrap();
@@ -608,8 +625,8 @@ mod tests {
                     for i in 0..50u32 {
                         let v = t * 1000 + i;
                         let result = store.write(|c| {
-                            c.execute("INSERT INTO t VALUES (?1)", [v])?;
-                            c.execute("UPDATE n SET k = k + 1 WHERE id = 1", [])?;
+                            c.execute("INSERT INTO t VALUES (?1)", &[&i64::from(v)])?;
+                            c.execute("UPDATE n SET k = k + 1 WHERE id = 1", &[])?;
                             if v % 10 == 0 {
                                 return Err(StoreError::Conflict("refused on purpose"));
                             }
@@ -619,11 +636,11 @@ mod tests {
                         if result.is_ok() {
                             let seen: i64 = store
                                 .read(|c| {
-                                    Ok::<_, StoreError>(c.query_row(
+                                    c.query_one(
                                         "SELECT COUNT(*) FROM t WHERE v = ?1",
-                                        [v],
+                                        &[&i64::from(v)],
                                         |r| r.get(0),
-                                    )?)
+                                    )
                                 })
                                 .unwrap();
                             assert_eq!(seen, 1, "a returned write is visible to readers");
@@ -638,9 +655,9 @@ mod tests {
         let (rows, failed, counter): (i64, i64, i64) = store
             .read(|c| {
                 Ok::<_, StoreError>((
-                    c.query_row("SELECT COUNT(*) FROM t", [], |r| r.get(0))?,
-                    c.query_row("SELECT COUNT(*) FROM t WHERE v % 10 = 0", [], |r| r.get(0))?,
-                    c.query_row("SELECT k FROM n", [], |r| r.get(0))?,
+                    c.query_one("SELECT COUNT(*) FROM t", &[], |r| r.get(0))?,
+                    c.query_one("SELECT COUNT(*) FROM t WHERE v % 10 = 0", &[], |r| r.get(0))?,
+                    c.query_one("SELECT k FROM n", &[], |r| r.get(0))?,
                 ))
             })
             .unwrap();
@@ -648,7 +665,7 @@ mod tests {
         drop(store);
         let reopened = Store::open(&dir.path().join("g.db")).unwrap();
         let durable: i64 = reopened
-            .read(|c| Ok::<_, StoreError>(c.query_row("SELECT COUNT(*) FROM t", [], |r| r.get(0))?))
+            .read(|c| c.query_one("SELECT COUNT(*) FROM t", &[], |r| r.get(0)))
             .unwrap();
         assert_eq!(durable, 8 * 45);
     }
@@ -657,7 +674,7 @@ mod tests {
     fn store_with_table(path: &Path) -> Store {
         let store = Store::open(path).unwrap();
         store
-            .write(|c| Ok::<_, StoreError>(c.execute_batch("CREATE TABLE t (v INTEGER PRIMARY KEY)")?))
+            .write(|c| c.batch("CREATE TABLE t (v INTEGER PRIMARY KEY)"))
             .unwrap();
         store
     }
@@ -665,7 +682,7 @@ mod tests {
     /// Rows in `t`, as a reader sees them.
     fn count(store: &Store) -> i64 {
         store
-            .read(|c| Ok::<_, StoreError>(c.query_row("SELECT COUNT(*) FROM t", [], |r| r.get(0))?))
+            .read(|c| c.query_one("SELECT COUNT(*) FROM t", &[], |r| r.get(0)))
             .unwrap()
     }
 
@@ -677,7 +694,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = store_with_table(&dir.path().join("l.db"));
         let failed = store.write(|c| {
-            c.execute("INSERT INTO t VALUES (1)", [])?;
+            c.execute("INSERT INTO t VALUES (1)", &[])?;
             Err::<(), _>(StoreError::Conflict("refused on purpose"))
         });
         assert!(matches!(failed, Err(StoreError::Conflict(_))));
@@ -685,11 +702,11 @@ mod tests {
         // A statement error inside the writer, then a good writer.
         assert!(
             store
-                .write(|c| Ok::<_, StoreError>(c.execute("INSERT INTO missing VALUES (1)", []).map(|_| ())?))
+                .write(|c| c.execute("INSERT INTO missing VALUES (1)", &[]).map(|_| ()))
                 .is_err()
         );
         store
-            .write(|c| Ok::<_, StoreError>(c.execute("INSERT INTO t VALUES (2)", []).map(|_| ())?))
+            .write(|c| c.execute("INSERT INTO t VALUES (2)", &[]).map(|_| ()))
             .unwrap();
         assert_eq!(count(&store), 1);
         drop(store);
@@ -708,7 +725,7 @@ mod tests {
         // Alone in its transaction.
         let lone = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             store.write(|c| -> Result<(), StoreError> {
-                c.execute("INSERT INTO t VALUES (1)", [])?;
+                c.execute("INSERT INTO t VALUES (1)", &[])?;
                 panic!("writer fails half-way");
             })
         }));
@@ -723,7 +740,7 @@ mod tests {
             let store = std::sync::Arc::clone(&store);
             std::thread::spawn(move || {
                 store.write(|c| {
-                    c.execute("INSERT INTO t VALUES (2)", [])?;
+                    c.execute("INSERT INTO t VALUES (2)", &[])?;
                     inside.send(()).unwrap();
                     std::thread::sleep(std::time::Duration::from_millis(300));
                     Ok::<_, StoreError>(())
@@ -733,7 +750,7 @@ mod tests {
         opener_inside.recv().unwrap();
         let joiner = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             store.write(|c| -> Result<(), StoreError> {
-                c.execute("INSERT INTO t VALUES (3)", [])?;
+                c.execute("INSERT INTO t VALUES (3)", &[])?;
                 panic!("joiner fails half-way");
             })
         }));
@@ -742,7 +759,7 @@ mod tests {
         assert_eq!(count(&store), 0);
 
         store
-            .write(|c| Ok::<_, StoreError>(c.execute("INSERT INTO t VALUES (4)", []).map(|_| ())?))
+            .write(|c| c.execute("INSERT INTO t VALUES (4)", &[]).map(|_| ()))
             .unwrap();
         assert_eq!(count(&store), 1);
     }

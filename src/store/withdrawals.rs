@@ -7,10 +7,9 @@
 //! State changes are conditional on the state the caller read
 //! ([`set_state`]), so two writers can never both move one withdrawal.
 
-use rusqlite::{Connection, OptionalExtension, params};
-
 use super::StoreError;
 use super::governance::{to_i64, to_u64};
+use super::sql::{Backend, Conn, Row};
 use custos_core::chain::Chain;
 use custos_core::lifecycle::State;
 use custos_core::policy::record::DecisionRecord;
@@ -77,101 +76,97 @@ pub struct ApprovalRow {
 }
 
 /// Inserts a new withdrawal; [`StoreError::Conflict`] if its request id (or id) exists.
-pub fn insert(conn: &Connection, row: &WithdrawalRow) -> Result<i64, StoreError> {
+pub fn insert(conn: Conn<'_>, row: &WithdrawalRow) -> Result<i64, StoreError> {
     let decision = decision_json(&row.decision)?;
-    let inserted = conn
-        .prepare_cached(
-            "INSERT INTO withdrawals (withdrawal_id, request_id, request_hash, wallet_id, initiator, chain,
+    let inserted = conn.query_one(
+        "INSERT INTO withdrawals (withdrawal_id, request_id, request_hash, wallet_id, initiator, chain,
             unsigned_tx, intent, intent_hash, asset, amount, state, decision, created_at, expires_at,
             counted_at, updated_at, signed_tx, signed_tx_hash)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, NULL, NULL)",
-        )?
-        .execute(params![
-            row.withdrawal_id,
-            row.request_id,
-            row.request_hash.as_slice(),
-            row.wallet_id,
-            row.initiator,
-            row.chain.name(),
-            row.unsigned_tx,
-            row.intent.to_string(),
-            row.intent_hash.as_slice(),
-            row.asset,
-            row.amount,
-            row.state.name(),
-            decision,
-            to_i64(row.created_at),
-            to_i64(row.expires_at),
-            row.counted_at.map(to_i64),
-            to_i64(row.updated_at),
-        ]);
-    super::conflict_as(inserted, "withdrawal")?;
-    Ok(conn.last_insert_rowid())
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, NULL, NULL)
+         RETURNING seq",
+        &[
+            &row.withdrawal_id,
+            &row.request_id,
+            &row.request_hash.as_slice(),
+            &row.wallet_id,
+            &row.initiator,
+            &row.chain.name(),
+            &row.unsigned_tx,
+            &row.intent.to_string(),
+            &row.intent_hash.as_slice(),
+            &row.asset,
+            &row.amount,
+            &row.state.name(),
+            &decision,
+            &to_i64(row.created_at),
+            &to_i64(row.expires_at),
+            &row.counted_at.map(to_i64),
+            &to_i64(row.updated_at),
+        ],
+        |r| r.get::<i64>(0),
+    );
+    super::conflict_as(inserted, "withdrawal")
 }
 
 /// The withdrawal with this id.
-pub fn by_id(conn: &Connection, withdrawal_id: &str) -> Result<Option<WithdrawalRow>, StoreError> {
-    conn.prepare_cached(&format!("{SELECT} WHERE withdrawal_id = ?1"))?
-        .query_row([withdrawal_id], row)
-        .optional()?
-        .transpose()
+pub fn by_id(conn: Conn<'_>, withdrawal_id: &str) -> Result<Option<WithdrawalRow>, StoreError> {
+    conn.query_opt(
+        &format!("{SELECT} WHERE withdrawal_id = ?1"),
+        &[&withdrawal_id],
+        row,
+    )
 }
 
 /// The withdrawal created for this request id.
-pub fn by_request_id(conn: &Connection, request_id: &str) -> Result<Option<WithdrawalRow>, StoreError> {
-    conn.prepare_cached(&format!("{SELECT} WHERE request_id = ?1"))?
-        .query_row([request_id], row)
-        .optional()?
-        .transpose()
+pub fn by_request_id(conn: Conn<'_>, request_id: &str) -> Result<Option<WithdrawalRow>, StoreError> {
+    conn.query_opt(&format!("{SELECT} WHERE request_id = ?1"), &[&request_id], row)
 }
 
 /// Up to `limit` withdrawals after cursor `after`, optionally in one state.
 pub fn page(
-    conn: &Connection,
+    conn: Conn<'_>,
     state: Option<State>,
     after: i64,
     limit: usize,
 ) -> Result<Vec<WithdrawalRow>, StoreError> {
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    let rows = match state {
-        Some(state) => {
-            let mut stmt = conn.prepare_cached(&format!(
-                "{SELECT} WHERE state = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"
-            ))?;
-            stmt.query_map(params![state.name(), after, limit], row)?
-                .collect::<Result<Vec<_>, _>>()?
-        }
-        None => {
-            let mut stmt = conn.prepare_cached(&format!("{SELECT} WHERE seq > ?1 ORDER BY seq LIMIT ?2"))?;
-            stmt.query_map(params![after, limit], row)?
-                .collect::<Result<Vec<_>, _>>()?
-        }
-    };
-    rows.into_iter().collect()
+    match state {
+        Some(state) => conn.query(
+            &format!("{SELECT} WHERE state = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"),
+            &[&state.name(), &after, &limit],
+            row,
+        ),
+        None => conn.query(
+            &format!("{SELECT} WHERE seq > ?1 ORDER BY seq LIMIT ?2"),
+            &[&after, &limit],
+            row,
+        ),
+    }
 }
 
 /// Ids of withdrawals in `state`, oldest first.
-pub fn ids_in_state(conn: &Connection, state: State) -> Result<Vec<String>, StoreError> {
-    let mut stmt =
-        conn.prepare_cached("SELECT withdrawal_id FROM withdrawals WHERE state = ?1 ORDER BY seq")?;
-    let ids = stmt.query_map([state.name()], |r| r.get(0))?;
-    Ok(ids.collect::<Result<_, _>>()?)
+pub fn ids_in_state(conn: Conn<'_>, state: State) -> Result<Vec<String>, StoreError> {
+    conn.query(
+        "SELECT withdrawal_id FROM withdrawals WHERE state = ?1 ORDER BY seq",
+        &[&state.name()],
+        |r| r.get(0),
+    )
 }
 
 /// Ids of PENDING_APPROVAL withdrawals whose window ended at or before `now`.
-pub fn ids_expired(conn: &Connection, now: u64) -> Result<Vec<String>, StoreError> {
-    let mut stmt = conn.prepare_cached(
+pub fn ids_expired(conn: Conn<'_>, now: u64) -> Result<Vec<String>, StoreError> {
+    conn.query(
         "SELECT withdrawal_id FROM withdrawals WHERE state = 'PENDING_APPROVAL' AND expires_at <= ?1 ORDER BY seq",
-    )?;
-    let ids = stmt.query_map([to_i64(now)], |r| r.get(0))?;
-    Ok(ids.collect::<Result<_, _>>()?)
+        &[&to_i64(now)],
+        |r| r.get(0),
+    )
 }
 
 /// Moves a withdrawal from `from` to `to`, recording the decision and
 /// whether it counts against limits from `counted_at`. Fails with
 /// [`StoreError::Conflict`] if the stored state is no longer `from`.
 pub fn set_state(
-    conn: &Connection,
+    conn: Conn<'_>,
     withdrawal_id: &str,
     from: State,
     to: State,
@@ -179,19 +174,18 @@ pub fn set_state(
     counted_at: Option<u64>,
     now: u64,
 ) -> Result<(), StoreError> {
-    let updated = conn
-        .prepare_cached(
-            "UPDATE withdrawals SET state = ?3, decision = ?4, counted_at = ?5, updated_at = ?6
+    let updated = conn.execute(
+        "UPDATE withdrawals SET state = ?3, decision = ?4, counted_at = ?5, updated_at = ?6
          WHERE withdrawal_id = ?1 AND state = ?2",
-        )?
-        .execute(params![
-            withdrawal_id,
-            from.name(),
-            to.name(),
-            decision_json(decision)?,
-            counted_at.map(to_i64),
-            to_i64(now)
-        ])?;
+        &[
+            &withdrawal_id,
+            &from.name(),
+            &to.name(),
+            &decision_json(decision)?,
+            &counted_at.map(to_i64),
+            &to_i64(now),
+        ],
+    )?;
     if updated != 1 {
         return Err(StoreError::Conflict("state change (the withdrawal moved on)"));
     }
@@ -200,18 +194,17 @@ pub fn set_state(
 
 /// Records the signed transaction: APPROVED to SIGNED, keeping `counted_at`.
 pub fn set_signed(
-    conn: &Connection,
+    conn: Conn<'_>,
     withdrawal_id: &str,
     signed_tx: &[u8],
     signed_tx_hash: &[u8],
     now: u64,
 ) -> Result<(), StoreError> {
-    let updated = conn
-        .prepare_cached(
-            "UPDATE withdrawals SET state = 'SIGNED', signed_tx = ?2, signed_tx_hash = ?3, updated_at = ?4
+    let updated = conn.execute(
+        "UPDATE withdrawals SET state = 'SIGNED', signed_tx = ?2, signed_tx_hash = ?3, updated_at = ?4
          WHERE withdrawal_id = ?1 AND state = 'APPROVED'",
-        )?
-        .execute(params![withdrawal_id, signed_tx, signed_tx_hash, to_i64(now)])?;
+        &[&withdrawal_id, &signed_tx, &signed_tx_hash, &to_i64(now)],
+    )?;
     if updated != 1 {
         return Err(StoreError::Conflict("signature (the withdrawal is not APPROVED)"));
     }
@@ -221,59 +214,66 @@ pub fn set_signed(
 /// `(counted_at, amount)` of withdrawals of this wallet and asset counted
 /// after `since`: the rolling usage the policy core checks.
 pub fn usage(
-    conn: &Connection,
+    conn: Conn<'_>,
     wallet_id: &str,
     asset: &str,
     since: u64,
 ) -> Result<Vec<(u64, String)>, StoreError> {
-    let mut stmt = conn.prepare_cached(
+    conn.query(
         "SELECT counted_at, amount FROM withdrawals
          WHERE wallet_id = ?1 AND asset = ?2 AND counted_at IS NOT NULL AND counted_at > ?3",
-    )?;
-    let rows = stmt.query_map(params![wallet_id, asset, to_i64(since)], |r| {
-        Ok((to_u64(r.get(0)?), r.get(1)?))
-    })?;
-    Ok(rows.collect::<Result<_, _>>()?)
+        &[&wallet_id, &asset, &to_i64(since)],
+        |r| Ok((to_u64(r.get(0)?), r.get(1)?)),
+    )
 }
 
 /// Records a vote; [`StoreError::Conflict`] if this approver already voted
 /// on this withdrawal or the exact message was submitted before.
 pub fn insert_approval(
-    conn: &Connection,
+    conn: Conn<'_>,
     withdrawal_id: &str,
     approval: &ApprovalRow,
 ) -> Result<(), StoreError> {
-    let inserted = conn
-        .prepare_cached(
-            "INSERT INTO approvals (withdrawal_id, approver, vote, message, signature, submitted_at)
+    let inserted = conn.execute(
+        "INSERT INTO approvals (withdrawal_id, approver, vote, message, signature, submitted_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        )?
-        .execute(params![
-            withdrawal_id,
-            approval.approver,
-            approval.vote,
-            approval.message,
-            approval.signature,
-            to_i64(approval.submitted_at)
-        ]);
+        &[
+            &withdrawal_id,
+            &approval.approver,
+            &approval.vote,
+            &approval.message,
+            &approval.signature,
+            &to_i64(approval.submitted_at),
+        ],
+    );
     super::conflict_as(inserted, "vote by this approver").map(|_| ())
 }
 
 /// Removes an approver's vote, so that a fresh one can replace a vote that
 /// no longer counts.
-pub fn delete_approval(conn: &Connection, withdrawal_id: &str, approver: &str) -> Result<(), StoreError> {
-    conn.prepare_cached("DELETE FROM approvals WHERE withdrawal_id = ?1 AND approver = ?2")?
-        .execute(params![withdrawal_id, approver])?;
+pub fn delete_approval(conn: Conn<'_>, withdrawal_id: &str, approver: &str) -> Result<(), StoreError> {
+    conn.execute(
+        "DELETE FROM approvals WHERE withdrawal_id = ?1 AND approver = ?2",
+        &[&withdrawal_id, &approver],
+    )?;
     Ok(())
 }
 
 /// Votes on a withdrawal, in submission order.
-pub fn approvals(conn: &Connection, withdrawal_id: &str) -> Result<Vec<ApprovalRow>, StoreError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT approver, vote, message, signature, submitted_at FROM approvals
-         WHERE withdrawal_id = ?1 ORDER BY submitted_at, rowid",
-    )?;
-    let rows = stmt.query_map([withdrawal_id], |r| {
+pub fn approvals(conn: Conn<'_>, withdrawal_id: &str) -> Result<Vec<ApprovalRow>, StoreError> {
+    // Ties in submission time go in insertion order: SQLite's rowid, a
+    // PostgreSQL identity column.
+    let sql = match conn.backend() {
+        Backend::Sqlite => {
+            "SELECT approver, vote, message, signature, submitted_at FROM approvals
+         WHERE withdrawal_id = ?1 ORDER BY submitted_at, rowid"
+        }
+        Backend::Postgres => {
+            "SELECT approver, vote, message, signature, submitted_at FROM approvals
+         WHERE withdrawal_id = ?1 ORDER BY submitted_at, seq"
+        }
+    };
+    conn.query(sql, &[&withdrawal_id], |r| {
         Ok(ApprovalRow {
             approver: r.get(0)?,
             vote: r.get(1)?,
@@ -281,8 +281,7 @@ pub fn approvals(conn: &Connection, withdrawal_id: &str) -> Result<Vec<ApprovalR
             signature: r.get(3)?,
             submitted_at: to_u64(r.get(4)?),
         })
-    })?;
-    Ok(rows.collect::<Result<_, _>>()?)
+    })
 }
 
 const SELECT: &str =
@@ -297,34 +296,34 @@ fn decision_json(decision: &DecisionRecord) -> Result<String, StoreError> {
     })
 }
 
-fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<WithdrawalRow, StoreError>> {
+fn row(r: &Row<'_, '_>) -> Result<WithdrawalRow, StoreError> {
     let corrupt = |reason: String| StoreError::Corrupt {
         table: "withdrawals",
         reason,
     };
     let state_name: String = r.get(12)?;
     let Some(state) = State::from_name(&state_name) else {
-        return Ok(Err(corrupt(format!("unknown state {state_name}"))));
+        return Err(corrupt(format!("unknown state {state_name}")));
     };
     let decision: String = r.get(13)?;
     let decision = match serde_json::from_str(&decision) {
         Ok(d) => d,
-        Err(e) => return Ok(Err(corrupt(format!("decision: {e}")))),
+        Err(e) => return Err(corrupt(format!("decision: {e}"))),
     };
     let chain_name: String = r.get(6)?;
     let Some(chain) = Chain::from_name(&chain_name) else {
-        return Ok(Err(corrupt(format!("unknown chain {chain_name:?}"))));
+        return Err(corrupt(format!("unknown chain {chain_name:?}")));
     };
     let intent: String = r.get(8)?;
     let intent = match serde_json::from_str(&intent) {
         Ok(intent) => intent,
-        Err(e) => return Ok(Err(corrupt(format!("intent: {e}")))),
+        Err(e) => return Err(corrupt(format!("intent: {e}"))),
     };
     let hash32 = |v: Vec<u8>| <[u8; 32]>::try_from(v);
     let (Ok(request_hash), Ok(intent_hash)) = (hash32(r.get(3)?), hash32(r.get(9)?)) else {
-        return Ok(Err(corrupt("hash is not 32 bytes".into())));
+        return Err(corrupt("hash is not 32 bytes".into()));
     };
-    Ok(Ok(WithdrawalRow {
+    Ok(WithdrawalRow {
         seq: r.get(0)?,
         withdrawal_id: r.get(1)?,
         request_id: r.get(2)?,
@@ -341,11 +340,11 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<WithdrawalRow, StoreErr
         decision,
         created_at: to_u64(r.get(14)?),
         expires_at: to_u64(r.get(15)?),
-        counted_at: r.get::<_, Option<i64>>(16)?.map(to_u64),
+        counted_at: r.get::<Option<i64>>(16)?.map(to_u64),
         updated_at: to_u64(r.get(17)?),
         signed_tx: r.get(18)?,
         signed_tx_hash: r.get(19)?,
-    }))
+    })
 }
 
 #[cfg(test)]
@@ -455,9 +454,9 @@ mod tests {
                     assert_eq!(by_id(tx, &id)?.unwrap().chain, Chain::Ethereum);
                     // The schema's CHECK refuses an unknown chain; the code
                     // checks again, for a store edited with checks off.
-                    tx.execute_batch("PRAGMA ignore_check_constraints = ON")?;
-                    tx.execute(&format!("{corrupt} WHERE withdrawal_id = ?1"), [&id])?;
-                    tx.execute_batch("PRAGMA ignore_check_constraints = OFF")?;
+                    tx.batch("PRAGMA ignore_check_constraints = ON")?;
+                    tx.execute(&format!("{corrupt} WHERE withdrawal_id = ?1"), &[&id])?;
+                    tx.batch("PRAGMA ignore_check_constraints = OFF")?;
                     Ok::<_, StoreError>(())
                 })
                 .unwrap();

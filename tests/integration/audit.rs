@@ -22,8 +22,8 @@ fn request(request_id: &str, wei: u128, nonce: u64) -> proto::CreateWithdrawalRe
 }
 
 fn entries(db: &rusqlite::Connection) -> Vec<Entry> {
-    let size = custos::store::audit::size(db).unwrap();
-    custos::store::audit::entries(db, 0, size)
+    let size = custos::store::audit::size(custos::store::sql::Conn::from(db)).unwrap();
+    custos::store::audit::entries(custos::store::sql::Conn::from(db), 0, size)
         .unwrap()
         .iter()
         .map(|bytes| Entry::decode(bytes).unwrap())
@@ -88,20 +88,25 @@ fn every_event_is_logged_and_the_stored_tree_matches_the_entries() {
         assert_eq!(Some(signed_tx), small.signed_transaction.as_ref().map(|s| &s.raw));
 
         let mut memory = MemoryNodes::new();
-        for bytes in custos::store::audit::entries(&db, 0, log.len() as u64).unwrap() {
+        for bytes in
+            custos::store::audit::entries(custos::store::sql::Conn::from(&db), 0, log.len() as u64).unwrap()
+        {
             memory.append(merkle::leaf_hash(&bytes));
         }
         let size = log.len() as u64;
-        let stored_root = merkle::root(&SqlNodes(&db), size).unwrap();
+        let stored_root = merkle::root(&SqlNodes(custos::store::sql::Conn::from(&db)), size).unwrap();
         assert_eq!(stored_root, merkle::root(&memory, size).unwrap());
         for index in 0..size {
-            let proof = merkle::inclusion_proof(&SqlNodes(&db), index, size).unwrap();
+            let proof =
+                merkle::inclusion_proof(&SqlNodes(custos::store::sql::Conn::from(&db)), index, size).unwrap();
             let leaf = merkle::leaf_hash(&log[index as usize].encode());
             merkle::verify_inclusion(&leaf, index, size, &proof, &stored_root).unwrap();
         }
 
         let pin = std::fs::read_to_string(server.path("user_pin_file")).unwrap();
-        let all: Vec<u8> = custos::store::audit::entries(&db, 0, size).unwrap().concat();
+        let all: Vec<u8> = custos::store::audit::entries(custos::store::sql::Conn::from(&db), 0, size)
+            .unwrap()
+            .concat();
         assert!(
             !all.windows(pin.len()).any(|w| w == pin.as_bytes()),
             "the PIN is in the log"

@@ -254,8 +254,10 @@ fn checkpoints_verify_independently_and_proofs_verify_against_them() {
         let mut server = dev.server;
         assert!(server.stop().success());
         let db = rusqlite::Connection::open(store).unwrap();
-        let logged = custos::store::audit::size(&db).unwrap();
-        let covered = custos::store::audit::checkpoint(&db, None).unwrap().unwrap();
+        let logged = custos::store::audit::size(custos::store::sql::Conn::from(&db)).unwrap();
+        let covered = custos::store::audit::checkpoint(custos::store::sql::Conn::from(&db), None)
+            .unwrap()
+            .unwrap();
         assert_eq!(covered.size, logged, "the shutdown checkpoint covers every entry");
         assert!(python_verify(&key, &covered.note).is_ok());
     });
@@ -711,7 +713,9 @@ fn rewrite_last_entry(store: &Path, size: u64) {
     db.execute_batch("DROP TRIGGER audit_log_no_delete; DROP TRIGGER merkle_nodes_no_delete;")
         .unwrap();
     let last = size - 1;
-    let bytes = custos::store::audit::entries(&db, last, size).unwrap().remove(0);
+    let bytes = custos::store::audit::entries(custos::store::sql::Conn::from(&db), last, size)
+        .unwrap()
+        .remove(0);
     let mut entry = custos_core::audit::entry::Entry::decode(&bytes).unwrap();
     entry.time += 1;
     let tx = db.unchecked_transaction().unwrap();
@@ -727,6 +731,6 @@ fn rewrite_last_entry(store: &Path, size: u64) {
             .unwrap();
         }
     }
-    custos::store::audit::append(&tx, entry.time, entry.event).unwrap();
+    custos::store::audit::append(custos::store::sql::Conn::from(&*tx), entry.time, entry.event).unwrap();
     tx.commit().unwrap();
 }

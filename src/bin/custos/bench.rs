@@ -634,11 +634,7 @@ fn measure_raw(args: &BenchArgs, server: &Server, key_label: &str, sessions: usi
 fn measure_commit(path: &std::path::Path, duration: Duration) -> Result<Phase, String> {
     let store = custos::store::Store::open(path).map_err(|e| e.to_string())?;
     store
-        .write(|c| {
-            Ok::<_, custos::store::StoreError>(
-                c.execute_batch("CREATE TABLE bench_commit (v INTEGER NOT NULL)")?,
-            )
-        })
+        .write(|c| c.batch("CREATE TABLE bench_commit (v INTEGER NOT NULL)"))
         .map_err(|e| e.to_string())?;
     let mut h = histogram()?;
     let started = Instant::now();
@@ -646,11 +642,7 @@ fn measure_commit(path: &std::path::Path, duration: Duration) -> Result<Phase, S
     while started.elapsed() < duration {
         let t = Instant::now();
         store
-            .write(|c| {
-                Ok::<_, custos::store::StoreError>(
-                    c.execute("INSERT INTO bench_commit (v) VALUES (?1)", [n])?,
-                )
-            })
+            .write(|c| c.execute("INSERT INTO bench_commit (v) VALUES (?1)", &[&n]))
             .map_err(|e| e.to_string())?;
         let _ = h.record(t.elapsed().as_nanos() as u64);
         n += 1;
