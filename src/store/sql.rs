@@ -264,23 +264,18 @@ mod tests {
         assert_eq!(to_postgres("a ? b"), "a ? b");
     }
 
-    #[test]
-    fn sqlite_rows_and_params_round_trip() {
-        let conn = rusqlite::Connection::open_in_memory().unwrap();
-        let c = Conn::Sqlite(&conn);
-        c.batch("CREATE TABLE t (a INTEGER, b TEXT, c BLOB) STRICT")
-            .unwrap();
+    /// Binds and reads back an integer, text, a blob and NULLs through `c`,
+    /// in `table` (already created as `(a, b, c)`), then a duplicate `a` and
+    /// a negative one, which the table's constraints refuse.
+    fn round_trip(c: Conn<'_>, table: &str) {
         let blob: &[u8] = &[1, 2];
-        assert_eq!(
-            c.execute("INSERT INTO t VALUES (?1, ?2, ?3)", &[&7i64, &"x", &blob])
-                .unwrap(),
-            1
-        );
+        let insert = format!("INSERT INTO {table} VALUES (?1, ?2, ?3)");
+        assert_eq!(c.execute(&insert, &[&7i64, &"x", &blob]).unwrap(), 1);
         let none: Option<i64> = None;
-        c.execute("INSERT INTO t VALUES (?1, ?2, NULL)", &[&none, &"y".to_owned()])
-            .unwrap();
+        let no_blob: Option<Vec<u8>> = None;
+        c.execute(&insert, &[&none, &"y".to_owned(), &no_blob]).unwrap();
         let rows = c
-            .query("SELECT a, b, c FROM t ORDER BY b", &[], |r| {
+            .query(&format!("SELECT a, b, c FROM {table} ORDER BY b"), &[], |r| {
                 Ok((
                     r.get::<Option<i64>>(0)?,
                     r.get::<String>(1)?,
@@ -295,14 +290,86 @@ mod tests {
                 (None, "y".to_owned(), None)
             ]
         );
+        let by_a = format!("SELECT b FROM {table} WHERE a = ?1");
         assert_eq!(
-            c.query_opt("SELECT b FROM t WHERE a = ?1", &[&8i64], |r| r.get::<String>(0))
-                .unwrap(),
+            c.query_opt(&by_a, &[&8i64], |r| r.get::<String>(0)).unwrap(),
             None
         );
-        assert!(
-            c.query_one("SELECT b FROM t WHERE a = ?1", &[&8i64], |r| r.get::<String>(0))
-                .is_err()
+        assert!(c.query_one(&by_a, &[&8i64], |r| r.get::<String>(0)).is_err());
+        for refused in [7i64, -1] {
+            let result = c.execute(&insert, &[&refused, &"z", &no_blob]);
+            assert!(
+                result.as_ref().is_err_and(StoreError::is_constraint),
+                "{result:?}"
+            );
+        }
+        // A statement error that is not a constraint is not one.
+        let missing = c.execute("INSERT INTO no_such_table VALUES (?1)", &[&1i64]);
+        assert!(missing.as_ref().is_err_and(|e| !e.is_constraint()), "{missing:?}");
+    }
+
+    #[test]
+    fn sqlite_rows_params_and_constraints() {
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        let c = Conn::Sqlite(&conn);
+        assert_eq!(c.backend(), Backend::Sqlite);
+        c.batch("CREATE TABLE t (a INTEGER UNIQUE CHECK (a >= 0), b TEXT NOT NULL, c BLOB) STRICT")
+            .unwrap();
+        round_trip(c, "t");
+    }
+
+    /// A connection to the test suite's PostgreSQL (`scripts/test.sh` starts
+    /// one and sets `CUSTOS_TEST_POSTGRES_URL` and the password file), or
+    /// `None` when run outside it.
+    fn test_postgres() -> Option<(tokio::runtime::Runtime, deadpool_postgres::Pool)> {
+        let url = std::env::var("CUSTOS_TEST_POSTGRES_URL").ok()?;
+        let mut config: tokio_postgres::Config = url.parse().unwrap();
+        if let Ok(file) = std::env::var("CUSTOS_TEST_POSTGRES_PASSWORD_FILE") {
+            config.password(std::fs::read(file).unwrap());
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let manager = deadpool_postgres::Manager::from_config(
+            config,
+            tokio_postgres::NoTls,
+            deadpool_postgres::ManagerConfig {
+                recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+            },
         );
+        let pool = deadpool_postgres::Pool::builder(manager)
+            .max_size(2)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .unwrap();
+        Some((runtime, pool))
+    }
+
+    /// The same statements, parameters and row reads run on a real
+    /// PostgreSQL: placeholders are rewritten, `i64`/text/bytea/NULL bind and
+    /// decode as on SQLite, and a unique or CHECK violation is a constraint
+    /// error, as SQLite's is.
+    #[test]
+    fn postgres_runs_the_same_statements() {
+        let Some((runtime, pool)) = test_postgres() else {
+            eprintln!("CUSTOS_TEST_POSTGRES_URL is not set (scripts/test.sh sets it); skipped");
+            return;
+        };
+        let client = runtime.block_on(pool.get()).unwrap();
+        let c = Conn::Postgres(Pg {
+            client: &client,
+            runtime: &runtime,
+        });
+        assert_eq!(c.backend(), Backend::Postgres);
+        let table = format!("sql_test_{}", std::process::id());
+        c.batch(&format!(
+            "DROP TABLE IF EXISTS {table};
+             CREATE TABLE {table} (a BIGINT UNIQUE CHECK (a >= 0), b TEXT NOT NULL, c BYTEA)"
+        ))
+        .unwrap();
+        round_trip(c, &table);
+        c.batch(&format!("DROP TABLE {table}")).unwrap();
     }
 }
