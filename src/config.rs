@@ -19,6 +19,7 @@ use crate::guard::LimitsConfig;
 use crate::hsm::{DEFAULT_HSM_CALL_TIMEOUT_MS, DEFAULT_SESSIONS, HsmConfig, TokenSelector};
 use crate::secret::PinSource;
 use crate::store::StoreConfig;
+use crate::store::postgres::PgSettings;
 use crate::telemetry::LogFormat;
 use crate::tls::TlsConfig;
 use custos_core::chain::ethereum::{EthereumNetwork, Token};
@@ -30,7 +31,7 @@ pub struct Config {
     pub server: ServerConfig,
     /// The PKCS#11 token holding wallet keys.
     pub hsm: HsmConfig,
-    /// The SQLite store.
+    /// The store: SQLite or PostgreSQL.
     pub store: StoreConfig,
     /// Chain parameters used to derive addresses.
     pub chains: ChainConfig,
@@ -255,7 +256,14 @@ struct RawHsm {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct StoreRaw {
-    path: PathBuf,
+    /// SQLite: the database file.
+    path: Option<PathBuf>,
+    /// PostgreSQL: `postgres://user@host:port/database`.
+    url: Option<String>,
+    /// PostgreSQL: the file (mode 0600) holding the password.
+    password_file: Option<PathBuf>,
+    /// PostgreSQL: connections for reads.
+    read_pool: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -269,6 +277,38 @@ impl Default for RawBitcoin {
         Self {
             network: "bitcoin".into(),
         }
+    }
+}
+
+/// `[store]`: `path` for SQLite, or `url` (with `password_file` and
+/// `read_pool`) for PostgreSQL; exactly one of the two.
+fn store_config(raw: StoreRaw) -> Result<StoreConfig, ConfigError> {
+    let invalid = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+    match (raw.path, raw.url) {
+        (Some(path), None) => {
+            if raw.password_file.is_some() || raw.read_pool.is_some() {
+                return invalid(
+                    "store.password_file and store.read_pool apply to store.url (PostgreSQL) only",
+                );
+            }
+            Ok(StoreConfig::Sqlite { path })
+        }
+        (None, Some(url)) => {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return invalid("store.url must be a postgres:// URL");
+            }
+            let read_pool = raw.read_pool.unwrap_or(8);
+            if !(1..=256).contains(&read_pool) {
+                return invalid("store.read_pool must be between 1 and 256");
+            }
+            Ok(StoreConfig::Postgres(PgSettings {
+                url,
+                password_file: raw.password_file,
+                read_pool,
+            }))
+        }
+        (Some(_), Some(_)) => invalid("set store.path (SQLite) or store.url (PostgreSQL), not both"),
+        (None, None) => invalid("set store.path (SQLite) or store.url (PostgreSQL)"),
     }
 }
 
@@ -329,7 +369,7 @@ impl TryFrom<RawConfig> for Config {
                 sessions,
                 call_timeout: Duration::from_millis(call_timeout_ms),
             },
-            store: StoreConfig { path: raw.store.path },
+            store: store_config(raw.store)?,
             chains: ChainConfig {
                 bitcoin_network,
                 ethereum: parse_ethereum(raw.ethereum)?,
@@ -693,6 +733,47 @@ mod tests {
             let err = with(extra).unwrap_err().to_string();
             assert!(err.contains(expected), "{extra:?}: {err}");
         }
+    }
+
+    /// `[store]` takes a SQLite path or a PostgreSQL URL, exactly one, and
+    /// refuses a password in the URL's place of a password file.
+    #[test]
+    fn store_section_names_one_backend() {
+        let with_store = |store: &str| VALID.replace("path = \"/var/lib/custos/custos.db\"", store);
+        let config = Config::parse(&with_store(
+            "url = \"postgres://custos@db.internal:5432/custos\"\npassword_file = \"/etc/custos/db-password\"\nread_pool = 4",
+        ))
+        .unwrap();
+        match &config.store {
+            StoreConfig::Postgres(pg) => {
+                assert_eq!(pg.url, "postgres://custos@db.internal:5432/custos");
+                assert_eq!(pg.read_pool, 4);
+                assert_eq!(
+                    pg.password_file.as_deref(),
+                    Some(Path::new("/etc/custos/db-password"))
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(config.store.describe(), "postgres://…@db.internal:5432/custos");
+        for (store, expected) in [
+            ("", "set store.path (SQLite) or store.url (PostgreSQL)"),
+            ("path = \"/a\"\nurl = \"postgres://h/d\"", "not both"),
+            ("url = \"mysql://h/d\"", "postgres:// URL"),
+            ("url = \"postgres://h/d\"\nread_pool = 0", "read_pool"),
+            ("path = \"/a\"\nread_pool = 2", "apply to store.url"),
+        ] {
+            let error = Config::parse(&with_store(store)).unwrap_err().to_string();
+            assert!(error.contains(expected), "{store}: {error}");
+        }
+        // A password in the URL never reaches a message.
+        let secret = StoreConfig::Postgres(PgSettings {
+            url: "postgres://custos:hunter2@db/custos".into(),
+            password_file: None,
+            read_pool: 1,
+        });
+        assert!(!secret.describe().contains("hunter2"));
+        assert!(!format!("{secret:?}").contains("hunter2"));
     }
 
     #[test]

@@ -44,7 +44,7 @@ pub enum ServerError {
     /// The store could not be opened.
     #[error("store {path}: {source}")]
     Store {
-        /// Database path.
+        /// The database file, or its URL without credentials.
         path: String,
         /// The failure.
         source: StoreError,
@@ -174,12 +174,12 @@ impl App {
         let tls = transport(config)?;
         let pin = Pin::load(&config.hsm.pin)?;
         let hsm = Hsm::open(&config.hsm, pin).await?;
-        let path = config.store.path.clone();
-        let store = tokio::task::spawn_blocking(move || Store::open(&path))
+        let store_config = config.store.clone();
+        let store = tokio::task::spawn_blocking(move || Store::open_config(&store_config))
             .await
             .map_err(|_| ServerError::Worker("opening the store"))?
             .map_err(|source| ServerError::Store {
-                path: config.store.path.display().to_string(),
+                path: config.store.describe(),
                 source,
             })?;
         let store = Arc::new(store);

@@ -1,4 +1,5 @@
-//! Durable state in SQLite: WAL journal, `synchronous=FULL`, versioned migrations.
+//! Durable state, in SQLite (WAL journal, `synchronous=FULL`) or in
+//! PostgreSQL ([`postgres`]), with versioned migrations for each.
 //!
 //! The store owns the schema and every SQL statement: wallets here, withdrawals
 //! and approvals in [`withdrawals`], policy versions and freeze state in
@@ -20,6 +21,7 @@
 
 pub mod audit;
 pub mod governance;
+pub mod postgres;
 pub mod sql;
 pub mod withdrawals;
 
@@ -32,11 +34,27 @@ use rusqlite::{Connection, ErrorCode};
 use self::sql::{Conn, Row};
 use crate::hsm::KeyAttributes;
 
-/// Store settings.
+/// Store settings: which backend, and where.
 #[derive(Debug, Clone)]
-pub struct StoreConfig {
-    /// The SQLite database file; created if missing.
-    pub path: PathBuf,
+pub enum StoreConfig {
+    /// One SQLite file, created if missing: the embedded default.
+    Sqlite {
+        /// The database file.
+        path: PathBuf,
+    },
+    /// A PostgreSQL database that several instances may share.
+    Postgres(postgres::PgSettings),
+}
+
+impl StoreConfig {
+    /// Where the store is, for messages: the file, or the URL without any
+    /// credentials.
+    pub fn describe(&self) -> String {
+        match self {
+            StoreConfig::Sqlite { path } => path.display().to_string(),
+            StoreConfig::Postgres(settings) => settings.redacted_url(),
+        }
+    }
 }
 
 /// Schema migrations, applied in order. `PRAGMA user_version` records how many ran.
@@ -179,6 +197,12 @@ pub enum StoreError {
         /// Highest version this build knows.
         supported: usize,
     },
+    /// The store settings are unusable (a URL, a password file).
+    #[error("{0}")]
+    Settings(String),
+    /// The database cannot be reached now; nothing was done.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
     /// SQLite reported an error.
     #[error("SQLite error: {0}")]
     Sqlite(#[from] rusqlite::Error),
@@ -219,7 +243,7 @@ pub struct WalletRecord {
     pub created_at: i64,
 }
 
-/// The SQLite store.
+/// The store, on SQLite or on PostgreSQL.
 pub struct Store {
     writer: Mutex<Writer>,
     /// Signalled when a group commit finishes.
@@ -229,12 +253,26 @@ pub struct Store {
     writers_waiting: AtomicUsize,
     /// Group commits that failed, counted before the next writer runs.
     commit_failures: AtomicU64,
-    reader: Mutex<Connection>,
+    reader: Reader,
+}
+
+/// How reads reach the database: SQLite's one read connection, or the
+/// PostgreSQL backend (its read pool; it also hands the writer connections).
+enum Reader {
+    Sqlite(Mutex<Connection>),
+    Postgres(postgres::PgBackend),
+}
+
+/// The connection writes go through.
+enum WriterConn {
+    Sqlite(Connection),
+    /// `None` after the connection broke; the next transaction takes a new one.
+    Postgres(Option<deadpool_postgres::Object>),
 }
 
 /// The write connection and its group-commit state.
 struct Writer {
-    conn: Connection,
+    conn: WriterConn,
     /// The group whose transaction is open, if any.
     open: Option<u64>,
     /// Writers in the open group so far.
@@ -268,7 +306,33 @@ impl Store {
         };
         let mut conn = connect()?;
         migrate(&mut conn)?;
-        Ok(Self {
+        Ok(Self::with(
+            WriterConn::Sqlite(conn),
+            Reader::Sqlite(Mutex::new(connect()?)),
+        ))
+    }
+
+    /// Opens the store `config` names.
+    pub fn open_config(config: &StoreConfig) -> Result<Self, StoreError> {
+        match config {
+            StoreConfig::Sqlite { path } => Self::open(path),
+            StoreConfig::Postgres(settings) => Self::open_postgres(settings),
+        }
+    }
+
+    /// Connects to PostgreSQL and applies pending migrations. Several
+    /// instances may open one database at once.
+    pub fn open_postgres(settings: &postgres::PgSettings) -> Result<Self, StoreError> {
+        let backend = postgres::PgBackend::open(settings)?;
+        let writer = backend.writer()?;
+        Ok(Self::with(
+            WriterConn::Postgres(Some(writer)),
+            Reader::Postgres(backend),
+        ))
+    }
+
+    fn with(conn: WriterConn, reader: Reader) -> Self {
+        Self {
             writer: Mutex::new(Writer {
                 conn,
                 open: None,
@@ -280,19 +344,89 @@ impl Store {
             group_done: Condvar::new(),
             writers_waiting: AtomicUsize::new(0),
             commit_failures: AtomicU64::new(0),
-            reader: Mutex::new(connect()?),
-        })
-    }
-}
-
-impl Writer {
-    /// Rolls back the open transaction, if any: SQLite itself rolls back
-    /// after some errors (a full disk), and then there is none.
-    fn rollback_if_open(&self) -> rusqlite::Result<()> {
-        match self.conn.is_autocommit() {
-            true => Ok(()),
-            false => self.conn.execute_batch("ROLLBACK"),
+            reader,
         }
+    }
+
+    /// The writer's connection as a [`Conn`]; `None` on PostgreSQL when it
+    /// broke and no new one was taken yet.
+    fn writer_conn<'a>(&'a self, writer: &'a Writer) -> Result<Conn<'a>, StoreError> {
+        match (&writer.conn, &self.reader) {
+            (WriterConn::Sqlite(conn), _) => Ok(Conn::Sqlite(conn)),
+            (WriterConn::Postgres(Some(client)), Reader::Postgres(backend)) => Ok(backend.conn(client)),
+            _ => Err(StoreError::Unavailable("the write connection is not open".into())),
+        }
+    }
+
+    /// Runs a transaction-control statement on the writer's connection.
+    fn control(&self, writer: &Writer, sql: &str) -> Result<(), StoreError> {
+        match self.writer_conn(writer)? {
+            Conn::Sqlite(conn) => run_cached(conn, sql),
+            pg => pg.batch(sql),
+        }
+    }
+
+    /// Opens a write transaction: `BEGIN IMMEDIATE` on SQLite; on
+    /// PostgreSQL, a fresh connection if the last one broke, then the
+    /// transaction and the cross-instance write lock.
+    fn begin(&self, writer: &mut Writer) -> Result<(), StoreError> {
+        if let (WriterConn::Postgres(client), Reader::Postgres(backend)) = (&mut writer.conn, &self.reader) {
+            if client.as_ref().is_none_or(|c| c.is_closed()) {
+                *client = None;
+                *client = Some(backend.writer()?);
+            }
+        }
+        let (sql, postgres) = match writer.conn {
+            WriterConn::Sqlite(_) => ("BEGIN IMMEDIATE", false),
+            WriterConn::Postgres(_) => (postgres::BEGIN, true),
+        };
+        let begun = self.control(writer, sql);
+        if begun.is_err() && postgres {
+            let _ = self.rollback_if_open(writer);
+        }
+        begun
+    }
+
+    /// Rolls back the open transaction, if any: SQLite itself rolls back
+    /// after some errors (a full disk), and then there is none. A
+    /// PostgreSQL connection that cannot roll back is dropped: closing it
+    /// ends its transaction.
+    fn rollback_if_open(&self, writer: &mut Writer) -> Result<(), StoreError> {
+        match &writer.conn {
+            WriterConn::Sqlite(conn) => {
+                return match conn.is_autocommit() {
+                    true => Ok(()),
+                    false => Ok(conn.execute_batch("ROLLBACK")?),
+                };
+            }
+            WriterConn::Postgres(None) => return Ok(()),
+            WriterConn::Postgres(Some(_)) => {}
+        }
+        let rolled_back = self.control(writer, "ROLLBACK");
+        if rolled_back.is_err() {
+            writer.conn = WriterConn::Postgres(None);
+        }
+        rolled_back
+    }
+
+    /// Runs `f` in a savepoint of the open transaction: released when `f`
+    /// succeeds, rolled back when it fails, so a failed writer leaves nothing
+    /// behind in a group another writer commits.
+    fn run_in_savepoint<T, E: From<StoreError>>(
+        &self,
+        writer: &Writer,
+        f: impl FnOnce(Conn<'_>) -> Result<T, E>,
+    ) -> Result<T, E> {
+        self.control(writer, "SAVEPOINT writer")?;
+        let result = f(self.writer_conn(writer)?);
+        let end = match result {
+            Ok(_) => self.control(writer, "RELEASE writer"),
+            Err(_) => self
+                .control(writer, "ROLLBACK TO writer")
+                .and_then(|()| self.control(writer, "RELEASE writer")),
+        };
+        end?;
+        result
     }
 }
 
@@ -397,8 +531,8 @@ impl Store {
             None => {
                 // A transaction no group owns (a ROLLBACK that failed) holds
                 // nothing anyone was promised: end it rather than wedge here.
-                let _ = writer.rollback_if_open();
-                run_cached(&writer.conn, "BEGIN IMMEDIATE")?;
+                let _ = self.rollback_if_open(&mut writer);
+                self.begin(&mut writer)?;
                 writer.groups += 1;
                 let group = writer.groups;
                 writer.open = Some(group);
@@ -413,9 +547,9 @@ impl Store {
         let opened_group = writer.members == 1;
         let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             if opened_group {
-                f(Conn::Sqlite(&writer.conn))
+                f(self.writer_conn(&writer)?)
             } else {
-                run_in_savepoint(&writer.conn, f)
+                self.run_in_savepoint(&writer, f)
             }
         }));
         let result = match run {
@@ -423,16 +557,16 @@ impl Store {
             Err(panic) => {
                 // What the writer left half-done must not reach the next
                 // commit: the whole group fails, and every writer in it.
-                let _ = writer.rollback_if_open();
+                let _ = self.rollback_if_open(&mut writer);
                 self.group_failed(&mut writer, group, "a writer panicked".into());
                 drop(writer);
                 std::panic::resume_unwind(panic);
             }
         };
         if opened_group && result.is_err() {
-            let rolled_back = writer.rollback_if_open();
+            let rolled_back = self.rollback_if_open(&mut writer);
             self.end_group(&mut writer, group);
-            rolled_back.map_err(StoreError::from)?;
+            rolled_back?;
             return result;
         }
         // A bounded group: under a steady stream of writers someone must
@@ -446,10 +580,10 @@ impl Store {
                     .unwrap_or_else(PoisonError::into_inner);
             }
         } else {
-            match run_cached(&writer.conn, "COMMIT") {
+            match self.control(&writer, "COMMIT") {
                 Ok(()) => self.end_group(&mut writer, group),
                 Err(e) => {
-                    let _ = writer.rollback_if_open();
+                    let _ = self.rollback_if_open(&mut writer);
                     self.group_failed(&mut writer, group, e.to_string());
                 }
             }
@@ -490,27 +624,11 @@ impl Store {
 
     /// Runs `f` with the read connection, which sees committed data only.
     pub fn read<T, E: From<StoreError>>(&self, f: impl FnOnce(Conn<'_>) -> Result<T, E>) -> Result<T, E> {
-        f(Conn::Sqlite(&lock(&self.reader)))
+        match &self.reader {
+            Reader::Sqlite(conn) => f(Conn::Sqlite(&lock(conn))),
+            Reader::Postgres(backend) => backend.read(f),
+        }
     }
-}
-
-/// Runs `f` in a savepoint of the open transaction: released when `f`
-/// succeeds, rolled back when it fails, so a failed writer leaves nothing
-/// behind in a group another writer commits.
-fn run_in_savepoint<T, E: From<StoreError>>(
-    conn: &Connection,
-    f: impl FnOnce(Conn<'_>) -> Result<T, E>,
-) -> Result<T, E> {
-    run_cached(conn, "SAVEPOINT writer")?;
-    let result = f(Conn::Sqlite(conn));
-    let end = match result {
-        Ok(_) => run_cached(conn, "RELEASE writer"),
-        Err(_) => conn
-            .execute_batch("ROLLBACK TO writer; RELEASE writer")
-            .map_err(StoreError::from),
-    };
-    end?;
-    result
 }
 
 /// Runs one transaction-control statement, parsed once per connection.
@@ -787,7 +905,28 @@ mod tests {
     #[test]
     fn wallets_round_trip_and_are_unique() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("c.db")).unwrap();
+        wallets_case(&Store::open(&dir.path().join("c.db")).unwrap());
+    }
+
+    /// The same on PostgreSQL, where each insert also appends its audit entry
+    /// and Merkle nodes.
+    #[test]
+    fn postgres_wallets_round_trip_and_are_unique() {
+        let Some(settings) = postgres::test_database() else {
+            eprintln!("CUSTOS_TEST_POSTGRES_URL is not set (scripts/test.sh sets it); skipped");
+            return;
+        };
+        let store = Store::open_postgres(&settings).unwrap();
+        wallets_case(&store);
+        assert_eq!(store.read(audit::size).unwrap(), 2);
+        // A second instance on the same database migrates nothing and sees it all.
+        let other = Store::open_postgres(&settings).unwrap();
+        assert!(other.wallet("a").unwrap().is_some());
+        assert_eq!(other.read(|c| audit::entries(c, 0, 2)).unwrap().len(), 2);
+    }
+
+    /// Inserts, conflicts and pages wallets in `store`.
+    fn wallets_case(store: &Store) {
         let seq = store.insert_wallet(&record("a", 1)).unwrap();
         let got = store.wallet("a").unwrap().unwrap();
         assert_eq!(
@@ -813,6 +952,116 @@ mod tests {
             ["c"]
         );
         assert!(store.wallet("zz").unwrap().is_none());
+    }
+
+    /// Two instances on one PostgreSQL database, eight threads each, do a
+    /// read-modify-write of one counter in application code inside
+    /// `Store::write`: the count is exact only if every write transaction,
+    /// from either instance, runs alone from its read to its commit. A
+    /// failing writer leaves nothing behind in the group others commit.
+    #[test]
+    fn postgres_writers_of_two_instances_run_one_at_a_time() {
+        let Some(settings) = postgres::test_database() else {
+            eprintln!("CUSTOS_TEST_POSTGRES_URL is not set (scripts/test.sh sets it); skipped");
+            return;
+        };
+        let a = std::sync::Arc::new(Store::open_postgres(&settings).unwrap());
+        let b = std::sync::Arc::new(Store::open_postgres(&settings).unwrap());
+        a.write(|c| {
+            c.batch("CREATE TABLE t (v BIGINT PRIMARY KEY); CREATE TABLE n (id BIGINT PRIMARY KEY, k BIGINT NOT NULL); INSERT INTO n VALUES (1, 0);")
+        })
+        .unwrap();
+        let threads: Vec<_> = (0..16u32)
+            .map(|t| {
+                let store = std::sync::Arc::clone(if t % 2 == 0 { &a } else { &b });
+                std::thread::spawn(move || {
+                    for i in 0..25u32 {
+                        let v = i64::from(t * 1000 + i);
+                        let result = store.write(|c| {
+                            let k: i64 = c.query_one("SELECT k FROM n WHERE id = 1", &[], |r| r.get(0))?;
+                            c.execute("INSERT INTO t VALUES (?1)", &[&v])?;
+                            c.execute("UPDATE n SET k = ?1 WHERE id = 1", &[&(k + 1)])?;
+                            if v % 10 == 0 {
+                                return Err(StoreError::Conflict("refused on purpose"));
+                            }
+                            Ok(())
+                        });
+                        assert_eq!(result.is_ok(), v % 10 != 0, "{result:?}");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let (rows, counter): (i64, i64) = b
+            .read(|c| {
+                Ok::<_, StoreError>((
+                    c.query_one("SELECT COUNT(*) FROM t", &[], |r| r.get(0))?,
+                    c.query_one("SELECT k FROM n", &[], |r| r.get(0))?,
+                ))
+            })
+            .unwrap();
+        let kept = (0..16u32)
+            .flat_map(|t| (0..25u32).map(move |i| t * 1000 + i))
+            .filter(|v| v % 10 != 0)
+            .count();
+        let kept = i64::try_from(kept).unwrap();
+        assert_eq!((rows, counter), (kept, kept));
+    }
+
+    /// Settings that would send a password in the clear, or keep it in the
+    /// URL, are refused before any connection is made, naming the fix.
+    #[test]
+    fn postgres_settings_that_leak_the_password_are_refused() {
+        for (url, expected) in [
+            ("postgres://custos:pw@127.0.0.1/custos", "password_file"),
+            ("postgres://custos@db.example.com/custos", "TLS"),
+        ] {
+            let settings = postgres::PgSettings {
+                url: url.into(),
+                password_file: None,
+                read_pool: 1,
+            };
+            match Store::open_postgres(&settings) {
+                Err(StoreError::Settings(message)) => {
+                    assert!(message.contains(expected), "{url}: {message}");
+                    assert!(!message.contains("pw@"), "{message}");
+                }
+                other => panic!("{url}: {:?}", other.map(|_| ())),
+            }
+        }
+    }
+
+    /// The PostgreSQL log refuses updates, deletes and truncation, as the
+    /// SQLite one refuses updates and deletes.
+    #[test]
+    fn postgres_log_is_append_only() {
+        let Some(settings) = postgres::test_database() else {
+            eprintln!("CUSTOS_TEST_POSTGRES_URL is not set (scripts/test.sh sets it); skipped");
+            return;
+        };
+        let store = Store::open_postgres(&settings).unwrap();
+        store.insert_wallet(&record("a", 1)).unwrap();
+        for sql in [
+            "UPDATE audit_log SET time = 0",
+            "DELETE FROM audit_log",
+            "TRUNCATE audit_log",
+            "DELETE FROM merkle_nodes",
+            "UPDATE log_head SET id = 1",
+        ] {
+            let result = store.write(|c| c.execute(sql, &[]));
+            if sql.contains("log_head") {
+                // The lock row itself may be touched; it holds nothing.
+                assert!(result.is_ok(), "{sql}: {result:?}");
+            } else {
+                assert!(
+                    format!("{:?}", result.unwrap_err()).contains("append-only"),
+                    "{sql}"
+                );
+            }
+        }
+        assert_eq!(store.read(audit::size).unwrap(), 1);
     }
 
     #[test]

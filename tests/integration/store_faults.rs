@@ -77,7 +77,9 @@ fn a_full_store_signs_nothing_and_recovers_without_a_restart() {
     let paths = custos::dev::DevPaths::new(&dir.join("dev"));
     std::fs::create_dir_all(&paths.data_dir).unwrap();
     let mut config = custos::dev::prepare(&paths, &support::module_path(), None).unwrap();
-    config.store.path = mnt.join("custos.db");
+    config.store = custos::store::StoreConfig::Sqlite {
+        path: mnt.join("custos.db"),
+    };
     // This test is about the store; plaintext keeps the client simple.
     config.server.insecure_plaintext = true;
     support::runtime().block_on(async {

@@ -1,0 +1,403 @@
+//! The PostgreSQL backend: its connection settings, its pools, its schema
+//! and migrations, and the write lock that serialises writers across
+//! instances.
+//!
+//! The store is blocking and PostgreSQL's client (tokio-postgres, pooled by
+//! deadpool-postgres) is async, so the backend owns a small private runtime
+//! that drives the connections; store calls block on it (see
+//! `sql::block_on`). Writes use one connection per instance, taken
+//! from a pool of one so that a broken connection is replaced on the next
+//! transaction; reads use a pool of their own.
+//!
+//! Every write transaction starts by locking the single `log_head` row
+//! (`SELECT … FOR UPDATE`). Every instance's writer takes that lock first,
+//! so writers run one at a time across all instances, exactly as SQLite's
+//! one writer does within one: whatever a write closure reads (a request
+//! id, the rolling usage, the freeze flag, the log size) stays true until it
+//! commits. Statements read committed data (`READ COMMITTED`), so the next
+//! lock holder sees everything the previous one committed.
+//!
+//! The schema has the same tables, constraints and append-only rules as the
+//! SQLite one, written for PostgreSQL: `BIGINT` for integers, `BYTEA` for
+//! blobs, identity columns for insertion order, and triggers that refuse an
+//! update or delete of the log. `custos_schema` records how many migrations
+//! ran; a session advisory lock keeps instances started together from
+//! migrating at once.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
+
+use super::StoreError;
+use super::sql::{Conn, Pg, block_on};
+
+/// How to reach PostgreSQL.
+#[derive(Clone)]
+pub struct PgSettings {
+    /// `postgres://user@host:port/database`; a password in it is refused.
+    pub url: String,
+    /// A file (mode 0600) holding the password.
+    pub password_file: Option<PathBuf>,
+    /// Reads allowed at once.
+    pub read_pool: usize,
+}
+
+impl std::fmt::Debug for PgSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgSettings")
+            .field("url", &self.redacted_url())
+            .field("password_file", &self.password_file)
+            .field("read_pool", &self.read_pool)
+            .finish()
+    }
+}
+
+/// The connections of a PostgreSQL store.
+pub(crate) struct PgBackend {
+    /// Always `Some` until dropped.
+    runtime: Option<tokio::runtime::Runtime>,
+    writer_pool: Pool,
+    reader_pool: Pool,
+}
+
+/// Migrations, applied in order; `custos_schema.version` counts how many ran.
+/// Each keeps the meaning of the SQLite migration of the same number.
+const MIGRATIONS: &[&str] = &[
+    // 1: wallets.
+    "CREATE TABLE wallets (
+        seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        wallet_id TEXT NOT NULL UNIQUE,
+        display_name TEXT NOT NULL,
+        key_label TEXT NOT NULL UNIQUE,
+        key_id BYTEA NOT NULL UNIQUE,
+        public_key BYTEA NOT NULL UNIQUE,
+        attributes TEXT NOT NULL,
+        created_at BIGINT NOT NULL
+    );",
+    // 2: policies, freeze state, withdrawals, approvals.
+    "CREATE TABLE policies (
+        hash BYTEA PRIMARY KEY CHECK (length(hash) = 32),
+        version BIGINT NOT NULL CHECK (version > 0),
+        document BYTEA NOT NULL,
+        proposed_at BIGINT NOT NULL,
+        activated_at BIGINT
+    );
+    CREATE UNIQUE INDEX policies_activated_version ON policies(version) WHERE activated_at IS NOT NULL;
+    CREATE TABLE policy_signatures (
+        policy_hash BYTEA NOT NULL REFERENCES policies(hash),
+        admin TEXT NOT NULL,
+        message BYTEA NOT NULL UNIQUE,
+        signature BYTEA NOT NULL,
+        signed_at BIGINT NOT NULL,
+        PRIMARY KEY (policy_hash, admin)
+    );
+    CREATE TABLE governance (
+        id BIGINT PRIMARY KEY CHECK (id = 1),
+        active_version BIGINT,
+        frozen BIGINT NOT NULL CHECK (frozen IN (0, 1)),
+        freeze_epoch BIGINT NOT NULL
+    );
+    INSERT INTO governance (id, active_version, frozen, freeze_epoch) VALUES (1, NULL, 0, 0);
+    CREATE TABLE freeze_events (
+        epoch BIGINT PRIMARY KEY,
+        action TEXT NOT NULL CHECK (action IN ('FREEZE', 'UNFREEZE')),
+        signatures TEXT NOT NULL,
+        at BIGINT NOT NULL
+    );
+    CREATE TABLE withdrawals (
+        seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        withdrawal_id TEXT NOT NULL UNIQUE,
+        request_id TEXT NOT NULL UNIQUE,
+        request_hash BYTEA NOT NULL,
+        wallet_id TEXT NOT NULL,
+        initiator TEXT NOT NULL,
+        chain TEXT NOT NULL CHECK (chain IN ('ethereum', 'bitcoin')),
+        unsigned_tx BYTEA NOT NULL,
+        intent TEXT NOT NULL,
+        intent_hash BYTEA NOT NULL CHECK (length(intent_hash) = 32),
+        asset TEXT NOT NULL,
+        amount TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('PENDING_APPROVAL', 'APPROVED', 'SIGNED', 'DENIED', 'REJECTED', 'EXPIRED', 'CANCELLED')),
+        decision TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        expires_at BIGINT NOT NULL,
+        counted_at BIGINT,
+        updated_at BIGINT NOT NULL,
+        signed_tx BYTEA,
+        signed_tx_hash BYTEA,
+        CHECK ((state IN ('APPROVED', 'SIGNED')) = (counted_at IS NOT NULL)),
+        CHECK ((state = 'SIGNED') = (signed_tx IS NOT NULL))
+    );
+    CREATE INDEX withdrawals_usage ON withdrawals(wallet_id, asset, counted_at) WHERE counted_at IS NOT NULL;
+    CREATE INDEX withdrawals_by_state ON withdrawals(state, seq);
+    CREATE TABLE approvals (
+        seq BIGINT GENERATED ALWAYS AS IDENTITY UNIQUE,
+        withdrawal_id TEXT NOT NULL REFERENCES withdrawals(withdrawal_id),
+        approver TEXT NOT NULL,
+        vote TEXT NOT NULL CHECK (vote IN ('APPROVE', 'REJECT')),
+        message BYTEA NOT NULL UNIQUE,
+        signature BYTEA NOT NULL,
+        submitted_at BIGINT NOT NULL,
+        PRIMARY KEY (withdrawal_id, approver)
+    );",
+    // 3: the audit log and its Merkle tree, append-only.
+    "CREATE TABLE audit_log (
+        idx BIGINT PRIMARY KEY CHECK (idx >= 0),
+        time BIGINT NOT NULL,
+        entry BYTEA NOT NULL
+    );
+    CREATE TABLE merkle_nodes (
+        level BIGINT NOT NULL CHECK (level BETWEEN 0 AND 63),
+        idx BIGINT NOT NULL CHECK (idx >= 0),
+        hash BYTEA NOT NULL CHECK (length(hash) = 32),
+        PRIMARY KEY (level, idx)
+    );
+    CREATE FUNCTION custos_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION '%', TG_ARGV[0]; END $$;
+    CREATE TRIGGER audit_log_no_update BEFORE UPDATE OR DELETE ON audit_log
+        FOR EACH ROW EXECUTE FUNCTION custos_refuse('the audit log is append-only');
+    CREATE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON audit_log
+        FOR EACH STATEMENT EXECUTE FUNCTION custos_refuse('the audit log is append-only');
+    CREATE TRIGGER merkle_nodes_no_update BEFORE UPDATE OR DELETE ON merkle_nodes
+        FOR EACH ROW EXECUTE FUNCTION custos_refuse('the Merkle tree is append-only');
+    CREATE TRIGGER merkle_nodes_no_truncate BEFORE TRUNCATE ON merkle_nodes
+        FOR EACH STATEMENT EXECUTE FUNCTION custos_refuse('the Merkle tree is append-only');",
+    // 4: the log key and the signed checkpoints.
+    "CREATE TABLE log_key (
+        id BIGINT PRIMARY KEY CHECK (id = 1),
+        kind TEXT NOT NULL CHECK (kind IN ('ed25519', 'p256')),
+        key_label TEXT NOT NULL,
+        key_id BYTEA NOT NULL,
+        public_key BYTEA NOT NULL,
+        attributes TEXT NOT NULL,
+        origin TEXT NOT NULL,
+        created_at BIGINT NOT NULL
+    );
+    CREATE TABLE checkpoints (
+        size BIGINT PRIMARY KEY CHECK (size >= 0),
+        root BYTEA NOT NULL CHECK (length(root) = 32),
+        note TEXT NOT NULL,
+        signed_at BIGINT NOT NULL
+    );
+    CREATE TRIGGER log_key_no_update BEFORE UPDATE OR DELETE ON log_key
+        FOR EACH ROW EXECUTE FUNCTION custos_refuse('the log key is set once');
+    CREATE TRIGGER checkpoints_no_update BEFORE UPDATE OR DELETE ON checkpoints
+        FOR EACH ROW EXECUTE FUNCTION custos_refuse('checkpoints are append-only');
+    CREATE TRIGGER checkpoints_no_truncate BEFORE TRUNCATE ON checkpoints
+        FOR EACH STATEMENT EXECUTE FUNCTION custos_refuse('checkpoints are append-only');",
+    // 5: the row every write transaction locks first.
+    "CREATE TABLE log_head (id BIGINT PRIMARY KEY CHECK (id = 1));
+    INSERT INTO log_head (id) VALUES (1);",
+];
+
+/// The advisory lock key migrations hold (`custos` in ASCII).
+const MIGRATION_LOCK: i64 = 0x6375_7374_6f73;
+
+/// Opens the transaction of a write and takes the cross-instance write lock.
+pub(crate) const BEGIN: &str =
+    "BEGIN ISOLATION LEVEL READ COMMITTED; SELECT id FROM log_head WHERE id = 1 FOR UPDATE";
+
+impl PgSettings {
+    /// The URL with any user and password replaced by `…`, for messages.
+    pub fn redacted_url(&self) -> String {
+        match self.url.split_once("://") {
+            Some((scheme, rest)) => match rest.rsplit_once('@') {
+                Some((_, host)) => format!("{scheme}://…@{host}"),
+                None => self.url.clone(),
+            },
+            None => "(unparsable url)".into(),
+        }
+    }
+}
+
+impl PgBackend {
+    /// Connects (checking the settings), and applies pending migrations.
+    pub(crate) fn open(settings: &PgSettings) -> Result<Self, StoreError> {
+        let mut config = tokio_postgres::Config::from_str(&settings.url)
+            .map_err(|e| StoreError::Settings(format!("store url: {e}")))?;
+        if config.get_password().is_some() {
+            return Err(StoreError::Settings(
+                "store url: the password goes in password_file, not in the url".into(),
+            ));
+        }
+        if let Some(file) = &settings.password_file {
+            // Read as the PIN is: zeroized, refused if group or others can read it.
+            let password = crate::secret::Pin::load(&crate::secret::PinSource::File(file.clone()))
+                .map_err(|e| StoreError::Settings(format!("store password_file: {e}")))?;
+            config.password(password.expose().as_bytes());
+        }
+        let loopback = config.get_hosts().iter().all(|host| match host {
+            tokio_postgres::config::Host::Tcp(name) => {
+                name == "localhost" || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+            }
+            tokio_postgres::config::Host::Unix(_) => true,
+        });
+        if !loopback {
+            return Err(StoreError::Settings(
+                "store url: a database off this host needs TLS, which this build does not configure yet; use a loopback or unix-socket address"
+                    .into(),
+            ));
+        }
+        config.application_name("custosd");
+        config.connect_timeout(std::time::Duration::from_secs(5));
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("custos-store")
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Settings(format!("store runtime: {e}")))?;
+        let pool = |size: usize| {
+            let manager = Manager::from_config(
+                config.clone(),
+                tokio_postgres::NoTls,
+                ManagerConfig {
+                    recycling_method: RecyclingMethod::Fast,
+                },
+            );
+            Pool::builder(manager)
+                .max_size(size.max(1))
+                .runtime(deadpool_postgres::Runtime::Tokio1)
+                .wait_timeout(Some(std::time::Duration::from_secs(10)))
+                .create_timeout(Some(std::time::Duration::from_secs(5)))
+                .build()
+                .map_err(|e| StoreError::Settings(format!("store pool: {e}")))
+        };
+        let backend = Self {
+            writer_pool: pool(1)?,
+            reader_pool: pool(settings.read_pool)?,
+            runtime: Some(runtime),
+        };
+        backend.migrate()?;
+        Ok(backend)
+    }
+
+    fn runtime(&self) -> &tokio::runtime::Runtime {
+        // Taken only by `drop`.
+        self.runtime
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("the store runtime lives as long as the store"))
+    }
+
+    /// A connection from `pool`, blocking on the store's runtime.
+    fn get(&self, pool: &Pool) -> Result<Object, StoreError> {
+        block_on(self.runtime(), pool.get()).map_err(|e| match e {
+            deadpool_postgres::PoolError::Backend(e) => StoreError::Postgres(e),
+            other => StoreError::Unavailable(other.to_string()),
+        })
+    }
+
+    /// The writer's connection.
+    pub(crate) fn writer(&self) -> Result<Object, StoreError> {
+        self.get(&self.writer_pool)
+    }
+
+    /// Runs `f` with a read connection, which sees committed data only.
+    pub(crate) fn read<T, E: From<StoreError>>(
+        &self,
+        f: impl FnOnce(Conn<'_>) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let client = self.get(&self.reader_pool)?;
+        f(self.conn(&client))
+    }
+
+    /// `client` as a [`Conn`].
+    pub(crate) fn conn<'a>(&'a self, client: &'a Object) -> Conn<'a> {
+        Conn::Postgres(Pg {
+            client,
+            runtime: self.runtime(),
+        })
+    }
+
+    fn migrate(&self) -> Result<(), StoreError> {
+        let client = self.writer()?;
+        let conn = self.conn(&client);
+        conn.execute("SELECT pg_advisory_lock(?1)", &[&MIGRATION_LOCK])?;
+        let result = (|| {
+            conn.batch("CREATE TABLE IF NOT EXISTS custos_schema (id BIGINT PRIMARY KEY CHECK (id = 1), version BIGINT NOT NULL);
+                INSERT INTO custos_schema (id, version) VALUES (1, 0) ON CONFLICT (id) DO NOTHING")?;
+            let version: i64 =
+                conn.query_one("SELECT version FROM custos_schema WHERE id = 1", &[], |r| {
+                    r.get(0)
+                })?;
+            let version = usize::try_from(version).unwrap_or(usize::MAX);
+            if version > MIGRATIONS.len() {
+                return Err(StoreError::TooNew {
+                    found: version,
+                    supported: MIGRATIONS.len(),
+                });
+            }
+            for (index, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+                let done = i64::try_from(index + 1).unwrap_or(i64::MAX);
+                conn.batch(&format!(
+                    "BEGIN; {sql}; UPDATE custos_schema SET version = {done} WHERE id = 1; COMMIT"
+                ))
+                .inspect_err(|_| {
+                    let _ = conn.batch("ROLLBACK");
+                })?;
+                tracing::info!(version = index + 1, "store migrated");
+            }
+            Ok(())
+        })();
+        let unlocked = conn.execute("SELECT pg_advisory_unlock(?1)", &[&MIGRATION_LOCK]);
+        result?;
+        unlocked.map(|_| ())
+    }
+}
+
+impl Drop for PgBackend {
+    fn drop(&mut self) {
+        self.writer_pool.close();
+        self.reader_pool.close();
+        // Dropping a runtime blocks, which a store dropped inside async code
+        // may not do; the connection tasks need no wait.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// A fresh, empty database on the test suite's PostgreSQL for each caller
+/// (`scripts/test.sh` starts the server and sets `CUSTOS_TEST_POSTGRES_URL`
+/// and `CUSTOS_TEST_POSTGRES_PASSWORD_FILE`), or `None` outside it.
+#[cfg(test)]
+pub(crate) fn test_database() -> Option<PgSettings> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let url = std::env::var("CUSTOS_TEST_POSTGRES_URL").ok()?;
+    let password_file = std::env::var("CUSTOS_TEST_POSTGRES_PASSWORD_FILE")
+        .ok()
+        .map(PathBuf::from);
+    let name = format!(
+        "custos_unit_{}_{}_{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::SeqCst),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+            % 1_000_000_000
+    );
+    let mut config = tokio_postgres::Config::from_str(&url).unwrap();
+    if let Some(file) = &password_file {
+        config.password(std::fs::read(file).unwrap());
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let (client, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(connection);
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+    });
+    let (base, _) = url.rsplit_once('/').unwrap();
+    Some(PgSettings {
+        url: format!("{base}/{name}"),
+        password_file,
+        read_pool: 4,
+    })
+}
