@@ -200,9 +200,35 @@ pub fn reexec_with_softhsm_conf(
     Err(DevError::Exec(error))
 }
 
+/// The body of the dev config's `[store]` section.
+fn store_section(sqlite: &Path, postgres: Option<&crate::store::postgres::PgSettings>) -> String {
+    match postgres {
+        None => format!("path = {:?}", sqlite.display().to_string()),
+        Some(pg) => {
+            let mut section = format!("url = {:?}\nread_pool = {}", pg.url, pg.read_pool);
+            if let Some(file) = &pg.password_file {
+                section.push_str(&format!("\npassword_file = {:?}", file.display().to_string()));
+            }
+            section
+        }
+    }
+}
+
 /// Phase two, with `SOFTHSM2_CONF` set: creates the token, PINs and config on
 /// first use, and returns the configuration to serve with.
 pub fn prepare(paths: &DevPaths, module: &Path, listen: Option<SocketAddr>) -> Result<Config, DevError> {
+    prepare_on(paths, module, listen, None)
+}
+
+/// [`prepare`], with the store on PostgreSQL instead of the embedded SQLite
+/// file when `postgres` is given. The choice is written into the config on
+/// first use, so a restart on the same data directory keeps it.
+pub fn prepare_on(
+    paths: &DevPaths,
+    module: &Path,
+    listen: Option<SocketAddr>,
+    postgres: Option<&crate::store::postgres::PgSettings>,
+) -> Result<Config, DevError> {
     if !paths.config.exists() {
         let user_pin = random_pin()?;
         let so_pin = random_pin()?;
@@ -239,7 +265,7 @@ pub fn prepare(paths: &DevPaths, module: &Path, listen: Option<SocketAddr>) -> R
              pin_file = \"{}\"\n\
              sessions = 4\n\n\
              [store]\n\
-             path = \"{}\"\n\n\
+             {}\n\n\
              [bitcoin]\n\
              network = \"regtest\"\n\n\
              [ethereum]\n\
@@ -259,7 +285,7 @@ pub fn prepare(paths: &DevPaths, module: &Path, listen: Option<SocketAddr>) -> R
              {clients}",
             module.display(),
             paths.user_pin_file.display(),
-            paths.store.display(),
+            store_section(&paths.store, postgres),
             paths.policy.display(),
             tls.server_cert.display(),
             tls.server_key.display(),

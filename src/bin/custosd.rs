@@ -42,6 +42,18 @@ struct Args {
     /// PKCS#11 module for dev mode.
     #[arg(long, value_name = "PATH", requires = "dev", env = "CUSTOS_DEV_PKCS11_MODULE", default_value = dev::DEFAULT_SOFTHSM_MODULE)]
     module: PathBuf,
+    /// Dev mode on PostgreSQL instead of a SQLite file: the database URL
+    /// (`postgres://user@host:port/db`), written into the dev config on first use.
+    #[arg(long, value_name = "URL", requires = "dev", env = "CUSTOS_DEV_STORE_URL")]
+    store_url: Option<String>,
+    /// The file (mode 0600) holding the --store-url database's password.
+    #[arg(
+        long,
+        value_name = "PATH",
+        requires = "store_url",
+        env = "CUSTOS_DEV_STORE_PASSWORD_FILE"
+    )]
+    store_password_file: Option<PathBuf>,
     /// Address to listen on, overriding the config (port 0 picks a free port).
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
@@ -92,7 +104,16 @@ fn run_dev(args: &Args) -> Result<(), String> {
     };
     dev::reexec_with_softhsm_conf(&paths, &args.module, &extra_args).map_err(|e| e.to_string())?;
     telemetry::init(LogFormat::Text);
-    let mut config = dev::prepare(&paths, &args.module, args.listen).map_err(|e| e.to_string())?;
+    let postgres = args
+        .store_url
+        .as_ref()
+        .map(|url| custos::store::postgres::PgSettings {
+            url: url.clone(),
+            password_file: args.store_password_file.clone(),
+            read_pool: 8,
+        });
+    let mut config =
+        dev::prepare_on(&paths, &args.module, args.listen, postgres.as_ref()).map_err(|e| e.to_string())?;
     // Dev mode always serves metrics, on a free loopback port unless the config names one.
     config.metrics.get_or_insert(custos::exporter::MetricsConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),

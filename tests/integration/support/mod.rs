@@ -181,9 +181,82 @@ pub fn test_config(dir: &Path) -> Config {
         &dir.join("custos.db"),
     ))
     .unwrap();
+    if std::env::var("CUSTOS_TEST_STORE").as_deref() == Ok("postgres") {
+        config.store = custos::store::StoreConfig::Postgres(fresh_postgres_database());
+    }
     // In-process tests drive the engine, not the transport.
     config.server.insecure_plaintext = true;
     config
+}
+
+/// A new, empty database on the test suite's PostgreSQL (`scripts/test.sh`
+/// starts it and sets `CUSTOS_TEST_POSTGRES_URL` and
+/// `CUSTOS_TEST_POSTGRES_PASSWORD_FILE`).
+pub fn fresh_postgres_database() -> custos::store::postgres::PgSettings {
+    use std::str::FromStr;
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let url = std::env::var("CUSTOS_TEST_POSTGRES_URL")
+        .expect("CUSTOS_TEST_POSTGRES_URL (scripts/test.sh sets it)");
+    let password_file = std::env::var("CUSTOS_TEST_POSTGRES_PASSWORD_FILE")
+        .ok()
+        .map(PathBuf::from);
+    let name = format!(
+        "custos_it_{}_{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    );
+    let mut config = tokio_postgres::Config::from_str(&url).unwrap();
+    if let Some(file) = &password_file {
+        config.password(std::fs::read(file).unwrap());
+    }
+    // On a thread of its own: callers may be inside a runtime already.
+    let create = name.clone();
+    std::thread::spawn(move || {
+        let name = create;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let (client, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(connection);
+            // One statement per call: neither may run in a transaction block.
+            for sql in [
+                format!("DROP DATABASE IF EXISTS {name}"),
+                format!("CREATE DATABASE {name}"),
+            ] {
+                client.batch_execute(&sql).await.unwrap();
+            }
+        });
+    })
+    .join()
+    .unwrap();
+    let (base, _) = url.rsplit_once('/').unwrap();
+    custos::store::postgres::PgSettings {
+        url: format!("{base}/{name}"),
+        password_file,
+        read_pool: 4,
+    }
+}
+
+/// With `CUSTOS_TEST_STORE=postgres`, the environment that puts a dev
+/// server's store on a fresh PostgreSQL database (chosen once per data
+/// directory: the dev config keeps it across restarts).
+pub fn dev_store_env(data_dir: &Path) -> Vec<(String, String)> {
+    if std::env::var("CUSTOS_TEST_STORE").as_deref() != Ok("postgres")
+        || data_dir.join("custosd.toml").exists()
+    {
+        return Vec::new();
+    }
+    let pg = fresh_postgres_database();
+    let mut env = vec![("CUSTOS_DEV_STORE_URL".to_owned(), pg.url)];
+    if let Some(file) = pg.password_file {
+        env.push((
+            "CUSTOS_DEV_STORE_PASSWORD_FILE".to_owned(),
+            file.display().to_string(),
+        ));
+    }
+    env
 }
 
 /// A custosd config file's text.
@@ -226,6 +299,7 @@ impl DevServer {
             .arg("--data-dir")
             .arg(data_dir)
             .envs(extra_env.iter().copied())
+            .envs(dev_store_env(data_dir))
             .env_remove("SOFTHSM2_CONF")
             .stdout(Stdio::piped())
             .stderr(stderr)
