@@ -369,12 +369,25 @@ impl Store {
     /// Opens a write transaction: `BEGIN IMMEDIATE` on SQLite; on
     /// PostgreSQL, a fresh connection if the last one broke, then the
     /// transaction and the cross-instance write lock.
+    ///
+    /// A transaction no group owns (left by a ROLLBACK that failed) holds
+    /// nothing anyone was promised, and is ended first rather than wedging
+    /// the writer. Only SQLite can have one: a PostgreSQL connection whose
+    /// ROLLBACK failed is dropped ([`Store::rollback_if_open`]), so on
+    /// PostgreSQL this costs no round trip.
     fn begin(&self, writer: &mut Writer) -> Result<(), StoreError> {
-        if let (WriterConn::Postgres(client), Reader::Postgres(backend)) = (&mut writer.conn, &self.reader) {
-            if client.as_ref().is_none_or(|c| c.is_closed()) {
-                *client = None;
-                *client = Some(backend.writer()?);
+        match (&mut writer.conn, &self.reader) {
+            (WriterConn::Sqlite(_), _) => {
+                let _ = self.rollback_if_open(writer);
             }
+            (WriterConn::Postgres(client), Reader::Postgres(backend)) => {
+                if client.as_ref().is_none_or(|c| c.is_closed()) {
+                    // Returned to the pool of one before a new one is taken.
+                    *client = None;
+                    *client = Some(backend.writer()?);
+                }
+            }
+            (WriterConn::Postgres(_), Reader::Sqlite(_)) => {}
         }
         let (sql, postgres) = match writer.conn {
             WriterConn::Sqlite(_) => ("BEGIN IMMEDIATE", false),
@@ -529,9 +542,6 @@ impl Store {
         let group = match writer.open {
             Some(group) => group,
             None => {
-                // A transaction no group owns (a ROLLBACK that failed) holds
-                // nothing anyone was promised: end it rather than wedge here.
-                let _ = self.rollback_if_open(&mut writer);
                 self.begin(&mut writer)?;
                 writer.groups += 1;
                 let group = writer.groups;
