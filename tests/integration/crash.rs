@@ -92,8 +92,7 @@ use custos::proto::{
 use custos::signer::KeyFile;
 use custos_core::approval::ApprovalMessage;
 use custos_core::audit::entry::{Entry, Event};
-use custos_core::governance::{GovernanceAction, GovernanceMessage};
-use custos_core::policy::{Vote, policy_hash};
+use custos_core::policy::Vote;
 
 const ETHER: u128 = 1_000_000_000_000_000_000;
 /// Clients in flight.
@@ -907,42 +906,7 @@ async fn activate_policy(server: &DevServer, count_cap: usize) -> [u8; 32] {
         );
         document = document.replacen(from, &to, 1);
     }
-    let mut policies = PolicyServiceClient::new(server.channel_as("admin").await);
-    let proposal = policies
-        .propose_policy(proto::ProposePolicyRequest {
-            document: document.clone().into_bytes(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let service_id = policies
-        .get_policy(proto::GetPolicyRequest { version: 0 })
-        .await
-        .unwrap()
-        .into_inner()
-        .service_id;
-    let hash = policy_hash(document.as_bytes());
-    let m = GovernanceMessage {
-        service_id,
-        action: GovernanceAction::ActivatePolicy,
-        sequence: proposal.version,
-        subject: hash,
-        expires_at: unix_now() + 600,
-        signer: "admin".into(),
-    };
-    let admin = KeyFile::load(&server.data_dir.join("keys/admin.pem")).unwrap();
-    let activated = policies
-        .approve_policy(proto::ApprovePolicyRequest {
-            approval: Some(proto::SignedMessage {
-                message: m.encode(),
-                signature: admin.sign_prehash(&m.digest()).unwrap().to_vec(),
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(activated.activated, "{activated:?}");
-    hash
+    support::activate_policy_document(server, document).await
 }
 
 /// Waits for a checkpoint covering `size` entries.
@@ -963,40 +927,6 @@ async fn await_checkpoint(server: &DevServer, size: u64) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// `custos audit export`, then `custos audit verify` on the export; returns
-/// the verify report (JSON). Fails the test unless both succeed.
-fn export_and_verify(server: &DevServer, dir: &Path) -> serde_json::Value {
-    let custos = || {
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_custos"));
-        command.args(server.cli_args("auditor"));
-        command
-    };
-    let mut export = custos();
-    export.args(["audit", "export", "--out"]).arg(dir);
-    let out = support::output_within(export, Duration::from_secs(120));
-    assert!(
-        out.status.success(),
-        "custos audit export failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let key = server.ready["log_verifier_key"].as_str().unwrap();
-    let mut verify = custos();
-    verify
-        .args(["--json", "audit", "verify", "--key", key, "--dir"])
-        .arg(dir);
-    let out = support::output_within(verify, Duration::from_secs(120));
-    assert!(
-        out.status.success(),
-        "custos audit verify failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    if std::env::var_os("CUSTOS_CRASH_KEEP").is_none() {
-        let _ = std::fs::remove_dir_all(dir);
-    }
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// Limits are exact: walks every decision in the log with the client's own
@@ -1239,7 +1169,7 @@ fn kill_9_at_random_points_loses_nothing_and_signs_exactly_once() {
             if full {
                 // Wait for a checkpoint covering what this life found.
                 rt.block_on(await_checkpoint(&server, log.entries.len() as u64));
-                let report = export_and_verify(&server, &temp.path().join(format!("export-{life}")));
+                let report = support::export_and_verify(&server, &temp.path().join(format!("export-{life}")));
                 assert!(
                     report["entries"].as_u64().unwrap() >= log.entries.len() as u64,
                     "{report}"
@@ -1388,7 +1318,7 @@ fn kill_9_at_random_points_loses_nothing_and_signs_exactly_once() {
         }
         await_checkpoint(&server, log.entries.len() as u64).await;
     });
-    let report = export_and_verify(&server, &temp.path().join("export-final"));
+    let report = support::export_and_verify(&server, &temp.path().join("export-final"));
     verified += 1;
     assert_eq!(
         report["entries"].as_u64(),

@@ -537,3 +537,82 @@ pub async fn all_withdrawals(
         page_token = page.next_page_token;
     }
 }
+
+/// Proposes the policy `document` and activates it with the dev admin key
+/// (the dev policy's admin quorum is 1). Returns its hash.
+pub async fn activate_policy_document(server: &DevServer, document: String) -> [u8; 32] {
+    use custos::proto::{self, policy_service_client::PolicyServiceClient};
+    use custos::signer::KeyFile;
+    use custos_core::governance::{GovernanceAction, GovernanceMessage};
+    use custos_core::policy::policy_hash;
+    let mut policies = PolicyServiceClient::new(server.channel_as("admin").await);
+    let proposal = policies
+        .propose_policy(proto::ProposePolicyRequest {
+            document: document.clone().into_bytes(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let service_id = policies
+        .get_policy(proto::GetPolicyRequest { version: 0 })
+        .await
+        .unwrap()
+        .into_inner()
+        .service_id;
+    let hash = policy_hash(document.as_bytes());
+    let m = GovernanceMessage {
+        service_id,
+        action: GovernanceAction::ActivatePolicy,
+        sequence: proposal.version,
+        subject: hash,
+        expires_at: custos::clock::unix_now() + 600,
+        signer: "admin".into(),
+    };
+    let admin = KeyFile::load(&server.data_dir.join("keys/admin.pem")).unwrap();
+    let activated = policies
+        .approve_policy(proto::ApprovePolicyRequest {
+            approval: Some(proto::SignedMessage {
+                message: m.encode(),
+                signature: admin.sign_prehash(&m.digest()).unwrap().to_vec(),
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(activated.activated, "{activated:?}");
+    hash
+}
+
+/// `custos audit export`, then `custos audit verify` on the export; returns
+/// the verify report (JSON). Fails the test unless both succeed.
+pub fn export_and_verify(server: &DevServer, dir: &Path) -> serde_json::Value {
+    let custos = || {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_custos"));
+        command.args(server.cli_args("auditor"));
+        command
+    };
+    let mut export = custos();
+    export.args(["audit", "export", "--out"]).arg(dir);
+    let out = output_within(export, Duration::from_secs(120));
+    assert!(
+        out.status.success(),
+        "custos audit export failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = server.ready["log_verifier_key"].as_str().unwrap();
+    let mut verify = custos();
+    verify
+        .args(["--json", "audit", "verify", "--key", key, "--dir"])
+        .arg(dir);
+    let out = output_within(verify, Duration::from_secs(120));
+    assert!(
+        out.status.success(),
+        "custos audit verify failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if std::env::var_os("CUSTOS_CRASH_KEEP").is_none() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    serde_json::from_slice(&out.stdout).unwrap()
+}
