@@ -28,7 +28,7 @@ impl Custody {
         let lock = self.signing_lock(&fresh_id);
         let held = lock.lock().await;
         let this = self.snapshot();
-        let row = self
+        let (row, fence) = self
             .blocking(move |store| {
                 store.write(|tx| {
                     if let Some(existing) = wd_store::by_request_id(tx, request.request_id.as_str())? {
@@ -39,10 +39,11 @@ impl Custody {
                                 existing.withdrawal_id
                             )));
                         }
-                        return Ok(existing);
+                        return Ok((existing, None));
                     }
                     let now = unix_now();
                     let governance = gov_store::state(tx)?;
+                    this.saw_freeze(governance.frozen);
                     let active = this.active_policy(tx, governance.active_version)?;
                     let w = policy::Withdrawal {
                         id: &withdrawal_id,
@@ -117,11 +118,15 @@ impl Custody {
                         },
                     )?;
                     audit_store::append(tx, now, decision_event(&row, windows))?;
+                    let fence = match row.state {
+                        State::Approved => Some(claim_new(store, tx, &row.withdrawal_id, now)?),
+                        _ => None,
+                    };
                     if let Some(at) = row.counted_at {
                         let mut cache = this.usage.lock().unwrap_or_else(PoisonError::into_inner);
                         cache.counted(&row.wallet_id, &row.asset, at, intent.total_amount());
                     }
-                    Ok(row)
+                    Ok((row, fence))
                 })
             })
             .await?;
@@ -133,12 +138,12 @@ impl Custody {
         self.announce(&row.withdrawal_id);
         // A new withdrawal has no votes. What is signed is parsed again from
         // the bytes just stored, as the sweep would, not from the request.
-        let row = match row.state {
-            State::Approved => {
+        let row = match fence {
+            Some(fence) => {
                 let stored = self.parse_for(&signing_wallet, decode_stored(&row)?)?;
-                self.sign_locked(row, &wallet_id, &stored).await?
+                self.sign_locked(row, &wallet_id, &stored, fence).await?
             }
-            _ => row,
+            None => row,
         };
         Ok(WithdrawalView {
             row,
@@ -147,14 +152,32 @@ impl Custody {
     }
 
     /// Signs `row` if it is APPROVED, then returns the withdrawal with votes.
+    /// A retry that finds another instance signing it waits (up to
+    /// [`RETRY_WAIT`]) for that signing to end, as the signing lock makes a
+    /// retry on the same instance wait, so that every instance gives a retry
+    /// the same answer.
     pub(super) async fn finish(&self, row: WithdrawalRow) -> Result<WithdrawalView, CustodyError> {
         let id = row.withdrawal_id.clone();
-        if row.state == State::Approved {
-            self.sign(&id).await?;
+        if row.state != State::Approved {
+            return self.get(&id).await;
         }
-        self.get(&id).await
+        self.sign(&id).await?;
+        let deadline = tokio::time::Instant::now() + RETRY_WAIT;
+        loop {
+            let view = self.get(&id).await?;
+            if view.row.state != State::Approved
+                || self.frozen_hint.load(Ordering::SeqCst)
+                || tokio::time::Instant::now() >= deadline
+            {
+                return Ok(view);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 }
+
+/// How long a retry waits for another instance's signing of its withdrawal.
+const RETRY_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// SHA-256 over everything a request asks for: a retry with the same request
 /// id must match it exactly.

@@ -11,12 +11,16 @@
 //!   withdrawal, its intent hash and the active policy hash, then the
 //!   withdrawal is re-evaluated in the same transaction as the vote;
 //! - APPROVED withdrawals are signed one at a time per withdrawal (the
-//!   signing lock), by `create` or the deciding vote right after their
-//!   decision commits, or by the sweep ([`Custody::sign`]); always from the
-//!   stored transaction re-parsed (never from anything a caller hands in),
-//!   and the signature is released only after SIGNED is committed. A crash
-//!   between approval and signing leaves an APPROVED row that
-//!   [`Custody::resume`] signs on the next start.
+//!   signing lock in this process, and across instances the signing lease
+//!   in the store, claimed in the transaction that approves or before the
+//!   sweep signs, and checked by its fence when SIGNED commits), by
+//!   `create` or the deciding vote right after their decision commits, or
+//!   by the sweep ([`Custody::sign`]); always from the stored transaction
+//!   re-parsed (never from anything a caller hands in), and the signature is
+//!   released only after SIGNED is committed. A crash between approval and
+//!   signing leaves an APPROVED row that [`Custody::resume`] signs on the
+//!   next start, or that another instance signs once the dead one's lease
+//!   is free.
 //!
 //! State moves only through [`custos_core::lifecycle::State::apply`]. Governance
 //! (policy versions, freeze) is in [`governance`].
@@ -65,6 +69,12 @@ pub struct ChainConfig {
     /// The Ethereum chain id and its token registry.
     pub ethereum: EthereumNetwork,
 }
+
+/// How long a signing lease lasts: from the claim to the SIGNED commit it
+/// must outlast every HSM call of one signing. An instance that dies loses
+/// its leases at once on PostgreSQL (its presence lock goes with its
+/// connection); this bound frees the leases of one that hangs.
+pub const SIGNING_LEASE_SECS: u64 = 120;
 
 /// Longest request id accepted, in bytes.
 pub const MAX_REQUEST_ID_BYTES: usize = 128;
@@ -232,8 +242,9 @@ pub struct Custody {
     usage: Arc<Mutex<UsageCache>>,
     /// What the last freeze or unfreeze committed. Only a hint that spares
     /// the token a signature nobody may have: the SIGNED transaction reads
-    /// the freeze itself.
-    frozen_hint: AtomicBool,
+    /// the freeze itself. Every write that reads the freeze refreshes it, so
+    /// a freeze or unfreeze on another instance reaches it too.
+    frozen_hint: Arc<AtomicBool>,
 }
 
 impl Custody {
@@ -250,7 +261,7 @@ impl Custody {
             updates,
             signing: Mutex::new(HashMap::new()),
             usage: Arc::new(Mutex::new(UsageCache::default())),
-            frozen_hint: AtomicBool::new(false),
+            frozen_hint: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -357,6 +368,7 @@ impl Custody {
                 .unwrap_or_else(PoisonError::into_inner)
                 .clone(),
             usage: Arc::clone(&self.usage),
+            frozen_hint: Arc::clone(&self.frozen_hint),
         })
     }
 
@@ -376,9 +388,15 @@ struct Snapshot {
     service_id: String,
     policies: HashMap<u64, Arc<ActivePolicy>>,
     usage: Arc<Mutex<UsageCache>>,
+    frozen_hint: Arc<AtomicBool>,
 }
 
 impl Snapshot {
+    /// Records the freeze a write transaction read.
+    fn saw_freeze(&self, frozen: bool) {
+        self.frozen_hint.store(frozen, Ordering::SeqCst);
+    }
+
     /// The active policy, from the cache or (after a concurrent activation)
     /// rebuilt from the store.
     fn active_policy(
@@ -417,6 +435,28 @@ fn usage<'c>(
         return Ok(&NONE);
     };
     Ok(cache.list(store, conn, w.wallet, &w.intent.asset.symbol, now, longest)?)
+}
+
+/// The signing lease of a withdrawal that was APPROVED in this transaction:
+/// nobody can hold it yet.
+fn claim_new(
+    store: &Store,
+    tx: crate::store::sql::Conn<'_>,
+    withdrawal_id: &str,
+    now: u64,
+) -> Result<u64, CustodyError> {
+    wd_store::claim_signing(
+        tx,
+        withdrawal_id,
+        store.instance(),
+        now,
+        now.saturating_add(SIGNING_LEASE_SECS),
+    )?
+    .ok_or_else(|| {
+        CustodyError::Inconsistent(format!(
+            "withdrawal {withdrawal_id} was leased before it was approved"
+        ))
+    })
 }
 
 /// The audit entry of a withdrawal's latest decision.

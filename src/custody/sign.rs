@@ -1,15 +1,20 @@
-//! Signing an APPROVED withdrawal: under its signing lock, from the stored
-//! transaction parsed again, with the freeze checked before the HSM is asked
-//! and again in the transaction that commits SIGNED. The signature is
-//! released only after that commit.
+//! Signing an APPROVED withdrawal: under its signing lock in this process
+//! and its signing lease in the store (so that one instance at a time asks
+//! the HSM), from the stored transaction parsed again, with the freeze
+//! checked before the HSM is asked and again in the transaction that commits
+//! SIGNED. That transaction also checks the lease's fence: if another
+//! instance took the lease over meanwhile, this signature is dropped. The
+//! signature is released only after that commit.
 
 use super::*;
 
 impl Custody {
     /// Signs an APPROVED withdrawal: re-parses the stored transaction, signs
     /// its digests in the HSM, and commits SIGNED before anyone sees the
-    /// signature. At most one signing runs per withdrawal; a withdrawal in any
-    /// other state, or any withdrawal while custody is frozen, is left as is.
+    /// signature. At most one signing runs per withdrawal, in this process and
+    /// across instances; a withdrawal in any other state, one whose lease
+    /// another live instance holds, or any withdrawal while custody is
+    /// frozen, is left as is.
     pub async fn sign(&self, withdrawal_id: &str) -> Result<(), CustodyError> {
         let lock = self.signing_lock(withdrawal_id);
         let _held = lock.lock().await;
@@ -23,6 +28,9 @@ impl Custody {
                 })
             })
             .await?;
+        // Another instance may have frozen or unfrozen custody: the hint
+        // follows what the store says.
+        self.frozen_hint.store(frozen, Ordering::SeqCst);
         if row.state != State::Approved || frozen {
             return Ok(());
         }
@@ -30,19 +38,48 @@ impl Custody {
             .map_err(|e| CustodyError::Inconsistent(format!("stored wallet id: {e}")))?;
         let wallet = self.wallets.signable(&wallet_id)?;
         let parsed = self.parse_for(&wallet, decode_stored(&row)?)?;
-        self.sign_locked(row, &wallet_id, &parsed).await.map(|_| ())
+        let id = row.withdrawal_id.clone();
+        let fence = self
+            .blocking(move |store| {
+                store.write(|tx| {
+                    let current = wd_store::by_id(tx, &id)?
+                        .ok_or_else(|| CustodyError::NotFound(format!("withdrawal {id}")))?;
+                    if current.state != State::Approved {
+                        return Ok(None);
+                    }
+                    let now = unix_now();
+                    Ok(wd_store::claim_signing(
+                        tx,
+                        &id,
+                        store.instance(),
+                        now,
+                        now.saturating_add(SIGNING_LEASE_SECS),
+                    )?)
+                })
+            })
+            .await?;
+        let Some(fence) = fence else {
+            tracing::debug!(withdrawal = %row.withdrawal_id, "another instance holds the signing lease");
+            return Ok(());
+        };
+        self.sign_locked(row, &wallet_id, &parsed, fence)
+            .await
+            .map(|_| ())
     }
 
     /// Signs `row`, an APPROVED withdrawal whose signing lock the caller
-    /// holds, from `parsed`, its stored transaction; commits SIGNED with its
-    /// log entry and returns the row as committed. A freeze that landed after
-    /// the decision wins: the signature is dropped unreleased and the row
-    /// stays APPROVED, for the sweep to sign once custody is unfrozen.
+    /// holds and whose signing lease it claimed with `fence`, from `parsed`,
+    /// its stored transaction; commits SIGNED with its log entry and returns
+    /// the row as committed. A freeze that landed after the decision wins:
+    /// the signature is dropped unreleased and the row stays APPROVED, for
+    /// the sweep to sign once custody is unfrozen. So does a lease another
+    /// instance took over: that instance signs it.
     pub(super) async fn sign_locked(
         &self,
         row: WithdrawalRow,
         wallet_id: &WalletId,
         parsed: &ParsedTx,
+        fence: u64,
     ) -> Result<WithdrawalRow, CustodyError> {
         // The lifecycle and the approved intent are checked before the HSM is touched.
         row.state.apply(Event::Signed)?;
@@ -75,7 +112,10 @@ impl Custody {
             .blocking(move |store| {
                 store.write(|tx| {
                     if gov_store::state(tx)?.frozen {
-                        return Ok(None);
+                        return Ok(Err("custody was frozen while signing"));
+                    }
+                    if !wd_store::holds_signing(tx, &id, store.instance(), fence)? {
+                        return Ok(Err("another instance took the signing lease over"));
                     }
                     let now = unix_now();
                     wd_store::set_signed(tx, &id, &raw, &tx_hash, now)?;
@@ -90,13 +130,16 @@ impl Custody {
                     )?;
                     let signed = wd_store::by_id(tx, &id)?
                         .ok_or_else(|| CustodyError::NotFound(format!("withdrawal {id}")))?;
-                    Ok(Some(signed))
+                    Ok(Ok(signed))
                 })
             })
             .await?;
-        let Some(signed) = committed else {
-            tracing::warn!(withdrawal = %row.withdrawal_id, "custody was frozen while signing; the signature was dropped and the withdrawal stays APPROVED");
-            return Ok(row);
+        let signed = match committed {
+            Ok(signed) => signed,
+            Err(why) => {
+                tracing::warn!(withdrawal = %row.withdrawal_id, "{why}; the signature was dropped and the withdrawal stays APPROVED");
+                return Ok(row);
+            }
         };
         tracing::info!(withdrawal = %signed.withdrawal_id, wallet = %signed.wallet_id, "withdrawal signed");
         self.announce(&signed.withdrawal_id);

@@ -10,6 +10,13 @@
 //! fails rolls back writes the cache already holds; the store counts such
 //! failures ([`Store::commit_failures`]) before any other writer runs, and a
 //! cache built before the count changed is thrown away and reloaded.
+//!
+//! Other instances on the same database count withdrawals this cache never
+//! sees. So the cache is only a copy that the transaction checks: each list
+//! remembers the store's usage epoch of its wallet and asset (bumped by
+//! every write that counts or uncounts one of their withdrawals, in that
+//! write's transaction), and a list whose epoch differs from the one read
+//! in the current write transaction is reloaded before it is used.
 
 use std::collections::HashMap;
 
@@ -29,6 +36,8 @@ pub(crate) struct UsageList {
     ledger: UsageLedger,
     /// Entries at or before this time were not loaded (or were dropped).
     horizon: u64,
+    /// The store's usage epoch this list matches.
+    epoch: u64,
 }
 
 impl RollingUsage for UsageList {
@@ -63,11 +72,16 @@ impl UsageCache {
         }
         let start = now.saturating_sub(longest);
         let key = (wallet.to_owned(), asset.to_owned());
-        let stale = self.lists.get(&key).is_none_or(|l| l.horizon > start);
+        let epoch = wd_store::usage_epoch(conn, wallet, asset)?;
+        let stale = self
+            .lists
+            .get(&key)
+            .is_none_or(|l| l.horizon > start || l.epoch != epoch);
         if stale {
             let mut list = UsageList {
                 ledger: UsageLedger::default(),
                 horizon: start,
+                epoch,
             };
             let mut rows = wd_store::usage(conn, wallet, asset, start)?
                 .into_iter()
@@ -91,10 +105,13 @@ impl UsageCache {
         Ok(list)
     }
 
-    /// Records a withdrawal counted at `at`: the write closure's last step.
+    /// Records a withdrawal counted at `at`: the write closure's last step,
+    /// after the store bumped the usage epoch by one in the same transaction.
+    /// A list that was stale before stays stale (its epoch still differs).
     pub(crate) fn counted(&mut self, wallet: &str, asset: &str, at: u64, amount: U256) {
         if let Some(list) = self.lists.get_mut(&(wallet.to_owned(), asset.to_owned())) {
             list.ledger.add(at, amount);
+            list.epoch += 1;
         }
     }
 

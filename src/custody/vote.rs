@@ -34,7 +34,7 @@ impl Custody {
         let lock = self.signing_lock(&parsed.withdrawal_id);
         let _held = lock.lock().await;
         let this = self.snapshot();
-        let view = self
+        let (view, fence) = self
             .blocking(move |store| {
                 store.write(|tx| {
                     let id = &parsed.withdrawal_id;
@@ -42,6 +42,7 @@ impl Custody {
                         .ok_or_else(|| CustodyError::NotFound(format!("withdrawal {id}")))?;
                     let now = unix_now();
                     let governance = gov_store::state(tx)?;
+                    this.saw_freeze(governance.frozen);
                     let active = match governance.frozen {
                         true => None,
                         false => this.active_policy(tx, governance.active_version)?,
@@ -128,13 +129,18 @@ impl Custody {
                     let row = wd_store::by_id(tx, id)?
                         .ok_or_else(|| CustodyError::NotFound(format!("withdrawal {id}")))?;
                     audit_store::append(tx, now, decision_event(&row, windows))?;
+                    let fence = match row.state {
+                        State::Approved => Some(claim_new(store, tx, id, now)?),
+                        _ => None,
+                    };
                     if let Some(at) = counted_at {
                         cache.counted(&row.wallet_id, &row.asset, at, intent.total_amount());
                     }
-                    Ok(WithdrawalView {
+                    let view = WithdrawalView {
                         approvals: wd_store::approvals(tx, id)?,
                         row,
-                    })
+                    };
+                    Ok((view, fence))
                 })
             })
             .await?;
@@ -142,12 +148,12 @@ impl Custody {
         tracing::info!(withdrawal = %row.withdrawal_id, state = %row.state, "vote recorded");
         crate::metrics::decided(row.state, &row.decision);
         self.announce(&row.withdrawal_id);
-        let row = match row.state {
-            State::Approved => {
+        let row = match fence {
+            Some(fence) => {
                 crate::failpoint::crash_if("after-approval-commit");
-                self.sign_locked(row, &wallet_id, &parsed_tx).await?
+                self.sign_locked(row, &wallet_id, &parsed_tx, fence).await?
             }
-            _ => row,
+            None => row,
         };
         Ok(WithdrawalView { row, approvals })
     }

@@ -178,6 +178,22 @@ const MIGRATIONS: &[&str] = &[
         BEGIN SELECT RAISE(ABORT, 'checkpoints are append-only'); END;
     CREATE TRIGGER merkle_nodes_no_delete BEFORE DELETE ON merkle_nodes
         BEGIN SELECT RAISE(ABORT, 'the Merkle tree is append-only'); END;",
+    // 5: what lets several instances share the store: a counter per wallet
+    // and asset that every change of the counted set bumps (usage caches
+    // check it), and the signing leases.
+    "CREATE TABLE usage_epochs (
+        wallet_id TEXT NOT NULL,
+        asset TEXT NOT NULL,
+        epoch INTEGER NOT NULL CHECK (epoch > 0),
+        PRIMARY KEY (wallet_id, asset)
+    ) STRICT, WITHOUT ROWID;
+    CREATE TABLE signing_leases (
+        withdrawal_id TEXT PRIMARY KEY REFERENCES withdrawals(withdrawal_id),
+        owner TEXT NOT NULL,
+        owner_key INTEGER,
+        fence INTEGER NOT NULL CHECK (fence > 0),
+        until INTEGER NOT NULL
+    ) STRICT;",
 ];
 
 /// The most writers one group commit holds.
@@ -254,6 +270,21 @@ pub struct Store {
     /// Group commits that failed, counted before the next writer runs.
     commit_failures: AtomicU64,
     reader: Reader,
+    instance: Instance,
+}
+
+/// Who this process is to the other instances on the store: the owner named
+/// in the signing leases it holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Instance {
+    /// The owner id in `signing_leases`.
+    pub id: String,
+    /// On PostgreSQL, the key of the session advisory lock this process
+    /// holds for as long as it is connected: another instance that can take
+    /// that lock knows the owner is gone and may take over its leases. On
+    /// SQLite the file is the instance (one process per file), so a
+    /// restarted process is the same owner and there is no key.
+    pub presence_key: Option<i64>,
 }
 
 /// How reads reach the database: SQLite's one read connection, or the
@@ -309,6 +340,10 @@ impl Store {
         Ok(Self::with(
             WriterConn::Sqlite(conn),
             Reader::Sqlite(Mutex::new(connect()?)),
+            Instance {
+                id: "sqlite".into(),
+                presence_key: None,
+            },
         ))
     }
 
@@ -325,13 +360,15 @@ impl Store {
     pub fn open_postgres(settings: &postgres::PgSettings) -> Result<Self, StoreError> {
         let backend = postgres::PgBackend::open(settings)?;
         let writer = backend.writer()?;
+        let instance = backend.instance();
         Ok(Self::with(
             WriterConn::Postgres(Some(writer)),
             Reader::Postgres(backend),
+            instance,
         ))
     }
 
-    fn with(conn: WriterConn, reader: Reader) -> Self {
+    fn with(conn: WriterConn, reader: Reader, instance: Instance) -> Self {
         Self {
             writer: Mutex::new(Writer {
                 conn,
@@ -345,7 +382,13 @@ impl Store {
             writers_waiting: AtomicUsize::new(0),
             commit_failures: AtomicU64::new(0),
             reader,
+            instance,
         }
+    }
+
+    /// This process as the owner of signing leases.
+    pub fn instance(&self) -> &Instance {
+        &self.instance
     }
 
     /// The writer's connection as a [`Conn`]; `None` on PostgreSQL when it

@@ -17,6 +17,12 @@
 //! commits. Statements read committed data (`READ COMMITTED`), so the next
 //! lock holder sees everything the previous one committed.
 //!
+//! Each process also holds a *presence* lock: a session advisory lock on a
+//! random key, on a connection of its own, for as long as it is connected.
+//! A dead instance's connection closes and PostgreSQL drops the lock with
+//! it, which is how the others know they may take over its signing leases
+//! (see `withdrawals::claim_signing`).
+//!
 //! The schema has the same tables, constraints and append-only rules as the
 //! SQLite one, written for PostgreSQL: `BIGINT` for integers, `BYTEA` for
 //! blobs, identity columns for insertion order, and triggers that refuse an
@@ -57,6 +63,8 @@ impl std::fmt::Debug for PgSettings {
 pub(crate) struct PgBackend {
     /// Always `Some` until dropped.
     runtime: Option<tokio::runtime::Runtime>,
+    /// The key of this process's presence lock (see [`super::Instance`]).
+    presence_key: i64,
     writer_pool: Pool,
     reader_pool: Pool,
 }
@@ -189,6 +197,20 @@ const MIGRATIONS: &[&str] = &[
     // 5: the row every write transaction locks first.
     "CREATE TABLE log_head (id BIGINT PRIMARY KEY CHECK (id = 1));
     INSERT INTO log_head (id) VALUES (1);",
+    // 6: the usage epochs and the signing leases (as SQLite's 5).
+    "CREATE TABLE usage_epochs (
+        wallet_id TEXT NOT NULL,
+        asset TEXT NOT NULL,
+        epoch BIGINT NOT NULL CHECK (epoch > 0),
+        PRIMARY KEY (wallet_id, asset)
+    );
+    CREATE TABLE signing_leases (
+        withdrawal_id TEXT PRIMARY KEY REFERENCES withdrawals(withdrawal_id),
+        owner TEXT NOT NULL,
+        owner_key BIGINT,
+        fence BIGINT NOT NULL CHECK (fence > 0),
+        until BIGINT NOT NULL
+    );",
 ];
 
 /// The advisory lock key migrations hold (`custos` in ASCII).
@@ -263,13 +285,28 @@ impl PgBackend {
                 .build()
                 .map_err(|e| StoreError::Settings(format!("store pool: {e}")))
         };
+        let mut key = [0u8; 8];
+        getrandom::fill(&mut key)
+            .map_err(|_| StoreError::Settings("no randomness for the instance id".into()))?;
+        let presence_key = i64::from_be_bytes(key);
+        let first = block_on(&runtime, take_presence(&config, presence_key))?;
+        runtime.spawn(hold_presence(config.clone(), presence_key, first));
         let backend = Self {
             writer_pool: pool(1)?,
             reader_pool: pool(settings.read_pool)?,
             runtime: Some(runtime),
+            presence_key,
         };
         backend.migrate()?;
         Ok(backend)
+    }
+
+    /// This process as a lease owner.
+    pub(crate) fn instance(&self) -> super::Instance {
+        super::Instance {
+            id: format!("pg-{}-{:016x}", std::process::id(), self.presence_key),
+            presence_key: Some(self.presence_key),
+        }
     }
 
     fn runtime(&self) -> &tokio::runtime::Runtime {
@@ -342,6 +379,51 @@ impl PgBackend {
         let unlocked = conn.execute("SELECT pg_advisory_unlock(?1)", &[&MIGRATION_LOCK]);
         result?;
         unlocked.map(|_| ())
+    }
+}
+
+/// A connection of its own that holds the session advisory lock `key`,
+/// and the task that drives it (it ends when the connection closes).
+type PresenceConnection = (
+    tokio_postgres::Client,
+    tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+);
+
+/// Connects and takes the presence lock `key`.
+async fn take_presence(config: &tokio_postgres::Config, key: i64) -> Result<PresenceConnection, StoreError> {
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+    let driver = tokio::spawn(connection);
+    // The key is random per process: nobody else holds it, so this returns at once.
+    if let Err(e) = client.execute("SELECT pg_advisory_lock($1)", &[&key]).await {
+        driver.abort();
+        return Err(e.into());
+    }
+    Ok((client, driver))
+}
+
+/// Keeps the presence lock for the life of the store: when its connection
+/// closes (PostgreSQL restarted, the network broke), it says so and takes
+/// the lock again on a new connection, once a second until that works.
+/// While it is not held, other instances may take over this one's signing
+/// leases; the fence in each lease keeps that safe.
+async fn hold_presence(config: tokio_postgres::Config, key: i64, first: PresenceConnection) {
+    let mut held = Some(first);
+    loop {
+        if let Some((client, driver)) = held.take() {
+            let _ = driver.await;
+            drop(client);
+            tracing::warn!(
+                "the store presence connection closed; other instances may take over this one's signing leases"
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        match take_presence(&config, key).await {
+            Ok(connection) => {
+                tracing::info!("store presence lock taken again");
+                held = Some(connection);
+            }
+            Err(e) => tracing::debug!(error = %e, "store presence lock not taken yet"),
+        }
     }
 }
 

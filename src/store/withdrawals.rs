@@ -4,12 +4,15 @@
 //! become two withdrawals, whatever races in code. A withdrawal counts against
 //! rolling limits exactly while `counted_at` is set, and a CHECK ties that to
 //! the APPROVED and SIGNED states; the usage index serves the limit query.
+//! Every write that counts or uncounts a withdrawal also bumps the usage
+//! epoch of its wallet and asset, in the same transaction: the check that
+//! keeps an instance's usage cache exact while others write.
 //! State changes are conditional on the state the caller read
 //! ([`set_state`]), so two writers can never both move one withdrawal.
 
-use super::StoreError;
 use super::governance::{to_i64, to_u64};
 use super::sql::{Backend, Conn, Row};
+use super::{Instance, StoreError};
 use custos_core::chain::Chain;
 use custos_core::lifecycle::State;
 use custos_core::policy::record::DecisionRecord;
@@ -105,7 +108,11 @@ pub fn insert(conn: Conn<'_>, row: &WithdrawalRow) -> Result<i64, StoreError> {
         ],
         |r| r.get::<i64>(0),
     );
-    super::conflict_as(inserted, "withdrawal")
+    let seq = super::conflict_as(inserted, "withdrawal")?;
+    if row.counted_at.is_some() {
+        bump_usage_epoch(conn, &row.wallet_id, &row.asset)?;
+    }
+    Ok(seq)
 }
 
 /// The withdrawal with this id.
@@ -189,6 +196,42 @@ pub fn set_state(
     if updated != 1 {
         return Err(StoreError::Conflict("state change (the withdrawal moved on)"));
     }
+    if counts(from) != counted_at.is_some() {
+        let (wallet, asset): (String, String) = conn.query_one(
+            "SELECT wallet_id, asset FROM withdrawals WHERE withdrawal_id = ?1",
+            &[&withdrawal_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        bump_usage_epoch(conn, &wallet, &asset)?;
+    }
+    Ok(())
+}
+
+/// Whether a withdrawal in `state` counts against rolling limits (the
+/// schema's CHECK ties `counted_at` to these states).
+fn counts(state: State) -> bool {
+    matches!(state, State::Approved | State::Signed)
+}
+
+/// How many times the counted withdrawals of this wallet and asset changed
+/// (0 if never): a usage cache built at one epoch is stale at any other.
+pub fn usage_epoch(conn: Conn<'_>, wallet_id: &str, asset: &str) -> Result<u64, StoreError> {
+    let epoch: Option<i64> = conn.query_opt(
+        "SELECT epoch FROM usage_epochs WHERE wallet_id = ?1 AND asset = ?2",
+        &[&wallet_id, &asset],
+        |r| r.get(0),
+    )?;
+    Ok(epoch.map_or(0, to_u64))
+}
+
+/// Records one change of the counted set of this wallet and asset. Every
+/// write that counts or uncounts a withdrawal calls it, in its transaction.
+fn bump_usage_epoch(conn: Conn<'_>, wallet_id: &str, asset: &str) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO usage_epochs (wallet_id, asset, epoch) VALUES (?1, ?2, 1)
+         ON CONFLICT (wallet_id, asset) DO UPDATE SET epoch = usage_epochs.epoch + 1",
+        &[&wallet_id, &asset],
+    )?;
     Ok(())
 }
 
@@ -209,6 +252,76 @@ pub fn set_signed(
         return Err(StoreError::Conflict("signature (the withdrawal is not APPROVED)"));
     }
     Ok(())
+}
+
+/// Takes the signing lease of `withdrawal_id` for `me` until `until`: the
+/// right to ask the HSM for its signature. Returns the lease's fence, which
+/// the SIGNED commit must still find ([`holds_signing`]), or `None` while
+/// another live instance holds an unexpired lease. A lease is free when it
+/// is this instance's own (a restart on SQLite), when it expired, or when
+/// its owner's presence lock is gone (the owner died or lost the database).
+/// Call it in a write transaction, on a withdrawal the caller just read as
+/// APPROVED.
+pub fn claim_signing(
+    conn: Conn<'_>,
+    withdrawal_id: &str,
+    me: &Instance,
+    now: u64,
+    until: u64,
+) -> Result<Option<u64>, StoreError> {
+    let held: Option<(String, Option<i64>, i64, i64)> = conn.query_opt(
+        "SELECT owner, owner_key, fence, until FROM signing_leases WHERE withdrawal_id = ?1",
+        &[&withdrawal_id],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+    )?;
+    let fence = match held {
+        None => 1,
+        Some((owner, owner_key, fence, held_until)) => {
+            let free = owner == me.id || to_u64(held_until) <= now || !owner_alive(conn, owner_key)?;
+            if !free {
+                return Ok(None);
+            }
+            to_u64(fence).saturating_add(1)
+        }
+    };
+    conn.execute(
+        "INSERT INTO signing_leases (withdrawal_id, owner, owner_key, fence, until) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (withdrawal_id) DO UPDATE
+         SET owner = excluded.owner, owner_key = excluded.owner_key, fence = excluded.fence, until = excluded.until",
+        &[&withdrawal_id, &me.id, &me.presence_key, &to_i64(fence), &to_i64(until)],
+    )?;
+    Ok(Some(fence))
+}
+
+/// Whether the owner of a lease with this presence key is still connected.
+/// On PostgreSQL it holds a session lock on the key for as long as it is;
+/// taking that lock for this transaction succeeds only once it is gone.
+/// Without a key (SQLite) only expiry frees another owner's lease.
+fn owner_alive(conn: Conn<'_>, owner_key: Option<i64>) -> Result<bool, StoreError> {
+    match (conn.backend(), owner_key) {
+        (Backend::Postgres, Some(key)) => {
+            let taken: bool =
+                conn.query_one("SELECT pg_try_advisory_xact_lock(?1)", &[&key], |r| r.get(0))?;
+            Ok(!taken)
+        }
+        _ => Ok(true),
+    }
+}
+
+/// Whether `me` still holds the signing lease of `withdrawal_id` with
+/// `fence`: nobody took it over since it was claimed.
+pub fn holds_signing(
+    conn: Conn<'_>,
+    withdrawal_id: &str,
+    me: &Instance,
+    fence: u64,
+) -> Result<bool, StoreError> {
+    let held: Option<(String, i64)> = conn.query_opt(
+        "SELECT owner, fence FROM signing_leases WHERE withdrawal_id = ?1",
+        &[&withdrawal_id],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    Ok(held.is_some_and(|(owner, held_fence)| owner == me.id && to_u64(held_fence) == fence))
 }
 
 /// `(counted_at, amount)` of withdrawals of this wallet and asset counted

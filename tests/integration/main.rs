@@ -15,6 +15,7 @@ mod audit;
 mod checkpoints;
 mod crash;
 mod formats;
+mod ha;
 mod hsm_faults;
 mod metrics;
 mod secrets;

@@ -291,7 +291,22 @@ impl DevServer {
 
     /// Starts `custosd --dev` on `data_dir` (created or reused).
     pub fn start_in(data_dir: &Path, extra_env: &[(&str, &str)]) -> Self {
-        let stderr_path = data_dir.with_extension("stderr.log");
+        Self::start_logging_to(data_dir, data_dir.with_extension("stderr.log"), extra_env)
+    }
+
+    /// Starts another instance of the dev server whose data directory
+    /// `data_dir` already is (its config, token and store are shared):
+    /// instance `name` of several on one store. Its log goes to a file of
+    /// its own.
+    pub fn start_instance(data_dir: &Path, name: &str, extra_env: &[(&str, &str)]) -> Self {
+        Self::start_logging_to(
+            data_dir,
+            data_dir.with_extension(format!("{name}.stderr.log")),
+            extra_env,
+        )
+    }
+
+    fn start_logging_to(data_dir: &Path, stderr_path: PathBuf, extra_env: &[(&str, &str)]) -> Self {
         let stderr = std::fs::File::create(&stderr_path).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_custosd"))
             .args(["--dev", "--listen", "127.0.0.1:0", "--module"])

@@ -1,0 +1,267 @@
+//! Several `custosd` instances on one PostgreSQL database, as an exchange
+//! runs them behind a load balancer: every instance is a real `custosd
+//! --dev` process on the same SoftHSM token and the same store, and each
+//! test spreads its calls over them.
+//!
+//! What must hold (DESIGN.md invariant 7): a rolling limit is exact whichever
+//! instance decides, one request id is one withdrawal whichever instance
+//! takes each retry, and one instance at a time signs a withdrawal, with a
+//! dead instance's work taken over by the others.
+//!
+//! These tests need the suite's PostgreSQL (`scripts/test.sh` starts it and
+//! sets `CUSTOS_TEST_POSTGRES_URL`).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use tonic::transport::Channel;
+
+use crate::support::{self, DevServer};
+use custos::dev::{DEV_ALLOWLISTED, transfer_request};
+use custos::proto::withdrawal_service_client::WithdrawalServiceClient;
+use custos::proto::{self, WithdrawalState};
+
+const ETHER: u128 = 1_000_000_000_000_000_000;
+
+/// The environment that puts a fresh dev data directory's store on a new
+/// database of the suite's PostgreSQL.
+fn postgres_env() -> Vec<(String, String)> {
+    let pg = support::fresh_postgres_database();
+    let mut env = vec![("CUSTOS_DEV_STORE_URL".to_owned(), pg.url)];
+    if let Some(file) = pg.password_file {
+        env.push((
+            "CUSTOS_DEV_STORE_PASSWORD_FILE".to_owned(),
+            file.display().to_string(),
+        ));
+    }
+    env
+}
+
+/// The first instance on `dir`, which sets up the dev token, config and
+/// store (on PostgreSQL), with `extra` in its environment.
+fn first_instance(dir: &Path, extra: &[(&str, &str)]) -> DevServer {
+    let env = postgres_env();
+    let mut all: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    all.extend_from_slice(extra);
+    let server = DevServer::start_in(dir, &all);
+    let config = std::fs::read_to_string(dir.join("custosd.toml")).unwrap();
+    assert!(
+        config.contains("url = \"postgres://"),
+        "the dev store is not on PostgreSQL:\n{config}"
+    );
+    server
+}
+
+async fn withdrawals(server: &DevServer) -> WithdrawalServiceClient<Channel> {
+    WithdrawalServiceClient::new(server.channel_as("backend").await)
+}
+
+/// Polls `server` until withdrawal `name` is in `state`, for up to `limit`.
+async fn await_state(
+    server: &DevServer,
+    name: &str,
+    state: WithdrawalState,
+    limit: Duration,
+) -> proto::Withdrawal {
+    let mut client = withdrawals(server).await;
+    let deadline = Instant::now() + limit;
+    loop {
+        let w = client
+            .get_withdrawal(proto::GetWithdrawalRequest { name: name.into() })
+            .await
+            .unwrap()
+            .into_inner();
+        if w.state() == state {
+            return w;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} is {:?}, not {state:?}, after {limit:?}",
+            w.state()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Three instances: 100 concurrent calls with one request id make one
+/// withdrawal and get one answer, and 150 concurrent withdrawals against a
+/// rolling count cap of 40 sign exactly the 39 the cap has left, whichever
+/// instance decides each. Replaying the log offline agrees.
+#[test]
+fn three_instances_keep_one_request_id_and_one_limit() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("dev");
+    let a = first_instance(&dir, &[]);
+    let b = DevServer::start_instance(&dir, "b", &[]);
+    let c = DevServer::start_instance(&dir, "c", &[]);
+    let rt = support::runtime();
+    rt.block_on(async {
+        // A count cap the run must hit, activated on one instance while the
+        // others are already running.
+        let dev_policy = std::fs::read_to_string(dir.join("policy.toml")).unwrap();
+        let document =
+            dev_policy
+                .replacen("version = 1", "version = 2", 1)
+                .replacen("count = 1000", "count = 40", 1);
+        assert_ne!(document, dev_policy);
+        support::activate_policy_document(&a, document).await;
+
+        let servers = [&a, &b, &c];
+        let mut clients = Vec::new();
+        for server in servers {
+            clients.push(withdrawals(server).await);
+        }
+
+        // One request id, 100 calls at once, spread over the instances.
+        let calls: Vec<_> = (0..100)
+            .map(|i| {
+                let mut client = clients[i % 3].clone();
+                tokio::spawn(async move {
+                    client
+                        .create_withdrawal(transfer_request(
+                            "ha-same",
+                            DEV_ALLOWLISTED,
+                            ETHER / 100,
+                            0,
+                            "ops",
+                        ))
+                        .await
+                        .map(|r| r.into_inner())
+                })
+            })
+            .collect();
+        let mut answers = Vec::new();
+        for call in calls {
+            answers.push(call.await.unwrap().expect("a retry of one request id succeeds"));
+        }
+        let first = &answers[0];
+        assert_eq!(first.state(), WithdrawalState::Signed, "{first:?}");
+        for answer in &answers {
+            assert_eq!(answer.name, first.name, "one request id made two withdrawals");
+            assert_eq!(answer.state(), first.state());
+            assert_eq!(answer.signed_transaction, first.signed_transaction);
+        }
+
+        // 150 withdrawals at once against the 39 the cap has left.
+        let calls: Vec<_> = (0..150u64)
+            .map(|i| {
+                let mut client = clients[i as usize % 3].clone();
+                tokio::spawn(async move {
+                    client
+                        .create_withdrawal(transfer_request(
+                            &format!("ha-{i}"),
+                            DEV_ALLOWLISTED,
+                            ETHER / 100,
+                            i + 1,
+                            "ops",
+                        ))
+                        .await
+                        .map(|r| r.into_inner())
+                })
+            })
+            .collect();
+        let (mut signed, mut denied) = (0, 0);
+        for call in calls {
+            let w = call.await.unwrap().expect("create_withdrawal");
+            match w.state() {
+                WithdrawalState::Signed => signed += 1,
+                WithdrawalState::Denied => {
+                    let decision = w.decision.as_ref().unwrap();
+                    assert_eq!(decision.reason_code, "rolling_count_limit", "{w:?}");
+                    denied += 1;
+                }
+                other => panic!("{} is {other:?}", w.name),
+            }
+        }
+        assert_eq!(
+            (signed, denied),
+            (39, 111),
+            "the cap of 40 did not hold across instances"
+        );
+
+        // Every instance lists the same 40 signed withdrawals.
+        for client in &mut clients {
+            let listed = support::all_withdrawals(client, WithdrawalState::Signed).await;
+            assert_eq!(listed.len(), 40);
+        }
+    });
+    // Stopping signs a final checkpoint over everything written.
+    let (mut b, mut c) = (b, c);
+    assert!(b.stop().success());
+    assert!(c.stop().success());
+    let report = support::export_and_verify(&a, &temp.path().join("export"));
+    assert_eq!(report["replay"]["signatures"].as_u64(), Some(40), "{report}");
+    assert_eq!(report["replay"]["withdrawals"].as_u64(), Some(151), "{report}");
+}
+
+/// The signing lease: while one instance is between the HSM's signature and
+/// its SIGNED commit, the other instance's sweep leaves the withdrawal
+/// alone; once that instance is killed (`kill -9`), the other takes the
+/// lease over and signs it, once.
+#[test]
+fn a_signing_lease_keeps_others_off_and_dies_with_its_owner() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("dev");
+    let pause = temp.path().join("pause");
+    std::fs::write(&pause, b"").unwrap();
+    let pause_env = pause.display().to_string();
+    let mut a = first_instance(
+        &dir,
+        &[
+            ("CUSTOS_PAUSE_AT", "after-sign-before-commit"),
+            ("CUSTOS_PAUSE_FILE", pause_env.as_str()),
+        ],
+    );
+    let b = DevServer::start_instance(&dir, "b", &[]);
+    let rt = support::runtime();
+    rt.block_on(async {
+        let mut on_a = withdrawals(&a).await;
+        let held = tokio::spawn(async move {
+            on_a.create_withdrawal(transfer_request(
+                "lease-1",
+                DEV_ALLOWLISTED,
+                ETHER / 100,
+                0,
+                "ops",
+            ))
+            .await
+        });
+        let reached = temp.path().join("pause.reached");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !reached.exists() {
+            assert!(Instant::now() < deadline, "instance a never reached the pause");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // A is holding a signature it has not committed. B's sweep runs
+        // every second; for three of them it must find the lease held.
+        let mut on_b = withdrawals(&b).await;
+        let listed = support::all_withdrawals(&mut on_b, WithdrawalState::Approved).await;
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        let name = listed[0].name.clone();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let w = on_b
+            .get_withdrawal(proto::GetWithdrawalRequest { name: name.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            w.state(),
+            WithdrawalState::Approved,
+            "another instance signed a withdrawal whose lease instance a held"
+        );
+
+        // kill -9 A mid-signing: its presence lock goes with its connection,
+        // and B signs the withdrawal.
+        a.child.kill().unwrap();
+        a.child.wait().unwrap();
+        assert!(held.await.unwrap().is_err(), "a killed instance answered");
+        let signed = await_state(&b, &name, WithdrawalState::Signed, Duration::from_secs(20)).await;
+        assert!(signed.signed_transaction.is_some());
+    });
+    let mut b = b;
+    // B's final checkpoint covers the log; a fresh instance serves the export.
+    assert!(b.stop().success());
+    let c = DevServer::start_instance(&dir, "c", &[]);
+    let report = support::export_and_verify(&c, &temp.path().join("export"));
+    assert_eq!(report["replay"]["signatures"].as_u64(), Some(1), "{report}");
+}
