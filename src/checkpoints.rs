@@ -86,30 +86,23 @@ pub struct Checkpointer {
 
 impl Checkpointer {
     /// Loads the log key recorded in the store, or generates and records it.
+    /// Instances that start together on an empty PostgreSQL store each
+    /// generate a key, but only one is recorded: the others destroy theirs
+    /// and adopt the recorded one, so a log has one key for life.
     pub async fn open(hsm: Hsm, store: Arc<Store>, config: &AuditConfig) -> Result<Self, CheckpointError> {
         let recorded = blocking(&store, log::log_key).await?;
         let key = match recorded {
-            Some(record) => {
-                if record.origin != config.origin || record.kind != config.key_kind {
-                    return Err(CheckpointError::KeyMismatch(format!(
-                        "the log was started with origin {} and a {} key; the config says origin {} and {}. A log keeps one origin and key for life",
-                        record.origin,
-                        record.kind.name(),
-                        config.origin,
-                        config.key_kind.name()
-                    )));
+            Some(record) => adopt(&hsm, record, config).await?,
+            None => match generate(&hsm, &store, config).await? {
+                Some(record) => record,
+                None => {
+                    let record = blocking(&store, log::log_key).await?.ok_or_else(|| {
+                        CheckpointError::KeyMismatch("the log key another instance recorded is gone".into())
+                    })?;
+                    tracing::info!("another instance recorded the audit log key first; using it");
+                    adopt(&hsm, record, config).await?
                 }
-                let loaded = hsm
-                    .load_key(record.kind, &KeyId::from_bytes(record.key_id.clone()))
-                    .await?;
-                if loaded.public_key != record.public_key {
-                    return Err(CheckpointError::KeyMismatch(
-                        "the key on the token differs from the recorded log key".into(),
-                    ));
-                }
-                record
-            }
-            None => generate(&hsm, &store, config).await?,
+            },
         };
         let verifier = NoteVerifier::new(&key.origin, key.kind, &key.public_key)
             .map_err(|e| CheckpointError::KeyMismatch(e.to_string()))?;
@@ -221,8 +214,20 @@ impl Checkpointer {
             signed_at: crate::clock::unix_now(),
         };
         let to_store = stored.clone();
-        write(&self.store, move |conn| log::insert_checkpoint(conn, &to_store)).await?;
+        // Another instance on the same store may have checkpointed this size
+        // or a later one meanwhile: then this signature is not stored, and
+        // checkpoints stay in order of size.
+        let newer = write(&self.store, move |conn| match log::checkpoint(conn, None)? {
+            Some(latest) if latest.size >= to_store.size => Ok(Some(latest)),
+            _ => log::insert_checkpoint(conn, &to_store).map(|()| None),
+        })
+        .await?;
+        // The tree at `size` was checked against the anchor above either way.
         *anchor = Some((size, root));
+        if let Some(latest) = newer {
+            tracing::debug!(size, latest = latest.size, "another instance checkpointed first");
+            return Ok(Some(latest));
+        }
         tracing::debug!(size, "checkpoint signed");
         Ok(Some(stored))
     }
@@ -283,11 +288,39 @@ pub async fn run(checkpointer: Arc<Checkpointer>, shutdown: impl std::future::Fu
     }
 }
 
+/// Checks the recorded log key against the config and the token.
+async fn adopt(
+    hsm: &Hsm,
+    record: LogKeyRecord,
+    config: &AuditConfig,
+) -> Result<LogKeyRecord, CheckpointError> {
+    if record.origin != config.origin || record.kind != config.key_kind {
+        return Err(CheckpointError::KeyMismatch(format!(
+            "the log was started with origin {} and a {} key; the config says origin {} and {}. A log keeps one origin and key for life",
+            record.origin,
+            record.kind.name(),
+            config.origin,
+            config.key_kind.name()
+        )));
+    }
+    let loaded = hsm
+        .load_key(record.kind, &KeyId::from_bytes(record.key_id.clone()))
+        .await?;
+    if loaded.public_key != record.public_key {
+        return Err(CheckpointError::KeyMismatch(
+            "the key on the token differs from the recorded log key".into(),
+        ));
+    }
+    Ok(record)
+}
+
+/// Generates the log key and records it. `None` if another instance
+/// recorded its key first: this one's key is destroyed again.
 async fn generate(
     hsm: &Hsm,
     store: &Arc<Store>,
     config: &AuditConfig,
-) -> Result<LogKeyRecord, CheckpointError> {
+) -> Result<Option<LogKeyRecord>, CheckpointError> {
     let generated = hsm.generate(config.key_kind, LOG_KEY_LABEL).await?;
     let record = LogKeyRecord {
         kind: config.key_kind,
@@ -305,14 +338,17 @@ async fn generate(
         if let Err(destroy) = hsm.destroy_key(&generated.id).await {
             tracing::error!(error = %destroy, label = %generated.label, "could not destroy unrecorded log key");
         }
-        return Err(e);
+        return match e {
+            CheckpointError::Store(StoreError::Conflict(_)) => Ok(None),
+            other => Err(other),
+        };
     }
     tracing::info!(
         label = %record.key_label,
         algorithm = record.kind.name(),
         "generated the audit log key in the HSM"
     );
-    Ok(record)
+    Ok(Some(record))
 }
 
 /// The bits of [`KeyAttributes`] in audit-entry order, for display.
