@@ -43,6 +43,10 @@ pub mod reason {
     pub const NOT_AUTHORIZED: &str = "NOT_AUTHORIZED";
     /// The stored state contradicts itself; custos failed closed.
     pub const INCONSISTENT_STATE: &str = "INCONSISTENT_STATE";
+    /// The store's connection broke while committing and the outcome could
+    /// not be learnt: the change may or may not be stored, and nothing was
+    /// released. Retry with the same request id, or read the object.
+    pub const COMMIT_OUTCOME_UNKNOWN: &str = "COMMIT_OUTCOME_UNKNOWN";
 
     // The guard's refusals, before any handler runs.
     /// No client certificate, or one the server does not trust.

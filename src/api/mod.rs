@@ -36,6 +36,7 @@ pub mod fuzz_api {
 use crate::custody::CustodyError;
 use crate::hsm::HsmError;
 pub use crate::status::{ERROR_DOMAIN, FieldViolation, reason, status};
+use crate::store::StoreError;
 use crate::wallet::WalletError;
 
 /// Default and maximum `page_size` of every List RPC.
@@ -167,6 +168,14 @@ pub fn custody_status(error: &CustodyError) -> Status {
                 Code::Internal,
                 reason::INTERNAL,
                 "the server could not draw a withdrawal id; nothing was stored",
+            )
+        }
+        CustodyError::Store(StoreError::CommitUnknown(_)) => {
+            tracing::error!(error = %error, "store commit outcome unknown");
+            status(
+                Code::Unavailable,
+                reason::COMMIT_OUTCOME_UNKNOWN,
+                "the store's connection broke while committing; the change may or may not be stored, and no signature was released. Retry with the same request id, or read the withdrawal",
             )
         }
         CustodyError::Store(_) | CustodyError::Worker => {

@@ -228,6 +228,11 @@ pub enum StoreError {
     /// The group commit holding this write failed; nothing of it is stored.
     #[error("commit failed: {0}")]
     CommitFailed(String),
+    /// The connection broke during the COMMIT of this write's group and the
+    /// database could not be asked whether it committed: it may or may not
+    /// be stored.
+    #[error("commit outcome unknown: {0}")]
+    CommitUnknown(String),
     /// A stored row does not decode.
     #[error("corrupt row in {table}: {reason}")]
     Corrupt {
@@ -312,7 +317,18 @@ struct Writer {
     groups: u64,
     /// The last group finished, and whether its commit failed (why).
     finished: u64,
-    failed: Vec<(u64, String)>,
+    failed: Vec<(u64, GroupFailure)>,
+    /// On PostgreSQL, the open transaction's id.
+    txid: Option<i64>,
+}
+
+/// How a group commit failed.
+#[derive(Debug, Clone)]
+enum GroupFailure {
+    /// Rolled back: nothing of it is stored.
+    RolledBack(String),
+    /// Nobody knows whether it committed.
+    Unknown(String),
 }
 
 impl std::fmt::Debug for Store {
@@ -377,6 +393,7 @@ impl Store {
                 groups: 0,
                 finished: 0,
                 failed: Vec::new(),
+                txid: None,
             }),
             group_done: Condvar::new(),
             writers_waiting: AtomicUsize::new(0),
@@ -436,11 +453,33 @@ impl Store {
             WriterConn::Sqlite(_) => ("BEGIN IMMEDIATE", false),
             WriterConn::Postgres(_) => (postgres::BEGIN, true),
         };
-        let begun = self.control(writer, sql);
+        let mut begun = self.control(writer, sql);
+        writer.txid = None;
+        if postgres && begun.is_ok() {
+            match self
+                .writer_conn(writer)
+                .and_then(|c| c.query_one(postgres::LOCK, &[], |r| r.get::<i64>(0)))
+            {
+                Ok(txid) => writer.txid = Some(txid),
+                Err(e) => begun = Err(e),
+            }
+        }
         if begun.is_err() && postgres {
             let _ = self.rollback_if_open(writer);
         }
         begun
+    }
+
+    /// After a COMMIT that failed: whether the transaction committed anyway.
+    /// SQLite's COMMIT fails without committing. On PostgreSQL the reply may
+    /// be lost after the commit happened, so the database is asked, on
+    /// another connection, by transaction id.
+    fn commit_outcome(&self, writer: &Writer) -> postgres::CommitStatus {
+        match (&self.reader, writer.txid) {
+            (Reader::Sqlite(_), _) => postgres::CommitStatus::Aborted,
+            (Reader::Postgres(backend), Some(txid)) => backend.commit_status(txid),
+            (Reader::Postgres(_), None) => postgres::CommitStatus::Unknown("no transaction id".into()),
+        }
     }
 
     /// Rolls back the open transaction, if any: SQLite itself rolls back
@@ -611,7 +650,11 @@ impl Store {
                 // What the writer left half-done must not reach the next
                 // commit: the whole group fails, and every writer in it.
                 let _ = self.rollback_if_open(&mut writer);
-                self.group_failed(&mut writer, group, "a writer panicked".into());
+                self.group_failed(
+                    &mut writer,
+                    group,
+                    GroupFailure::RolledBack("a writer panicked".into()),
+                );
                 drop(writer);
                 std::panic::resume_unwind(panic);
             }
@@ -635,15 +678,31 @@ impl Store {
         } else {
             match self.control(&writer, "COMMIT") {
                 Ok(()) => self.end_group(&mut writer, group),
-                Err(e) => {
-                    let _ = self.rollback_if_open(&mut writer);
-                    self.group_failed(&mut writer, group, e.to_string());
-                }
+                Err(e) => match self.commit_outcome(&writer) {
+                    postgres::CommitStatus::Committed => {
+                        tracing::warn!(error = %e, "the COMMIT reply was lost, but the transaction committed");
+                        let _ = self.rollback_if_open(&mut writer);
+                        self.end_group(&mut writer, group);
+                    }
+                    postgres::CommitStatus::Aborted => {
+                        let _ = self.rollback_if_open(&mut writer);
+                        self.group_failed(&mut writer, group, GroupFailure::RolledBack(e.to_string()));
+                    }
+                    postgres::CommitStatus::Unknown(why) => {
+                        // The connection is not trusted again.
+                        writer.conn = WriterConn::Postgres(None);
+                        self.group_failed(&mut writer, group, GroupFailure::Unknown(format!("{e}; {why}")));
+                    }
+                },
             }
         }
-        if let Some((_, why)) = writer.failed.iter().find(|(g, _)| *g == group) {
-            tracing::error!(error = %why, "store commit failed");
-            return Err(StoreError::CommitFailed(why.clone()).into());
+        if let Some((_, failure)) = writer.failed.iter().find(|(g, _)| *g == group) {
+            tracing::error!(error = ?failure, "store commit failed");
+            return Err(match failure.clone() {
+                GroupFailure::RolledBack(why) => StoreError::CommitFailed(why),
+                GroupFailure::Unknown(why) => StoreError::CommitUnknown(why),
+            }
+            .into());
         }
         result
     }
@@ -651,9 +710,9 @@ impl Store {
     /// Ends `group` as failed (its transaction already rolled back): every
     /// writer in it returns [`StoreError::CommitFailed`], and whatever they
     /// cached is void.
-    fn group_failed(&self, writer: &mut Writer, group: u64, why: String) {
+    fn group_failed(&self, writer: &mut Writer, group: u64, failure: GroupFailure) {
         self.commit_failures.fetch_add(1, Ordering::SeqCst);
-        writer.failed.push((group, why));
+        writer.failed.push((group, failure));
         // Only recent failures can still have a waiter.
         if writer.failed.len() > 64 {
             writer.failed.remove(0);
@@ -1012,6 +1071,54 @@ mod tests {
     /// `Store::write`: the count is exact only if every write transaction,
     /// from either instance, runs alone from its read to its commit. A
     /// failing writer leaves nothing behind in the group others commit.
+    /// A COMMIT that fails is resolved by transaction id: here the
+    /// connection dies inside COMMIT (a deferred trigger terminates its own
+    /// backend), the database says the transaction aborted, and the writer
+    /// reports that nothing was stored; a committed transaction's id reads
+    /// as committed.
+    #[test]
+    fn postgres_a_failed_commit_is_resolved_by_its_transaction_id() {
+        let Some(settings) = postgres::test_database() else {
+            eprintln!("CUSTOS_TEST_POSTGRES_URL is not set (scripts/test.sh sets it); skipped");
+            return;
+        };
+        let store = Store::open_postgres(&settings).unwrap();
+        store
+            .write(|c| {
+                c.batch(
+                    "CREATE TABLE t (v BIGINT PRIMARY KEY);
+                    CREATE FUNCTION die_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+                        BEGIN PERFORM pg_terminate_backend(pg_backend_pid()); RETURN NULL; END $$;
+                    CREATE CONSTRAINT TRIGGER die_at_commit AFTER INSERT ON t
+                        DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (NEW.v < 0)
+                        EXECUTE FUNCTION die_at_commit();",
+                )
+            })
+            .unwrap();
+        let txid = store
+            .write(|c| {
+                c.execute("INSERT INTO t VALUES (1)", &[])?;
+                c.query_one("SELECT txid_current()", &[], |r| r.get::<i64>(0))
+            })
+            .unwrap();
+        let Reader::Postgres(backend) = &store.reader else {
+            unreachable!("a PostgreSQL store")
+        };
+        assert_eq!(backend.commit_status(txid), postgres::CommitStatus::Committed);
+
+        let failures = store.commit_failures();
+        let died = store.write(|c| c.execute("INSERT INTO t VALUES (-1)", &[]).map(|_| ()));
+        assert!(matches!(died, Err(StoreError::CommitFailed(_))), "{died:?}");
+        assert_eq!(store.commit_failures(), failures + 1);
+        store
+            .write(|c| c.execute("INSERT INTO t VALUES (2)", &[]).map(|_| ()))
+            .unwrap();
+        let stored: Vec<i64> = store
+            .read(|c| c.query("SELECT v FROM t ORDER BY v", &[], |r| r.get(0)))
+            .unwrap();
+        assert_eq!(stored, vec![1, 2]);
+    }
+
     #[test]
     fn postgres_writers_of_two_instances_run_one_at_a_time() {
         let Some(settings) = postgres::test_database() else {

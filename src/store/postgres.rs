@@ -216,9 +216,23 @@ const MIGRATIONS: &[&str] = &[
 /// The advisory lock key migrations hold (`custos` in ASCII).
 const MIGRATION_LOCK: i64 = 0x6375_7374_6f73;
 
-/// Opens the transaction of a write and takes the cross-instance write lock.
-pub(crate) const BEGIN: &str =
-    "BEGIN ISOLATION LEVEL READ COMMITTED; SELECT id FROM log_head WHERE id = 1 FOR UPDATE";
+/// Opens the transaction of a write.
+pub(crate) const BEGIN: &str = "BEGIN ISOLATION LEVEL READ COMMITTED";
+
+/// Then takes the cross-instance write lock and reads the transaction's id,
+/// by which a COMMIT whose reply was lost is resolved ([`commit_status`]).
+pub(crate) const LOCK: &str = "SELECT txid_current() FROM log_head WHERE id = 1 FOR UPDATE";
+
+/// What became of a transaction whose COMMIT got no reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum CommitStatus {
+    /// It committed: everything in it is stored.
+    Committed,
+    /// It was rolled back: nothing in it is stored.
+    Aborted,
+    /// Nobody could say (the database is unreachable).
+    Unknown(String),
+}
 
 impl PgSettings {
     /// The URL with any user and password replaced by `…`, for messages.
@@ -344,6 +358,26 @@ impl PgBackend {
             client,
             runtime: self.runtime(),
         })
+    }
+
+    /// What became of transaction `txid`, asked on a read connection. A
+    /// transaction still in progress is one whose connection PostgreSQL has
+    /// not yet found closed; it is asked again, for up to five seconds.
+    pub(crate) fn commit_status(&self, txid: i64) -> CommitStatus {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let asked = self.read(|conn| {
+                conn.query_one("SELECT txid_status(?1)", &[&txid], |r| r.get::<Option<String>>(0))
+            });
+            match asked.as_ref().map(Option::as_deref) {
+                Ok(Some("committed")) => return CommitStatus::Committed,
+                Ok(Some("aborted")) => return CommitStatus::Aborted,
+                Ok(Some(_)) if std::time::Instant::now() < deadline => {}
+                Ok(other) => return CommitStatus::Unknown(format!("transaction status {other:?}")),
+                Err(e) => return CommitStatus::Unknown(e.to_string()),
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
     }
 
     fn migrate(&self) -> Result<(), StoreError> {
