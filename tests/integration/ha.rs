@@ -23,24 +23,10 @@ use custos::proto::{self, WithdrawalState};
 
 const ETHER: u128 = 1_000_000_000_000_000_000;
 
-/// The environment that puts a fresh dev data directory's store on a new
-/// database of the suite's PostgreSQL.
-fn postgres_env() -> Vec<(String, String)> {
-    let pg = support::fresh_postgres_database();
-    let mut env = vec![("CUSTOS_DEV_STORE_URL".to_owned(), pg.url)];
-    if let Some(file) = pg.password_file {
-        env.push((
-            "CUSTOS_DEV_STORE_PASSWORD_FILE".to_owned(),
-            file.display().to_string(),
-        ));
-    }
-    env
-}
-
 /// The first instance on `dir`, which sets up the dev token, config and
 /// store (on PostgreSQL), with `extra` in its environment.
 fn first_instance(dir: &Path, extra: &[(&str, &str)]) -> DevServer {
-    let env = postgres_env();
+    let env = support::postgres_store_env();
     let mut all: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     all.extend_from_slice(extra);
     let server = DevServer::start_in(dir, &all);

@@ -248,6 +248,12 @@ pub fn dev_store_env(data_dir: &Path) -> Vec<(String, String)> {
     {
         return Vec::new();
     }
+    postgres_store_env()
+}
+
+/// The environment that puts a new dev data directory's store on a fresh
+/// database of the suite's PostgreSQL, whatever `CUSTOS_TEST_STORE` says.
+pub fn postgres_store_env() -> Vec<(String, String)> {
     let pg = fresh_postgres_database();
     let mut env = vec![("CUSTOS_DEV_STORE_URL".to_owned(), pg.url)];
     if let Some(file) = pg.password_file {
