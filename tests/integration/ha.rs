@@ -251,3 +251,69 @@ fn a_signing_lease_keeps_others_off_and_dies_with_its_owner() {
     let report = support::export_and_verify(&c, &temp.path().join("export"));
     assert_eq!(report["replay"]["signatures"].as_u64(), Some(1), "{report}");
 }
+
+const ADOPT: &str = "ha::instances_started_together_adopt_one_log_key";
+
+/// Instances that start together on an empty database each generate an
+/// audit log key in the shared token; one is recorded, and the others
+/// destroy theirs and use it: every instance verifies under one key, and
+/// the token holds one log key pair.
+#[test]
+fn instances_started_together_adopt_one_log_key() {
+    use std::sync::Arc;
+
+    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+    use cryptoki::object::{Attribute, AttributeType, ObjectClass};
+    use cryptoki::session::UserType;
+    use cryptoki::types::AuthPin;
+    use custos::checkpoints::{Checkpointer, LOG_KEY_LABEL};
+    use custos::store::Store;
+
+    if !support::is_child(ADOPT) {
+        let hsm_dir = support::SoftHsmDir::new();
+        support::run_child(ADOPT, &hsm_dir.env());
+        return;
+    }
+    let dir = support::child_dir();
+    let config = support::init_test_token(&dir);
+    let pg = support::fresh_postgres_database();
+    let stores: Vec<Arc<Store>> = (0..3)
+        .map(|_| Arc::new(Store::open_postgres(&pg).unwrap()))
+        .collect();
+    support::runtime().block_on(async {
+        let pin = custos::secret::Pin::load(&config.hsm.pin).unwrap();
+        let hsm = custos::hsm::Hsm::open(&config.hsm, pin).await.unwrap();
+        let open = |i: usize| Checkpointer::open(hsm.clone(), Arc::clone(&stores[i]), &config.audit);
+        let (a, b, c) = tokio::join!(open(0), open(1), open(2));
+        let keys: Vec<String> = [a, b, c]
+            .into_iter()
+            .map(|opened| opened.expect("every instance starts").verifier().encode())
+            .collect();
+        assert!(keys.iter().all(|k| *k == keys[0]), "{keys:?}");
+    });
+
+    let pkcs11 = Pkcs11::new(support::module_path()).unwrap();
+    // custosd's own context may still be initialized in this process.
+    let _ = pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK));
+    let session = pkcs11
+        .open_ro_session(support::slot_with_label(&pkcs11, support::TEST_TOKEN_LABEL))
+        .unwrap();
+    session
+        .login(UserType::User, Some(&AuthPin::new(support::TEST_USER_PIN.into())))
+        .unwrap();
+    for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {
+        let log_keys = session
+            .find_objects(&[Attribute::Class(class)])
+            .unwrap()
+            .into_iter()
+            .filter(|object| {
+                session
+                    .get_attributes(*object, &[AttributeType::Label])
+                    .unwrap()
+                    .iter()
+                    .any(|a| matches!(a, Attribute::Label(l) if l.starts_with(LOG_KEY_LABEL.as_bytes())))
+            })
+            .count();
+        assert_eq!(log_keys, 1, "log key objects of class {class:?} on the token");
+    }
+}
