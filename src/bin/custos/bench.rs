@@ -69,6 +69,26 @@ pub struct BenchArgs {
     /// history affects startup and throughput.
     #[arg(long, default_value_t = 0)]
     prior_entries: u64,
+    /// Put the dev server's store on this PostgreSQL database
+    /// (`postgres://user@host:port/database`) instead of a SQLite file.
+    #[arg(long)]
+    store_url: Option<String>,
+    /// The file (mode 0600) holding that database's password.
+    #[arg(long, requires = "store_url")]
+    store_password_file: Option<PathBuf>,
+}
+
+impl BenchArgs {
+    /// The PostgreSQL settings `--store-url` names, if any.
+    fn postgres(&self) -> Option<custos::store::postgres::PgSettings> {
+        self.store_url
+            .as_ref()
+            .map(|url| custos::store::postgres::PgSettings {
+                url: url.clone(),
+                password_file: self.store_password_file.clone(),
+                read_pool: 2,
+            })
+    }
 }
 
 /// The hidden child that measures raw `C_Sign` with `SOFTHSM2_CONF` set.
@@ -246,6 +266,16 @@ fn start_server(args: &BenchArgs, data_dir: PathBuf) -> Result<Server, String> {
         .arg("--data-dir")
         .arg(&data_dir)
         .env("RUST_LOG", "warn")
+        .envs(
+            args.store_url
+                .iter()
+                .map(|url| ("CUSTOS_DEV_STORE_URL", url.as_str())),
+        )
+        .envs(
+            args.store_password_file
+                .iter()
+                .map(|file| ("CUSTOS_DEV_STORE_PASSWORD_FILE", file.as_os_str())),
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -354,6 +384,9 @@ where
 }
 
 pub async fn bench(args: BenchArgs, json: bool) -> Result<(), String> {
+    if args.store_url.is_some() && args.prior_entries > 0 {
+        return Err("--prior-entries seeds a SQLite store; it cannot be combined with --store-url".into());
+    }
     let bar = ProgressBar::new_spinner();
     if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} [{elapsed}]") {
         bar.set_style(style);
@@ -416,8 +449,18 @@ pub async fn bench(args: BenchArgs, json: bool) -> Result<(), String> {
 
     // The floor under each of the two durable commits of a withdrawal: one
     // small transaction through the same `Store`, on the same file system.
-    bar.set_message("durable commit (SQLite WAL sync)");
-    let scratch = data_dir.join("bench-commit.db");
+    let scratch = match args.postgres() {
+        Some(pg) => {
+            bar.set_message("durable commit (PostgreSQL)");
+            custos::store::StoreConfig::Postgres(pg)
+        }
+        None => {
+            bar.set_message("durable commit (SQLite WAL sync)");
+            custos::store::StoreConfig::Sqlite {
+                path: data_dir.join("bench-commit.db"),
+            }
+        }
+    };
     let seconds = duration.min(Duration::from_secs(1));
     let commit = tokio::task::spawn_blocking(move || measure_commit(&scratch, seconds))
         .await
@@ -477,6 +520,11 @@ pub async fn bench(args: BenchArgs, json: bool) -> Result<(), String> {
     .await?;
     let quorum = phase("quorum", args.quorum_concurrency, &h, errors, elapsed).with_cpu(&cpu);
     let scale = Scale {
+        store: if args.store_url.is_some() {
+            "postgresql"
+        } else {
+            "sqlite"
+        },
         prior_entries: args.prior_entries,
         startup_seconds: startup.map(|d| d.as_secs_f64()),
         server_max_rss_mb: max_rss_mb(server.child.id()),
@@ -506,6 +554,8 @@ async fn dev_channel(server: &Server, name: &str) -> Result<Channel, String> {
 /// History and footprint of the measured server.
 #[derive(Debug, serde::Serialize)]
 struct Scale {
+    /// The store's backend.
+    store: &'static str,
     prior_entries: u64,
     /// From spawning custosd on the seeded store to its ready line.
     startup_seconds: Option<f64>,
@@ -629,13 +679,22 @@ fn measure_raw(args: &BenchArgs, server: &Server, key_label: &str, sessions: usi
     serde_json::from_slice(&output.stdout).map_err(|e| format!("raw C_Sign output: {e}"))
 }
 
-/// Commits one-row transactions through a scratch [`Store`] for `duration`:
-/// what one durable commit costs on this file system.
-fn measure_commit(path: &std::path::Path, duration: Duration) -> Result<Phase, String> {
-    let store = custos::store::Store::open(path).map_err(|e| e.to_string())?;
+/// Commits one-row transactions through a [`Store`] for `duration`: what
+/// one durable commit costs on this file system (a scratch SQLite file) or
+/// this PostgreSQL (a scratch table in the bench's database, dropped after).
+fn measure_commit(config: &custos::store::StoreConfig, duration: Duration) -> Result<Phase, String> {
+    let store = custos::store::Store::open_config(config).map_err(|e| e.to_string())?;
     store
-        .write(|c| c.batch("CREATE TABLE bench_commit (v INTEGER NOT NULL)"))
+        .write(|c| c.batch("CREATE TABLE bench_commit (v BIGINT NOT NULL)"))
         .map_err(|e| e.to_string())?;
+    let phase = commit_loop(&store, duration);
+    store
+        .write(|c| c.batch("DROP TABLE bench_commit"))
+        .map_err(|e| e.to_string())?;
+    phase
+}
+
+fn commit_loop(store: &custos::store::Store, duration: Duration) -> Result<Phase, String> {
     let mut h = histogram()?;
     let started = Instant::now();
     let mut n: i64 = 0;
@@ -768,7 +827,8 @@ fn report(
         ));
     }
     text.push_str(&format!(
-        "prior log entries: {}   startup: {}   custosd max RSS: {}\n",
+        "store: {}   prior log entries: {}   startup: {}   custosd max RSS: {}\n",
+        scale.store,
         scale.prior_entries,
         scale
             .startup_seconds
