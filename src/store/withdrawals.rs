@@ -181,9 +181,12 @@ pub fn set_state(
     counted_at: Option<u64>,
     now: u64,
 ) -> Result<(), StoreError> {
-    let updated = conn.execute(
+    // The row's wallet and asset come back with the update: a change of
+    // the counted set bumps their usage epoch without another read.
+    let updated: Option<(String, String)> = conn.query_opt(
         "UPDATE withdrawals SET state = ?3, decision = ?4, counted_at = ?5, updated_at = ?6
-         WHERE withdrawal_id = ?1 AND state = ?2",
+         WHERE withdrawal_id = ?1 AND state = ?2
+         RETURNING wallet_id, asset",
         &[
             &withdrawal_id,
             &from.name(),
@@ -192,16 +195,12 @@ pub fn set_state(
             &counted_at.map(to_i64),
             &to_i64(now),
         ],
+        |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
-    if updated != 1 {
+    let Some((wallet, asset)) = updated else {
         return Err(StoreError::Conflict("state change (the withdrawal moved on)"));
-    }
+    };
     if counts(from) != counted_at.is_some() {
-        let (wallet, asset): (String, String) = conn.query_one(
-            "SELECT wallet_id, asset FROM withdrawals WHERE withdrawal_id = ?1",
-            &[&withdrawal_id],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
         bump_usage_epoch(conn, &wallet, &asset)?;
     }
     Ok(())
