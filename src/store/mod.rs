@@ -21,6 +21,7 @@
 
 pub mod audit;
 pub mod governance;
+pub mod migrate;
 pub mod postgres;
 pub mod sql;
 pub mod withdrawals;

@@ -317,3 +317,117 @@ fn instances_started_together_adopt_one_log_key() {
         assert_eq!(log_keys, 1, "log key objects of class {class:?} on the token");
     }
 }
+
+/// `custos store migrate` moves a single-node SQLite store to PostgreSQL:
+/// the copy has the SQLite log's signed root, a custosd on it signs on from
+/// there, and `custos audit verify` checks every entry and checkpoint, old
+/// and new, as one log. A second migrate into the now full database is
+/// refused and changes nothing.
+#[test]
+fn a_sqlite_store_moves_to_postgres_with_its_log() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("dev");
+    let rt = support::runtime();
+    let mut sqlite = DevServer::start_in(&dir, &[]);
+    let config = std::fs::read_to_string(dir.join("custosd.toml")).unwrap();
+    let store_line = config
+        .lines()
+        .find(|l| l.starts_with("path = ") && l.ends_with(".db\""))
+        .unwrap_or_else(|| panic!("the dev store is not SQLite:\n{config}"))
+        .to_owned();
+    let db: std::path::PathBuf = store_line["path = ".len()..].trim_matches('"').into();
+    rt.block_on(async {
+        let mut client = withdrawals(&sqlite).await;
+        for i in 0..5 {
+            sign_one(&mut client, &format!("mig-{i}")).await;
+        }
+    });
+    // A clean stop signs a last checkpoint over the whole log.
+    assert!(sqlite.stop().success());
+
+    let pg = support::fresh_postgres_database();
+    let migrate = || {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_custos"));
+        command
+            .args(["--json", "store", "migrate", "--from"])
+            .arg(&db)
+            .args(["--to", &pg.url]);
+        if let Some(file) = &pg.password_file {
+            command.arg("--to-password-file").arg(file);
+        }
+        support::output_within(command, Duration::from_secs(120))
+    };
+    let out = migrate();
+    assert!(
+        out.status.success(),
+        "migrate failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let size = report["log_size"].as_u64().unwrap();
+    let root = report["root"].as_str().unwrap().to_owned();
+    assert_eq!(report["tables"]["withdrawals"], 5, "{report}");
+    assert_eq!(report["checkpoint_size"].as_u64(), Some(size), "{report}");
+
+    let again = migrate();
+    assert!(!again.status.success());
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(stderr.contains("migrate needs an empty database"), "{stderr}");
+
+    // The same data directory, now on PostgreSQL.
+    let mut store = format!("url = {:?}", pg.url);
+    if let Some(file) = &pg.password_file {
+        store.push_str(&format!("\npassword_file = {:?}", file.display().to_string()));
+    }
+    std::fs::write(dir.join("custosd.toml"), config.replace(&store_line, &store)).unwrap();
+    let server = DevServer::start_instance(&dir, "pg", &[]);
+    let custos = |args: &[&str]| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_custos"));
+        command.args(server.cli_args("auditor")).args(args);
+        let out = support::output_within(command, Duration::from_secs(60));
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let copied = custos(&["--json", "audit", "checkpoint", "--size", &size.to_string()]);
+    assert_eq!(copied["root_hash"], root.as_str(), "{copied}");
+    rt.block_on(async {
+        let mut client = withdrawals(&server).await;
+        sign_one(&mut client, "mig-after").await;
+        // A retry of a request id made on SQLite gets the SQLite answer.
+        sign_one(&mut client, "mig-0").await;
+        let signed = support::all_withdrawals(&mut client, WithdrawalState::Signed).await;
+        assert_eq!(signed.len(), 6);
+    });
+    // The dev server signs a checkpoint every 2 s; wait for one over the new
+    // entries, so the export covers them.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while custos(&["--json", "audit", "checkpoint"])["tree_size"].as_u64() <= Some(size) {
+        assert!(Instant::now() < deadline, "no checkpoint after the migrated log");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let report = support::export_and_verify(&server, &temp.path().join("export"));
+    assert!(report["entries"].as_u64().unwrap() > size, "{report}");
+    assert_eq!(report["replay"]["signatures"], 6, "{report}");
+}
+
+/// Creates an auto-path withdrawal under `request_id` and checks that it is
+/// signed (a retry returns the stored one).
+async fn sign_one(client: &mut WithdrawalServiceClient<Channel>, request_id: &str) -> proto::Withdrawal {
+    let w = client
+        .create_withdrawal(transfer_request(
+            request_id,
+            DEV_ALLOWLISTED,
+            ETHER / 100,
+            0,
+            "ops",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(w.state(), WithdrawalState::Signed, "{w:?}");
+    w
+}

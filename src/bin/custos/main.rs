@@ -4,7 +4,8 @@
 //! withdrawal and approval commands (including the approver's local
 //! recomputation of the intent hash); `governance` policy, freeze and
 //! unfreeze, signed with the admin's or security officer's own key; `audit`
-//! the auditor's key, export and verify commands.
+//! the auditor's key, export and verify commands; `store` the operator's
+//! direct work on a store's database.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -14,6 +15,7 @@ mod bench;
 mod custody;
 mod governance;
 mod raw_bench;
+mod store;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -78,6 +80,10 @@ enum Command {
     /// Measure custos against the HSM: raw C_Sign, the auto path and the
     /// quorum path, on a fresh `custosd --dev` (docs/performance.md).
     Bench(bench::BenchArgs),
+    /// Operate on a store's database directly (operator), e.g. move a
+    /// SQLite store to PostgreSQL.
+    #[command(subcommand)]
+    Store(store::StoreCommand),
     /// The raw C_Sign measurement of `bench`, run as its child process.
     #[command(hide = true)]
     BenchRawSign(bench::RawSignArgs),
@@ -165,6 +171,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         Command::Unfreeze(args) => governance::unfreeze(args, server, json).await,
         Command::Audit(command) => audit::audit(command, server, json).await,
         Command::Bench(args) => bench::bench(args, json).await,
+        Command::Store(command) => store::store(command, json).await,
         Command::BenchRawSign(args) => bench::raw_sign(args),
     }
 }
