@@ -8,7 +8,9 @@
 # to run as root, so a root caller runs the cluster as the `postgres` system
 # user the package creates. Authentication is scram-sha-256 with a random
 # password, over TCP on 127.0.0.1 only; the password lives in DIR/password
-# (mode 0600), which is how custos reads it too.
+# (mode 0600), which is how custos reads it too. The server also speaks TLS
+# with a certificate for 127.0.0.1 and localhost, signed by a throwaway CA
+# whose certificate is DIR/ca.pem (custos's store.ca_file).
 set -euo pipefail
 
 as_root() {
@@ -32,6 +34,28 @@ bindir() {
 # Runs a server binary as the cluster's owner.
 as_owner() {
     if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+# A throwaway CA (DIR/ca.pem) and a server certificate it signs, for
+# 127.0.0.1 and localhost, placed in the data directory as PostgreSQL wants:
+# owned by the server's user, the key readable by nobody else.
+make_tls() {
+    local dir="$1" tls="$1/tls"
+    if ! command -v openssl >/dev/null; then
+        echo "pg.sh: installing openssl ..." >&2
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null
+    fi
+    mkdir -p "$tls"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 \
+        -subj "/CN=custos test database CA" -keyout "$tls/ca.key" -out "$dir/ca.pem" 2>/dev/null
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+        -subj "/CN=localhost" -keyout "$tls/server.key" -out "$tls/server.csr" 2>/dev/null
+    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth\n' >"$tls/server.ext"
+    openssl x509 -req -in "$tls/server.csr" -CA "$dir/ca.pem" -CAkey "$tls/ca.key" -CAcreateserial -CAserial "$tls/ca.srl" \
+        -days 30 -extfile "$tls/server.ext" -out "$tls/server.crt" 2>/dev/null
+    cp "$tls/server.crt" "$tls/server.key" "$dir/data/"
+    chmod 600 "$dir/data/server.key" "$tls/ca.key"
+    if [ "$(id -u)" -eq 0 ]; then chown postgres "$dir/data/server.crt" "$dir/data/server.key"; fi
 }
 
 free_port() {
@@ -58,12 +82,13 @@ start() {
         as_owner "$bin/initdb" -D "$dir/data" -U custos --auth=scram-sha-256 \
             --pwfile="$dir/data.pw" -E UTF8 --locale=C.UTF-8 >"$dir/initdb.log" 2>&1
         rm -f "$dir/data.pw"
+        make_tls "$dir"
         free_port >"$dir/port"
         fresh=1
     fi
     port=$(cat "$dir/port")
     as_owner "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 start \
-        -o "-c listen_addresses=127.0.0.1 -p $port -k $dir/run -c fsync=on -c synchronous_commit=on -c max_connections=200" \
+        -o "-c listen_addresses=127.0.0.1 -p $port -k $dir/run -c fsync=on -c synchronous_commit=on -c max_connections=200 -c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key" \
         >/dev/null
     if [ -n "${fresh:-}" ]; then
         as_owner env PGPASSWORD="$(cat "$dir/password")" "$bin/createdb" -h 127.0.0.1 -p "$port" -U custos custos_test

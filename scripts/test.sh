@@ -2,7 +2,8 @@
 # Quick start, command 2: runs the whole test suite: the unit tests of both
 # crates (custos-core and the server), the integration tests on fresh
 # SoftHSM tokens, and the doc tests. The PostgreSQL tests use the server at
-# CUSTOS_TEST_POSTGRES_URL (password in CUSTOS_TEST_POSTGRES_PASSWORD_FILE)
+# CUSTOS_TEST_POSTGRES_URL (password in CUSTOS_TEST_POSTGRES_PASSWORD_FILE,
+# and over TLS if CUSTOS_TEST_POSTGRES_CA_FILE names its CA)
 # when it is set; otherwise this starts a throwaway cluster (scripts/pg.sh)
 # and tears it down at the end.
 set -euo pipefail
@@ -14,6 +15,7 @@ if [ -z "${CUSTOS_TEST_POSTGRES_URL:-}" ]; then
     CUSTOS_TEST_POSTGRES_URL=$(bash scripts/pg.sh start "$pg_dir")
     export CUSTOS_TEST_POSTGRES_URL
     export CUSTOS_TEST_POSTGRES_PASSWORD_FILE="$pg_dir/password"
+    export CUSTOS_TEST_POSTGRES_CA_FILE="$pg_dir/ca.pem"
 fi
 cargo test --workspace --lib --tests "$@"
 # The integration suite again with every store on PostgreSQL (a fresh

@@ -262,6 +262,8 @@ struct StoreRaw {
     url: Option<String>,
     /// PostgreSQL: the file (mode 0600) holding the password.
     password_file: Option<PathBuf>,
+    /// PostgreSQL: the CA (PEM) that signs the server's certificate; TLS.
+    ca_file: Option<PathBuf>,
     /// PostgreSQL: connections for reads.
     read_pool: Option<usize>,
 }
@@ -280,15 +282,15 @@ impl Default for RawBitcoin {
     }
 }
 
-/// `[store]`: `path` for SQLite, or `url` (with `password_file` and
-/// `read_pool`) for PostgreSQL; exactly one of the two.
+/// `[store]`: `path` for SQLite, or `url` (with `password_file`, `ca_file`
+/// and `read_pool`) for PostgreSQL; exactly one of the two.
 fn store_config(raw: StoreRaw) -> Result<StoreConfig, ConfigError> {
     let invalid = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
     match (raw.path, raw.url) {
         (Some(path), None) => {
-            if raw.password_file.is_some() || raw.read_pool.is_some() {
+            if raw.password_file.is_some() || raw.ca_file.is_some() || raw.read_pool.is_some() {
                 return invalid(
-                    "store.password_file and store.read_pool apply to store.url (PostgreSQL) only",
+                    "store.password_file, store.ca_file and store.read_pool apply to store.url (PostgreSQL) only",
                 );
             }
             Ok(StoreConfig::Sqlite { path })
@@ -304,6 +306,7 @@ fn store_config(raw: StoreRaw) -> Result<StoreConfig, ConfigError> {
             Ok(StoreConfig::Postgres(PgSettings {
                 url,
                 password_file: raw.password_file,
+                ca_file: raw.ca_file,
                 read_pool,
             }))
         }
@@ -741,7 +744,7 @@ mod tests {
     fn store_section_names_one_backend() {
         let with_store = |store: &str| VALID.replace("path = \"/var/lib/custos/custos.db\"", store);
         let config = Config::parse(&with_store(
-            "url = \"postgres://custos@db.internal:5432/custos\"\npassword_file = \"/etc/custos/db-password\"\nread_pool = 4",
+            "url = \"postgres://custos@db.internal:5432/custos\"\npassword_file = \"/etc/custos/db-password\"\nca_file = \"/etc/custos/db-ca.pem\"\nread_pool = 4",
         ))
         .unwrap();
         match &config.store {
@@ -752,6 +755,7 @@ mod tests {
                     pg.password_file.as_deref(),
                     Some(Path::new("/etc/custos/db-password"))
                 );
+                assert_eq!(pg.ca_file.as_deref(), Some(Path::new("/etc/custos/db-ca.pem")));
             }
             other => panic!("{other:?}"),
         }
@@ -762,6 +766,7 @@ mod tests {
             ("url = \"mysql://h/d\"", "postgres:// URL"),
             ("url = \"postgres://h/d\"\nread_pool = 0", "read_pool"),
             ("path = \"/a\"\nread_pool = 2", "apply to store.url"),
+            ("path = \"/a\"\nca_file = \"/ca.pem\"", "apply to store.url"),
         ] {
             let error = Config::parse(&with_store(store)).unwrap_err().to_string();
             assert!(error.contains(expected), "{store}: {error}");
@@ -770,6 +775,7 @@ mod tests {
         let secret = StoreConfig::Postgres(PgSettings {
             url: "postgres://custos:hunter2@db/custos".into(),
             password_file: None,
+            ca_file: None,
             read_pool: 1,
         });
         assert!(!secret.describe().contains("hunter2"));

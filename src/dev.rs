@@ -209,6 +209,9 @@ fn store_section(sqlite: &Path, postgres: Option<&crate::store::postgres::PgSett
             if let Some(file) = &pg.password_file {
                 section.push_str(&format!("\npassword_file = {:?}", file.display().to_string()));
             }
+            if let Some(file) = &pg.ca_file {
+                section.push_str(&format!("\nca_file = {:?}", file.display().to_string()));
+            }
             section
         }
     }

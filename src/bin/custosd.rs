@@ -54,6 +54,15 @@ struct Args {
         env = "CUSTOS_DEV_STORE_PASSWORD_FILE"
     )]
     store_password_file: Option<PathBuf>,
+    /// The CA certificate (PEM) that signs the --store-url server's
+    /// certificate: the store connects over TLS and verifies it.
+    #[arg(
+        long,
+        value_name = "PATH",
+        requires = "store_url",
+        env = "CUSTOS_DEV_STORE_CA_FILE"
+    )]
+    store_ca_file: Option<PathBuf>,
     /// Address to listen on, overriding the config (port 0 picks a free port).
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
@@ -110,6 +119,7 @@ fn run_dev(args: &Args) -> Result<(), String> {
         .map(|url| custos::store::postgres::PgSettings {
             url: url.clone(),
             password_file: args.store_password_file.clone(),
+            ca_file: args.store_ca_file.clone(),
             read_pool: 8,
         });
     let mut config =

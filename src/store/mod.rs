@@ -223,8 +223,10 @@ pub enum StoreError {
     /// SQLite reported an error.
     #[error("SQLite error: {0}")]
     Sqlite(#[from] rusqlite::Error),
-    /// PostgreSQL (or the connection to it) reported an error.
-    #[error("PostgreSQL error: {0}")]
+    /// PostgreSQL (or the connection to it) reported an error. The message
+    /// carries the causes too ("error performing TLS handshake: invalid
+    /// peer certificate: UnknownIssuer"); the driver's own stops at the first.
+    #[error("PostgreSQL error: {}", with_causes(.0))]
     Postgres(#[from] tokio_postgres::Error),
     /// The group commit holding this write failed; nothing of it is stored.
     #[error("commit failed: {0}")]
@@ -242,6 +244,21 @@ pub enum StoreError {
         /// What is wrong.
         reason: String,
     },
+}
+
+/// `error` and each of its sources, joined by ": ".
+fn with_causes(error: &tokio_postgres::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// A wallet as stored.
@@ -1175,13 +1192,41 @@ mod tests {
     /// URL, are refused before any connection is made, naming the fix.
     #[test]
     fn postgres_settings_that_leak_the_password_are_refused() {
-        for (url, expected) in [
-            ("postgres://custos:pw@127.0.0.1/custos", "password_file"),
-            ("postgres://custos@db.example.com/custos", "TLS"),
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        for (url, ca_file, expected) in [
+            ("postgres://custos:pw@127.0.0.1/custos", None, "password_file"),
+            (
+                "postgres://custos@db.example.com/custos",
+                None,
+                "set store.ca_file",
+            ),
+            (
+                "postgres://custos@127.0.0.1/custos?sslmode=require",
+                None,
+                "sslmode=require needs store.ca_file",
+            ),
+            (
+                "postgres://custos@db.example.com/custos",
+                Some(empty.clone()),
+                "no certificate in the file",
+            ),
+            (
+                "postgres://custos@db.example.com/custos",
+                Some(dir.path().join("absent.pem")),
+                "absent.pem",
+            ),
+            (
+                "postgres://custos@db.example.com/custos?sslmode=disable",
+                Some(empty.clone()),
+                "no certificate",
+            ),
         ] {
             let settings = postgres::PgSettings {
                 url: url.into(),
                 password_file: None,
+                ca_file,
                 read_pool: 1,
             };
             match Store::open_postgres(&settings) {
@@ -1190,6 +1235,57 @@ mod tests {
                     assert!(!message.contains("pw@"), "{message}");
                 }
                 other => panic!("{url}: {:?}", other.map(|_| ())),
+            }
+        }
+    }
+
+    /// With `ca_file`, every connection is TLS and the server's certificate
+    /// is verified: by the CA, and by the host name in the URL. A server
+    /// certificate from another CA, or for another name, is refused before
+    /// anything is sent.
+    #[test]
+    fn postgres_connections_are_tls_verified_against_the_ca_file() {
+        let Some(settings) = postgres::test_database() else {
+            eprintln!("CUSTOS_TEST_POSTGRES_URL is not set (scripts/test.sh sets it); skipped");
+            return;
+        };
+        assert!(
+            settings.ca_file.is_some(),
+            "scripts/test.sh sets CUSTOS_TEST_POSTGRES_CA_FILE with the URL"
+        );
+        let store = Store::open_postgres(&settings).unwrap();
+        let ssl = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
+        assert!(
+            store
+                .read(|c| c.query_one(ssl, &[], |r| r.get::<bool>(0)))
+                .unwrap()
+        );
+        assert!(
+            store
+                .write(|c| c.query_one(ssl, &[], |r| r.get::<bool>(0)))
+                .unwrap()
+        );
+        drop(store);
+
+        let dir = tempfile::tempdir().unwrap();
+        let other_ca = crate::tls::dev_pki::ensure(dir.path()).unwrap().ca_cert;
+        let wrong_name = settings.url.replacen("127.0.0.1", "db.invalid", 1) + "?hostaddr=127.0.0.1";
+        for (url, ca_file, expected) in [
+            (settings.url.clone(), other_ca, "UnknownIssuer"),
+            (
+                wrong_name,
+                settings.ca_file.clone().unwrap(),
+                "not valid for name \"db.invalid\"",
+            ),
+        ] {
+            let refused = postgres::PgSettings {
+                url,
+                ca_file: Some(ca_file),
+                ..settings.clone()
+            };
+            match Store::open_postgres(&refused) {
+                Err(e) => assert!(e.to_string().contains(expected), "{e}"),
+                Ok(_) => panic!("{refused:?} connected"),
             }
         }
     }

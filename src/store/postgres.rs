@@ -34,6 +34,11 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
+use tokio_postgres::config::SslMode;
+use tokio_postgres_rustls::MakeRustlsConnect;
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::CertificateDer;
+use tokio_rustls::rustls::pki_types::pem::PemObject as _;
 
 use super::StoreError;
 use super::sql::{Conn, Pg, block_on};
@@ -45,6 +50,11 @@ pub struct PgSettings {
     pub url: String,
     /// A file (mode 0600) holding the password.
     pub password_file: Option<PathBuf>,
+    /// The CA certificates (PEM) that sign the server's certificate. When
+    /// set, every connection uses TLS and verifies the server's certificate
+    /// and host name; without it, only a loopback or unix-socket address is
+    /// accepted, in plaintext.
+    pub ca_file: Option<PathBuf>,
     /// Reads allowed at once.
     pub read_pool: usize,
 }
@@ -54,6 +64,7 @@ impl std::fmt::Debug for PgSettings {
         f.debug_struct("PgSettings")
             .field("url", &self.redacted_url())
             .field("password_file", &self.password_file)
+            .field("ca_file", &self.ca_file)
             .field("read_pool", &self.read_pool)
             .finish()
     }
@@ -263,18 +274,7 @@ impl PgBackend {
                 .map_err(|e| StoreError::Settings(format!("store password_file: {e}")))?;
             config.password(password.expose().as_bytes());
         }
-        let loopback = config.get_hosts().iter().all(|host| match host {
-            tokio_postgres::config::Host::Tcp(name) => {
-                name == "localhost" || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
-            }
-            tokio_postgres::config::Host::Unix(_) => true,
-        });
-        if !loopback {
-            return Err(StoreError::Settings(
-                "store url: a database off this host needs TLS, which this build does not configure yet; use a loopback or unix-socket address"
-                    .into(),
-            ));
-        }
+        let tls = tls(settings, &mut config)?;
         config.application_name("custosd");
         config.connect_timeout(std::time::Duration::from_secs(5));
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -286,7 +286,7 @@ impl PgBackend {
         let pool = |size: usize| {
             let manager = Manager::from_config(
                 config.clone(),
-                tokio_postgres::NoTls,
+                tls.clone(),
                 ManagerConfig {
                     recycling_method: RecyclingMethod::Fast,
                 },
@@ -303,8 +303,8 @@ impl PgBackend {
         getrandom::fill(&mut key)
             .map_err(|_| StoreError::Settings("no randomness for the instance id".into()))?;
         let presence_key = i64::from_be_bytes(key);
-        let first = block_on(&runtime, take_presence(&config, presence_key))?;
-        runtime.spawn(hold_presence(config.clone(), presence_key, first));
+        let first = block_on(&runtime, take_presence(&config, &tls, presence_key))?;
+        runtime.spawn(hold_presence(config.clone(), tls.clone(), presence_key, first));
         let backend = Self {
             writer_pool: pool(1)?,
             reader_pool: pool(settings.read_pool)?,
@@ -416,6 +416,62 @@ impl PgBackend {
     }
 }
 
+/// The connector every connection of the store uses, with `config`'s TLS
+/// mode set to match: TLS required, verified against `ca_file`, when one is
+/// named; plaintext otherwise, and then only to this host.
+fn tls(settings: &PgSettings, config: &mut tokio_postgres::Config) -> Result<MakeRustlsConnect, StoreError> {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| StoreError::Settings(format!("store TLS: {e}")))?;
+    let mut roots = rustls::RootCertStore::empty();
+    match &settings.ca_file {
+        Some(file) => {
+            let invalid =
+                |reason: String| StoreError::Settings(format!("store ca_file {}: {reason}", file.display()));
+            let certs = CertificateDer::pem_file_iter(file)
+                .map_err(|e| invalid(e.to_string()))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| invalid(e.to_string()))?;
+            if certs.is_empty() {
+                return Err(invalid("no certificate in the file".into()));
+            }
+            for cert in certs {
+                roots.add(cert).map_err(|e| invalid(e.to_string()))?;
+            }
+            if config.get_ssl_mode() == SslMode::Disable {
+                return Err(StoreError::Settings(
+                    "store url: sslmode=disable contradicts store.ca_file".into(),
+                ));
+            }
+            config.ssl_mode(SslMode::Require);
+        }
+        None => {
+            if config.get_ssl_mode() == SslMode::Require {
+                return Err(StoreError::Settings(
+                    "store url: sslmode=require needs store.ca_file, the CA that signs the server's certificate".into(),
+                ));
+            }
+            let loopback = config.get_hosts().iter().all(|host| match host {
+                tokio_postgres::config::Host::Tcp(name) => {
+                    name == "localhost" || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+                }
+                tokio_postgres::config::Host::Unix(_) => true,
+            });
+            if !loopback {
+                return Err(StoreError::Settings(
+                    "store url: a database off this host needs TLS; set store.ca_file to the CA that signs the server's certificate"
+                        .into(),
+                ));
+            }
+            config.ssl_mode(SslMode::Disable);
+        }
+    }
+    Ok(MakeRustlsConnect::new(
+        builder.with_root_certificates(roots).with_no_client_auth(),
+    ))
+}
+
 /// A connection of its own that holds the session advisory lock `key`,
 /// and the task that drives it (it ends when the connection closes).
 type PresenceConnection = (
@@ -424,8 +480,12 @@ type PresenceConnection = (
 );
 
 /// Connects and takes the presence lock `key`.
-async fn take_presence(config: &tokio_postgres::Config, key: i64) -> Result<PresenceConnection, StoreError> {
-    let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+async fn take_presence(
+    config: &tokio_postgres::Config,
+    tls: &MakeRustlsConnect,
+    key: i64,
+) -> Result<PresenceConnection, StoreError> {
+    let (client, connection) = config.connect(tls.clone()).await?;
     let driver = tokio::spawn(connection);
     // The key is random per process: nobody else holds it, so this returns at once.
     if let Err(e) = client.execute("SELECT pg_advisory_lock($1)", &[&key]).await {
@@ -440,7 +500,12 @@ async fn take_presence(config: &tokio_postgres::Config, key: i64) -> Result<Pres
 /// the lock again on a new connection, once a second until that works.
 /// While it is not held, other instances may take over this one's signing
 /// leases; the fence in each lease keeps that safe.
-async fn hold_presence(config: tokio_postgres::Config, key: i64, first: PresenceConnection) {
+async fn hold_presence(
+    config: tokio_postgres::Config,
+    tls: MakeRustlsConnect,
+    key: i64,
+    first: PresenceConnection,
+) {
     let mut held = Some(first);
     loop {
         if let Some((client, driver)) = held.take() {
@@ -451,7 +516,7 @@ async fn hold_presence(config: tokio_postgres::Config, key: i64, first: Presence
             );
         }
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-        match take_presence(&config, key).await {
+        match take_presence(&config, &tls, key).await {
             Ok(connection) => {
                 tracing::info!("store presence lock taken again");
                 held = Some(connection);
@@ -474,8 +539,9 @@ impl Drop for PgBackend {
 }
 
 /// A fresh, empty database on the test suite's PostgreSQL for each caller
-/// (`scripts/test.sh` starts the server and sets `CUSTOS_TEST_POSTGRES_URL`
-/// and `CUSTOS_TEST_POSTGRES_PASSWORD_FILE`), or `None` outside it.
+/// (`scripts/test.sh` starts the server and sets `CUSTOS_TEST_POSTGRES_URL`,
+/// `CUSTOS_TEST_POSTGRES_PASSWORD_FILE` and, for TLS,
+/// `CUSTOS_TEST_POSTGRES_CA_FILE`), or `None` outside it.
 #[cfg(test)]
 pub(crate) fn test_database() -> Option<PgSettings> {
     use std::sync::atomic::{AtomicU32, Ordering};
@@ -514,6 +580,7 @@ pub(crate) fn test_database() -> Option<PgSettings> {
     Some(PgSettings {
         url: format!("{base}/{name}"),
         password_file,
+        ca_file: std::env::var_os("CUSTOS_TEST_POSTGRES_CA_FILE").map(PathBuf::from),
         read_pool: 4,
     })
 }

@@ -76,6 +76,9 @@ pub struct BenchArgs {
     /// The file (mode 0600) holding that database's password.
     #[arg(long, requires = "store_url")]
     store_password_file: Option<PathBuf>,
+    /// The CA certificate (PEM) that signs that server's certificate: TLS.
+    #[arg(long, requires = "store_url")]
+    store_ca_file: Option<PathBuf>,
 }
 
 impl BenchArgs {
@@ -86,6 +89,7 @@ impl BenchArgs {
             .map(|url| custos::store::postgres::PgSettings {
                 url: url.clone(),
                 password_file: self.store_password_file.clone(),
+                ca_file: self.store_ca_file.clone(),
                 read_pool: 2,
             })
     }
@@ -275,6 +279,11 @@ fn start_server(args: &BenchArgs, data_dir: PathBuf) -> Result<Server, String> {
             args.store_password_file
                 .iter()
                 .map(|file| ("CUSTOS_DEV_STORE_PASSWORD_FILE", file.as_os_str())),
+        )
+        .envs(
+            args.store_ca_file
+                .iter()
+                .map(|file| ("CUSTOS_DEV_STORE_CA_FILE", file.as_os_str())),
         )
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

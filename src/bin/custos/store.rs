@@ -31,6 +31,11 @@ pub(crate) struct MigrateArgs {
     /// A file (mode 0600) holding the PostgreSQL password.
     #[arg(long, value_name = "FILE")]
     to_password_file: Option<PathBuf>,
+    /// The CA certificate (PEM) that signs the PostgreSQL server's
+    /// certificate: connect over TLS and verify it. Needed for any database
+    /// not on this host.
+    #[arg(long, value_name = "FILE")]
+    to_ca_file: Option<PathBuf>,
 }
 
 pub(crate) async fn store(command: StoreCommand, json: bool) -> Result<(), String> {
@@ -50,6 +55,7 @@ fn run_migrate(args: &MigrateArgs) -> Result<MigrateReport, String> {
     let settings = PgSettings {
         url: args.to.clone(),
         password_file: args.to_password_file.clone(),
+        ca_file: args.to_ca_file.clone(),
         read_pool: 1,
     };
     let to = Store::open_postgres(&settings).map_err(|e| format!("{}: {e}", settings.redacted_url()))?;

@@ -235,6 +235,8 @@ pub fn fresh_postgres_database() -> custos::store::postgres::PgSettings {
     custos::store::postgres::PgSettings {
         url: format!("{base}/{name}"),
         password_file,
+        // With the suite's CA (scripts/pg.sh makes one), over verified TLS.
+        ca_file: std::env::var_os("CUSTOS_TEST_POSTGRES_CA_FILE").map(PathBuf::from),
         read_pool: 4,
     }
 }
@@ -261,6 +263,9 @@ pub fn postgres_store_env() -> Vec<(String, String)> {
             "CUSTOS_DEV_STORE_PASSWORD_FILE".to_owned(),
             file.display().to_string(),
         ));
+    }
+    if let Some(file) = pg.ca_file {
+        env.push(("CUSTOS_DEV_STORE_CA_FILE".to_owned(), file.display().to_string()));
     }
     env
 }
