@@ -7,8 +7,11 @@
 //!   ([`crate::metrics::hsm_error`]);
 //! - **state**, read from the store at each scrape, so it is never stale and
 //!   survives restarts: pending approvals, approved withdrawals not yet
-//!   signed, the freeze, the audit log's size, and the latest checkpoint's
-//!   size and age.
+//!   signed, the freeze, the audit log's size, the latest checkpoint's
+//!   size and age, and the signing leases of approved withdrawals;
+//! - **the store's connection**, from this process's memory: whether the
+//!   store answers (`custos_store_up`), and on PostgreSQL the pools and the
+//!   presence lock.
 //!
 //! The event instruments are process-wide and live in [`crate::metrics`];
 //! state is per store, so a [`Metrics`] is built for each server from its
@@ -81,8 +84,9 @@ impl Metrics {
     }
 
     /// The exposition in OpenMetrics text ([`CONTENT_TYPE_OPENMETRICS`]).
-    /// Reads the store: call it off the async runtime. Fails if the store
-    /// cannot be read (the reason is logged).
+    /// Reads the store: call it off the async runtime. A store that cannot
+    /// be read leaves its gauges out and sets `custos_store_up` to 0 (the
+    /// reason is logged).
     pub fn encode(&self) -> Result<String, std::fmt::Error> {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
@@ -104,6 +108,7 @@ struct Snapshot {
     log_entries: u64,
     /// Size and signing time (unix seconds) of the latest checkpoint.
     checkpoint: Option<(u64, u64)>,
+    leases: wd_store::LeaseCounts,
 }
 
 impl StoreState {
@@ -115,6 +120,7 @@ impl StoreState {
                 frozen: gov_store::state(conn)?.frozen,
                 log_entries: log::size(conn)?,
                 checkpoint: log::checkpoint(conn, None)?.map(|c| (c.size, c.signed_at)),
+                leases: wd_store::lease_counts(conn, self.store.instance(), crate::clock::unix_now())?,
             })
         })
     }
@@ -122,15 +128,101 @@ impl StoreState {
 
 impl Collector for StoreState {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let state = self.read().map_err(|e| {
-            tracing::warn!(error = %e, "metrics: reading the store failed; the scrape fails");
-            std::fmt::Error
-        })?;
+        // What this process knows is exported even while the store cannot
+        // be read; what the store holds only when it can.
+        let state = self
+            .read()
+            .inspect_err(|e| tracing::warn!(error = %e, "metrics: reading the store failed; exporting without its state"))
+            .ok();
         let mut gauge = |name: &str, help: &str, unit: Option<&Unit>, value: i64| {
             let gauge = ConstGauge::new(value);
             let metric = encoder.encode_descriptor(name, help, unit, gauge.metric_type())?;
             gauge.encode(metric)
         };
+        gauge(
+            "custos_store_up",
+            "1 while the store answers (the health probe and this scrape's reads), else 0; health is NOT_SERVING while it is 0.",
+            None,
+            i64::from(self.store.reachable() && state.is_some()),
+        )?;
+        if let Some(state) = &state {
+            self.encode_state(state, &mut gauge)?;
+        }
+        if let Some(pools) = self.store.pool_status() {
+            for (pool, usage) in [("write", pools.writer), ("read", pools.reader)] {
+                let labels = [("pool", pool)];
+                for (name, help, value) in [
+                    (
+                        "custos_store_pool_max",
+                        "Connections the PostgreSQL pool may open.",
+                        usage.max,
+                    ),
+                    (
+                        "custos_store_pool_open",
+                        "PostgreSQL connections open now.",
+                        usage.open,
+                    ),
+                    (
+                        "custos_store_pool_idle",
+                        "Open PostgreSQL connections not in use.",
+                        usage.idle,
+                    ),
+                    (
+                        "custos_store_pool_waiting",
+                        "Callers waiting for a PostgreSQL connection.",
+                        usage.waiting,
+                    ),
+                ] {
+                    let gauge = ConstGauge::new(saturate(value as u64));
+                    let mut family = encoder.encode_descriptor(name, help, None, gauge.metric_type())?;
+                    gauge.encode(family.encode_family(&labels)?)?;
+                }
+            }
+            let presence = ConstGauge::new(i64::from(pools.presence));
+            let metric = encoder.encode_descriptor(
+                "custos_store_presence",
+                "1 while this instance holds its PostgreSQL presence lock; at 0 other instances may take over its signing leases.",
+                None,
+                presence.metric_type(),
+            )?;
+            presence.encode(metric)?;
+        }
+        if let Some(state) = &state {
+            let leases = state.leases;
+            for (label, value) in [
+                ("held_here", leases.held_here),
+                ("held_elsewhere", leases.held_elsewhere),
+                ("expired", leases.expired),
+                ("unleased", leases.unleased),
+            ] {
+                let gauge = ConstGauge::new(saturate(value));
+                let mut family = encoder.encode_descriptor(
+                    "custos_signing_leases",
+                    "Approved, unsigned withdrawals by their signing lease: held by this instance, held by another, expired (any sweep takes it) or never leased.",
+                    None,
+                    gauge.metric_type(),
+                )?;
+                gauge.encode(family.encode_family(&[("state", label)])?)?;
+            }
+        }
+        let failures = ConstCounter::new(self.store.commit_failures());
+        let metric = encoder.encode_descriptor(
+            "custos_store_commit_failures",
+            "Store group commits that failed since start; every write in such a group failed.",
+            None,
+            failures.metric_type(),
+        )?;
+        failures.encode(metric)
+    }
+}
+
+impl StoreState {
+    /// The gauges read from the store.
+    fn encode_state(
+        &self,
+        state: &Snapshot,
+        gauge: &mut impl FnMut(&str, &str, Option<&Unit>, i64) -> Result<(), std::fmt::Error>,
+    ) -> Result<(), std::fmt::Error> {
         gauge(
             "custos_pending_approvals",
             "Withdrawals waiting for approvals (PENDING_APPROVAL).",
@@ -170,14 +262,7 @@ impl Collector for StoreState {
                 saturate(age),
             )?;
         }
-        let failures = ConstCounter::new(self.store.commit_failures());
-        let metric = encoder.encode_descriptor(
-            "custos_store_commit_failures",
-            "Store group commits that failed since start; every write in such a group failed.",
-            None,
-            failures.metric_type(),
-        )?;
-        failures.encode(metric)
+        Ok(())
     }
 }
 
@@ -366,6 +451,9 @@ mod tests {
             "custos_log_entries 0",
             "custos_checkpoint_size 0",
             "custos_store_commit_failures_total 0",
+            "custos_store_up 1",
+            "custos_signing_leases{state=\"held_here\"} 0",
+            "custos_signing_leases{state=\"unleased\"} 0",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing from\n{text}");
         }

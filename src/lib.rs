@@ -58,6 +58,7 @@ pub mod dev;
 pub mod exporter;
 pub mod failpoint;
 pub mod guard;
+pub mod health;
 pub mod hsm;
 pub mod metrics;
 pub mod secret;

@@ -1,5 +1,6 @@
-//! Serving: opening the HSM and store, wiring the gRPC services, health and
-//! reflection onto a listener, and shutting down gracefully.
+//! Serving: opening the HSM and store, wiring the gRPC services, health
+//! (reported by [`crate::health`]) and reflection onto a listener, and
+//! shutting down gracefully.
 //!
 //! [`App::open`] does everything that can fail at startup, in an order that
 //! leaves nothing half-created: the PIN and the HSM first, the store only once
@@ -267,12 +268,11 @@ pub async fn run(
     }));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<WalletServiceServer<WalletApi>>()
-        .await;
-    health_reporter
-        .set_service_status("", tonic_health::ServingStatus::Serving)
-        .await;
+    crate::health::report(&health_reporter, tonic_health::ServingStatus::Serving).await;
+    let health_monitor = tokio::spawn(crate::health::monitor(
+        health_reporter.clone(),
+        Arc::clone(&app.store),
+    ));
 
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
@@ -298,9 +298,8 @@ pub async fn run(
         .serve_with_incoming_shutdown(crate::tls::incoming(listener, app.tls.clone()), async {
             shutdown.await;
             tracing::info!("shutdown requested; draining in-flight requests");
-            health_reporter
-                .set_service_status("", tonic_health::ServingStatus::NotServing)
-                .await;
+            health_monitor.abort();
+            crate::health::report(&health_reporter, tonic_health::ServingStatus::NotServing).await;
         })
         .await;
     sweeper.abort();

@@ -27,7 +27,7 @@ pub mod sql;
 pub mod withdrawals;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
 use rusqlite::{Connection, ErrorCode};
@@ -294,6 +294,8 @@ pub struct Store {
     commit_failures: AtomicU64,
     reader: Reader,
     instance: Instance,
+    /// Whether the last [`Store::probe`] answered.
+    reachable: AtomicBool,
 }
 
 /// Who this process is to the other instances on the store: the owner named
@@ -418,12 +420,42 @@ impl Store {
             commit_failures: AtomicU64::new(0),
             reader,
             instance,
+            reachable: AtomicBool::new(true),
         }
     }
 
     /// This process as the owner of signing leases.
     pub fn instance(&self) -> &Instance {
         &self.instance
+    }
+
+    /// Asks the database for a trivial answer on a read connection (a
+    /// broken one is replaced first), and records whether it came
+    /// ([`Store::reachable`]). Health checks call it.
+    pub fn probe(&self) -> Result<(), StoreError> {
+        let answered = self
+            .read(|c| c.query_one("SELECT CAST(1 AS BIGINT)", &[], |r| r.get::<i64>(0)))
+            .map(|_| ());
+        self.reachable.store(answered.is_ok(), Ordering::Relaxed);
+        answered
+    }
+
+    /// Records that a probe got no answer in time.
+    pub fn mark_unreachable(&self) {
+        self.reachable.store(false, Ordering::Relaxed);
+    }
+
+    /// Whether the last probe answered (true before the first).
+    pub fn reachable(&self) -> bool {
+        self.reachable.load(Ordering::Relaxed)
+    }
+
+    /// What the PostgreSQL connections are doing now; `None` on SQLite.
+    pub fn pool_status(&self) -> Option<postgres::PoolStatus> {
+        match &self.reader {
+            Reader::Sqlite(_) => None,
+            Reader::Postgres(backend) => Some(backend.status()),
+        }
     }
 
     /// The writer's connection as a [`Conn`]; `None` on PostgreSQL when it

@@ -32,6 +32,8 @@
 
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
 use tokio_postgres::config::SslMode;
@@ -70,12 +72,50 @@ impl std::fmt::Debug for PgSettings {
     }
 }
 
+/// One pool's connections now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolUse {
+    /// The most it opens.
+    pub max: usize,
+    /// Open now.
+    pub open: usize,
+    /// Open and idle.
+    pub idle: usize,
+    /// Callers waiting for a connection.
+    pub waiting: usize,
+}
+
+impl From<deadpool_postgres::Status> for PoolUse {
+    fn from(status: deadpool_postgres::Status) -> Self {
+        Self {
+            max: status.max_size,
+            open: status.size,
+            idle: status.available,
+            waiting: status.waiting,
+        }
+    }
+}
+
+/// What a PostgreSQL store's connections are doing now, for the metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolStatus {
+    /// The writer's pool (one connection).
+    pub writer: PoolUse,
+    /// The read pool.
+    pub reader: PoolUse,
+    /// Whether this process holds its presence lock now; while it does not,
+    /// other instances may take over its signing leases.
+    pub presence: bool,
+}
+
 /// The connections of a PostgreSQL store.
 pub(crate) struct PgBackend {
     /// Always `Some` until dropped.
     runtime: Option<tokio::runtime::Runtime>,
     /// The key of this process's presence lock (see [`super::Instance`]).
     presence_key: i64,
+    /// Set while the presence lock is held.
+    presence: Arc<AtomicBool>,
     writer_pool: Pool,
     reader_pool: Pool,
 }
@@ -304,12 +344,20 @@ impl PgBackend {
             .map_err(|_| StoreError::Settings("no randomness for the instance id".into()))?;
         let presence_key = i64::from_be_bytes(key);
         let first = block_on(&runtime, take_presence(&config, &tls, presence_key))?;
-        runtime.spawn(hold_presence(config.clone(), tls.clone(), presence_key, first));
+        let presence = Arc::new(AtomicBool::new(true));
+        runtime.spawn(hold_presence(
+            config.clone(),
+            tls.clone(),
+            presence_key,
+            first,
+            Arc::clone(&presence),
+        ));
         let backend = Self {
             writer_pool: pool(1)?,
             reader_pool: pool(settings.read_pool)?,
             runtime: Some(runtime),
             presence_key,
+            presence,
         };
         backend.migrate()?;
         Ok(backend)
@@ -336,6 +384,15 @@ impl PgBackend {
             deadpool_postgres::PoolError::Backend(e) => StoreError::Postgres(e),
             other => StoreError::Unavailable(other.to_string()),
         })
+    }
+
+    /// The pools' use and the presence lock, now.
+    pub(crate) fn status(&self) -> PoolStatus {
+        PoolStatus {
+            writer: self.writer_pool.status().into(),
+            reader: self.reader_pool.status().into(),
+            presence: self.presence.load(Ordering::Relaxed),
+        }
     }
 
     /// The writer's connection.
@@ -505,12 +562,14 @@ async fn hold_presence(
     tls: MakeRustlsConnect,
     key: i64,
     first: PresenceConnection,
+    held_flag: Arc<AtomicBool>,
 ) {
     let mut held = Some(first);
     loop {
         if let Some((client, driver)) = held.take() {
             let _ = driver.await;
             drop(client);
+            held_flag.store(false, Ordering::Relaxed);
             tracing::warn!(
                 "the store presence connection closed; other instances may take over this one's signing leases"
             );
@@ -519,6 +578,7 @@ async fn hold_presence(
         match take_presence(&config, &tls, key).await {
             Ok(connection) => {
                 tracing::info!("store presence lock taken again");
+                held_flag.store(true, Ordering::Relaxed);
                 held = Some(connection);
             }
             Err(e) => tracing::debug!(error = %e, "store presence lock not taken yet"),

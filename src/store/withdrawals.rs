@@ -253,6 +253,42 @@ pub fn set_signed(
     Ok(())
 }
 
+/// The signing leases of the withdrawals still APPROVED (being signed, or
+/// left by a crash or an outage), by whose they are at `now`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseCounts {
+    /// Unexpired, held by this instance.
+    pub held_here: u64,
+    /// Unexpired, held by another instance.
+    pub held_elsewhere: u64,
+    /// Expired: free for any instance's sweep.
+    pub expired: u64,
+    /// Never leased.
+    pub unleased: u64,
+}
+
+/// Counts [`LeaseCounts`] for `me` at `now`.
+pub fn lease_counts(conn: Conn<'_>, me: &Instance, now: u64) -> Result<LeaseCounts, StoreError> {
+    let rows: Vec<(Option<String>, Option<i64>)> = conn.query(
+        "SELECT l.owner, l.until FROM withdrawals w
+         LEFT JOIN signing_leases l ON l.withdrawal_id = w.withdrawal_id
+         WHERE w.state = 'APPROVED'",
+        &[],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let mut counts = LeaseCounts::default();
+    for (owner, until) in rows {
+        let slot = match (owner, until) {
+            (Some(_), Some(until)) if to_u64(until) <= now => &mut counts.expired,
+            (Some(owner), Some(_)) if owner == me.id => &mut counts.held_here,
+            (Some(_), Some(_)) => &mut counts.held_elsewhere,
+            _ => &mut counts.unleased,
+        };
+        *slot += 1;
+    }
+    Ok(counts)
+}
+
 /// Takes the signing lease of `withdrawal_id` for `me` until `until`: the
 /// right to ask the HSM for its signature. Returns the lease's fence, which
 /// the SIGNED commit must still find ([`holds_signing`]), or `None` while

@@ -339,7 +339,7 @@ fn a_sqlite_store_moves_to_postgres_with_its_log() {
     rt.block_on(async {
         let mut client = withdrawals(&sqlite).await;
         for i in 0..5 {
-            sign_one(&mut client, &format!("mig-{i}")).await;
+            sign_one(&mut client, &format!("mig-{i}"), ETHER / 100).await;
         }
     });
     // A clean stop signs a last checkpoint over the whole log.
@@ -396,9 +396,9 @@ fn a_sqlite_store_moves_to_postgres_with_its_log() {
     assert_eq!(copied["root_hash"], root.as_str(), "{copied}");
     rt.block_on(async {
         let mut client = withdrawals(&server).await;
-        sign_one(&mut client, "mig-after").await;
+        sign_one(&mut client, "mig-after", ETHER / 100).await;
         // A retry of a request id made on SQLite gets the SQLite answer.
-        sign_one(&mut client, "mig-0").await;
+        sign_one(&mut client, "mig-0", ETHER / 100).await;
         let signed = support::all_withdrawals(&mut client, WithdrawalState::Signed).await;
         assert_eq!(signed.len(), 6);
     });
@@ -414,20 +414,208 @@ fn a_sqlite_store_moves_to_postgres_with_its_log() {
     assert_eq!(report["replay"]["signatures"], 6, "{report}");
 }
 
-/// Creates an auto-path withdrawal under `request_id` and checks that it is
-/// signed (a retry returns the stored one).
-async fn sign_one(client: &mut WithdrawalServiceClient<Channel>, request_id: &str) -> proto::Withdrawal {
+/// Creates an auto-path withdrawal of `amount` wei under `request_id` and
+/// checks that it is signed (a retry returns the stored one).
+async fn sign_one(
+    client: &mut WithdrawalServiceClient<Channel>,
+    request_id: &str,
+    amount: u128,
+) -> proto::Withdrawal {
     let w = client
-        .create_withdrawal(transfer_request(
-            request_id,
-            DEV_ALLOWLISTED,
-            ETHER / 100,
-            0,
-            "ops",
-        ))
+        .create_withdrawal(transfer_request(request_id, DEV_ALLOWLISTED, amount, 0, "ops"))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(w.state(), WithdrawalState::Signed, "{w:?}");
     w
+}
+
+/// A PostgreSQL cluster of the test's own (scripts/pg.sh), which it may stop
+/// and start without disturbing the suite's other tests; stopped on drop.
+struct PrivateCluster {
+    dir: std::path::PathBuf,
+    url: String,
+}
+
+impl PrivateCluster {
+    fn start(dir: &Path) -> Self {
+        let out = Self::pg_sh("start", dir);
+        Self {
+            dir: dir.to_path_buf(),
+            url: String::from_utf8(out).unwrap().trim().to_owned(),
+        }
+    }
+
+    fn pg_sh(action: &str, dir: &Path) -> Vec<u8> {
+        let mut command = std::process::Command::new("bash");
+        command
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/pg.sh"))
+            .arg(action)
+            .arg(dir);
+        let out = support::output_within(command, Duration::from_secs(120));
+        assert!(
+            out.status.success(),
+            "pg.sh {action}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    }
+
+    /// The environment that puts a new dev data directory on this cluster.
+    fn dev_env(&self) -> Vec<(String, String)> {
+        let file = |name: &str| self.dir.join(name).display().to_string();
+        vec![
+            ("CUSTOS_DEV_STORE_URL".into(), self.url.clone()),
+            ("CUSTOS_DEV_STORE_PASSWORD_FILE".into(), file("password")),
+            ("CUSTOS_DEV_STORE_CA_FILE".into(), file("ca.pem")),
+        ]
+    }
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("bash")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/pg.sh"))
+            .arg("stop")
+            .arg(&self.dir)
+            .status();
+    }
+}
+
+/// Polls health on `server` until every custos service reports `want`.
+async fn await_health(server: &DevServer, want: tonic_health::pb::health_check_response::ServingStatus) {
+    let channel = server.channel_as("auditor").await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let mut all = true;
+        for service in custos::health::SERVICES {
+            all &= support::health_status(&channel, service).await == want;
+        }
+        if all {
+            return;
+        }
+        assert!(Instant::now() < deadline, "health is not {want:?} after 15 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// PostgreSQL stopped and started again under load from two instances:
+/// while it is down, health says NOT_SERVING and every call fails closed
+/// with UNAVAILABLE; once it is back, health says SERVING with no restart
+/// of custosd, every request id retried gets one signed withdrawal, and the
+/// log verifies with one signature per withdrawal.
+#[test]
+fn a_postgres_restart_under_load_fails_closed_and_service_recovers() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let temp = tempfile::tempdir().unwrap();
+    let cluster = PrivateCluster::start(&temp.path().join("pg"));
+    let env = cluster.dev_env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let dir = temp.path().join("dev");
+    let a = DevServer::start_in(&dir, &env);
+    let b = DevServer::start_instance(&dir, "b", &[]);
+    let rt = support::runtime();
+    let outcomes = rt.block_on(async {
+        let clients = [withdrawals(&a).await, withdrawals(&b).await];
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let loaders: Vec<_> = (0..4)
+            .map(|t| {
+                let mut client = clients[t % 2].clone();
+                let stop = std::sync::Arc::clone(&stop);
+                tokio::spawn(async move {
+                    let mut outcomes = Vec::new();
+                    let mut n = 0;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let request_id = format!("restart-{t}-{n}");
+                        n += 1;
+                        let answer = client
+                            .create_withdrawal(transfer_request(
+                                &request_id,
+                                DEV_ALLOWLISTED,
+                                1_000,
+                                0,
+                                "ops",
+                            ))
+                            .await;
+                        let outcome = match answer {
+                            Ok(w) => {
+                                let w = w.into_inner();
+                                assert_eq!(w.state(), WithdrawalState::Signed, "{w:?}");
+                                Ok(w.signed_transaction)
+                            }
+                            Err(status) => {
+                                assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+                                // Not a busy loop while the database is away.
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                                Err(status.message().to_owned())
+                            }
+                        };
+                        outcomes.push((request_id, outcome));
+                    }
+                    outcomes
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        // Stops or starts the cluster, then waits for both instances' health.
+        let flip = |action: &'static str, want: ServingStatus| {
+            let dir = cluster.dir.clone();
+            let servers = [&a, &b];
+            async move {
+                tokio::task::spawn_blocking(move || PrivateCluster::pg_sh(action, &dir))
+                    .await
+                    .unwrap();
+                for server in servers {
+                    await_health(server, want).await;
+                }
+            }
+        };
+        flip("stop", ServingStatus::NotServing).await;
+        // Down: a call now fails closed, on either instance.
+        for mut client in clients.clone() {
+            let status = client
+                .create_withdrawal(transfer_request("restart-down", DEV_ALLOWLISTED, 1_000, 0, "ops"))
+                .await
+                .unwrap_err();
+            assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        }
+        flip("start", ServingStatus::Serving).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut outcomes = Vec::new();
+        for loader in loaders {
+            outcomes.extend(loader.await.unwrap());
+        }
+        // Every request id once more, now that the database is back: one
+        // signed withdrawal each, the same one a success already returned.
+        let mut client = clients[1].clone();
+        for (request_id, outcome) in &outcomes {
+            let w = sign_one(&mut client, request_id, 1_000).await;
+            if let Ok(signed) = outcome {
+                assert_eq!(&w.signed_transaction, signed, "{request_id} signed twice");
+            }
+        }
+        let down = sign_one(&mut client, "restart-down", 1_000).await;
+        assert!(down.signed_transaction.is_some());
+        let signed = support::all_withdrawals(&mut client, WithdrawalState::Signed).await;
+        assert_eq!(signed.len(), outcomes.len() + 1);
+        outcomes
+    });
+    let failed = outcomes.iter().filter(|(_, o)| o.is_err()).count();
+    assert!(failed > 0, "no call met the outage");
+    assert!(failed < outcomes.len(), "no call succeeded");
+    eprintln!(
+        "{} calls, {failed} failed closed during the outage",
+        outcomes.len()
+    );
+    // A clean stop signs a last checkpoint over everything, which the
+    // export then covers.
+    let mut b = b;
+    assert!(b.stop().success());
+    let report = support::export_and_verify(&a, &temp.path().join("export"));
+    assert_eq!(
+        report["replay"]["signatures"].as_u64(),
+        Some(outcomes.len() as u64 + 1),
+        "{report}"
+    );
 }

@@ -488,12 +488,11 @@ fn session_loss_recovers_or_fails_closed_and_never_uses_a_wrong_key() {
     );
 }
 
-/// Health reports SERVING and reflection lists every service.
+/// Health reports SERVING for the server and every custos service, and
+/// reflection lists every service.
 #[test]
 fn health_is_serving_and_reflection_lists_services() {
-    use tonic_health::pb::{
-        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-    };
+    use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_reflection::pb::v1::{
         ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
         server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
@@ -502,17 +501,9 @@ fn health_is_serving_and_reflection_lists_services() {
     let server = DevServer::start();
     support::runtime().block_on(async {
         let channel = server.channel_as("auditor").await;
-        let mut health = HealthClient::new(channel.clone());
-        for service in ["", "custos.v1.WalletService"] {
-            let status = health
-                .check(HealthCheckRequest {
-                    service: service.into(),
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .status;
-            assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
+        for service in custos::health::SERVICES {
+            let status = support::health_status(&channel, service).await;
+            assert_eq!(status, ServingStatus::Serving, "{service:?}");
         }
 
         let mut reflection = ServerReflectionClient::new(channel);

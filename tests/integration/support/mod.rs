@@ -642,3 +642,19 @@ pub fn export_and_verify(server: &DevServer, dir: &Path) -> serde_json::Value {
     }
     serde_json::from_slice(&out.stdout).unwrap()
 }
+
+/// What `grpc.health.v1.Health/Check` reports for `service` over `channel`.
+pub async fn health_status(
+    channel: &tonic::transport::Channel,
+    service: &str,
+) -> tonic_health::pb::health_check_response::ServingStatus {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    HealthClient::new(channel.clone())
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status()
+}
