@@ -242,8 +242,9 @@ pub struct Custody {
     usage: Arc<Mutex<UsageCache>>,
     /// What the last freeze or unfreeze committed. Only a hint that spares
     /// the token a signature nobody may have: the SIGNED transaction reads
-    /// the freeze itself. Every write that reads the freeze refreshes it, so
-    /// a freeze or unfreeze on another instance reaches it too.
+    /// the freeze itself. Every write that reads the freeze refreshes it,
+    /// and on PostgreSQL every freeze or unfreeze another instance commits
+    /// is announced to it at once (`Store::watch_freeze`).
     frozen_hint: Arc<AtomicBool>,
 }
 
@@ -252,6 +253,8 @@ impl Custody {
     /// names this deployment in every approval and governance message.
     pub fn new(store: Arc<Store>, wallets: Arc<Wallets>, chains: ChainConfig, service_id: String) -> Self {
         let (updates, _) = broadcast::channel(1024);
+        let frozen_hint = Arc::new(AtomicBool::new(false));
+        store.watch_freeze(Arc::clone(&frozen_hint));
         Self {
             store,
             wallets,
@@ -261,7 +264,7 @@ impl Custody {
             updates,
             signing: Mutex::new(HashMap::new()),
             usage: Arc::new(Mutex::new(UsageCache::default())),
-            frozen_hint: Arc::new(AtomicBool::new(false)),
+            frozen_hint,
         }
     }
 

@@ -147,7 +147,8 @@ pub fn policy_signatures(conn: Conn<'_>, hash: &[u8; 32]) -> Result<Vec<PolicySi
 }
 
 /// Applies a freeze or unfreeze: records it under the current epoch and
-/// advances the epoch. `signatures` is the JSON record of who signed.
+/// advances the epoch. `signatures` is the JSON record of who signed. On
+/// PostgreSQL it is also announced to every instance when it commits.
 pub fn set_frozen(
     conn: Conn<'_>,
     frozen: bool,
@@ -171,6 +172,13 @@ pub fn set_frozen(
     )?;
     if updated != 1 {
         return Err(StoreError::Conflict("freeze epoch"));
+    }
+    if conn.backend() == super::sql::Backend::Postgres {
+        // Delivered to every listening instance when this commits.
+        conn.execute(
+            "SELECT pg_notify(?1, ?2)",
+            &[&super::postgres::FREEZE_CHANNEL, &if frozen { "1" } else { "0" }],
+        )?;
     }
     Ok(())
 }

@@ -450,6 +450,15 @@ impl Store {
         self.reachable.load(Ordering::Relaxed)
     }
 
+    /// Has `sink` set to each freeze state another instance commits, as
+    /// soon as it is announced (PostgreSQL `LISTEN`). On SQLite, one
+    /// process owns the file and nothing needs announcing.
+    pub fn watch_freeze(&self, sink: std::sync::Arc<AtomicBool>) {
+        if let Reader::Postgres(backend) = &self.reader {
+            backend.watch_freeze(sink);
+        }
+    }
+
     /// What the PostgreSQL connections are doing now; `None` on SQLite.
     pub fn pool_status(&self) -> Option<postgres::PoolStatus> {
         match &self.reader {
@@ -1318,6 +1327,33 @@ mod tests {
             match Store::open_postgres(&refused) {
                 Err(e) => assert!(e.to_string().contains(expected), "{e}"),
                 Ok(_) => panic!("{refused:?} connected"),
+            }
+        }
+    }
+
+    /// A freeze committed by one instance reaches another's freeze hint by
+    /// notification, with no read or write on the second; so does the
+    /// unfreeze.
+    #[test]
+    fn postgres_a_freeze_is_announced_to_other_instances() {
+        let Some(settings) = postgres::test_database() else {
+            eprintln!("CUSTOS_TEST_POSTGRES_URL is not set (scripts/test.sh sets it); skipped");
+            return;
+        };
+        let a = Store::open_postgres(&settings).unwrap();
+        let b = Store::open_postgres(&settings).unwrap();
+        let hint = std::sync::Arc::new(AtomicBool::new(false));
+        b.watch_freeze(std::sync::Arc::clone(&hint));
+        for (epoch, frozen) in [(0, true), (1, false)] {
+            a.write(|c| governance::set_frozen(c, frozen, epoch, "[]", 1_000 + epoch))
+                .unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while hint.load(Ordering::SeqCst) != frozen {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "freeze {frozen} not announced"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(10));
             }
         }
     }

@@ -19,6 +19,9 @@
 //!
 //! Each process also holds a *presence* lock: a session advisory lock on a
 //! random key, on a connection of its own, for as long as it is connected.
+//! The same connection listens on [`FREEZE_CHANNEL`], on which every freeze
+//! and unfreeze is announced as it commits, so each instance's pre-sign
+//! freeze hint learns of another's freeze at once.
 //! A dead instance's connection closes and PostgreSQL drops the lock with
 //! it, which is how the others know they may take over its signing leases
 //! (see `withdrawals::claim_signing`).
@@ -116,6 +119,8 @@ pub(crate) struct PgBackend {
     presence_key: i64,
     /// Set while the presence lock is held.
     presence: Arc<AtomicBool>,
+    /// Told of every freeze and unfreeze any instance commits.
+    freeze_sinks: Arc<FreezeSinks>,
     writer_pool: Pool,
     reader_pool: Pool,
 }
@@ -264,6 +269,24 @@ const MIGRATIONS: &[&str] = &[
     );",
 ];
 
+/// The channel a freeze or unfreeze is announced on (`NOTIFY`), with the
+/// payload `1` (frozen) or `0`, delivered when its transaction commits.
+pub(crate) const FREEZE_CHANNEL: &str = "custos_freeze";
+
+/// Where this process's freeze announcements go: the flags that
+/// [`super::Store::watch_freeze`] registered.
+#[derive(Default)]
+struct FreezeSinks(std::sync::Mutex<Vec<Arc<AtomicBool>>>);
+
+impl FreezeSinks {
+    fn publish(&self, frozen: bool) {
+        let sinks = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for sink in sinks.iter() {
+            sink.store(frozen, Ordering::SeqCst);
+        }
+    }
+}
+
 /// The advisory lock key migrations hold (`custos` in ASCII).
 const MIGRATION_LOCK: i64 = 0x6375_7374_6f73;
 
@@ -343,14 +366,21 @@ impl PgBackend {
         getrandom::fill(&mut key)
             .map_err(|_| StoreError::Settings("no randomness for the instance id".into()))?;
         let presence_key = i64::from_be_bytes(key);
-        let first = block_on(&runtime, take_presence(&config, &tls, presence_key))?;
+        let freeze_sinks = Arc::new(FreezeSinks::default());
+        let first = block_on(
+            &runtime,
+            take_presence(&config, &tls, presence_key, Arc::clone(&freeze_sinks)),
+        )?;
         let presence = Arc::new(AtomicBool::new(true));
         runtime.spawn(hold_presence(
             config.clone(),
             tls.clone(),
             presence_key,
             first,
-            Arc::clone(&presence),
+            Presence {
+                held: Arc::clone(&presence),
+                freeze_sinks: Arc::clone(&freeze_sinks),
+            },
         ));
         let backend = Self {
             writer_pool: pool(1)?,
@@ -358,6 +388,7 @@ impl PgBackend {
             runtime: Some(runtime),
             presence_key,
             presence,
+            freeze_sinks,
         };
         backend.migrate()?;
         Ok(backend)
@@ -384,6 +415,16 @@ impl PgBackend {
             deadpool_postgres::PoolError::Backend(e) => StoreError::Postgres(e),
             other => StoreError::Unavailable(other.to_string()),
         })
+    }
+
+    /// Has `sink` set to every freeze state any instance commits, as soon as
+    /// the announcement arrives.
+    pub(crate) fn watch_freeze(&self, sink: Arc<AtomicBool>) {
+        self.freeze_sinks
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(sink);
     }
 
     /// The pools' use and the presence lock, now.
@@ -536,20 +577,56 @@ type PresenceConnection = (
     tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
 );
 
-/// Connects and takes the presence lock `key`.
+/// Connects, takes the presence lock `key`, and listens for freeze
+/// announcements on the same connection, handing them to `sinks`.
 async fn take_presence(
     config: &tokio_postgres::Config,
     tls: &MakeRustlsConnect,
     key: i64,
+    sinks: Arc<FreezeSinks>,
 ) -> Result<PresenceConnection, StoreError> {
     let (client, connection) = config.connect(tls.clone()).await?;
-    let driver = tokio::spawn(connection);
+    let driver = tokio::spawn(drive(connection, sinks));
     // The key is random per process: nobody else holds it, so this returns at once.
-    if let Err(e) = client.execute("SELECT pg_advisory_lock($1)", &[&key]).await {
+    let taken = async {
+        client.batch_execute(&format!("LISTEN {FREEZE_CHANNEL}")).await?;
+        client.execute("SELECT pg_advisory_lock($1)", &[&key]).await
+    };
+    if let Err(e) = taken.await {
         driver.abort();
         return Err(e.into());
     }
     Ok((client, driver))
+}
+
+/// Drives a presence connection until it closes, handing each freeze
+/// announcement to `sinks`.
+async fn drive<S, T>(
+    mut connection: tokio_postgres::Connection<S, T>,
+    sinks: Arc<FreezeSinks>,
+) -> Result<(), tokio_postgres::Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    loop {
+        match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) if n.channel() == FREEZE_CHANNEL => {
+                sinks.publish(n.payload() == "1");
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(e),
+            None => return Ok(()),
+        }
+    }
+}
+
+/// What the presence task keeps up to date.
+struct Presence {
+    /// Set while the lock is held.
+    held: Arc<AtomicBool>,
+    /// Told of freezes; on a new connection, of the freeze state missed.
+    freeze_sinks: Arc<FreezeSinks>,
 }
 
 /// Keeps the presence lock for the life of the store: when its connection
@@ -562,23 +639,32 @@ async fn hold_presence(
     tls: MakeRustlsConnect,
     key: i64,
     first: PresenceConnection,
-    held_flag: Arc<AtomicBool>,
+    presence: Presence,
 ) {
     let mut held = Some(first);
     loop {
         if let Some((client, driver)) = held.take() {
             let _ = driver.await;
             drop(client);
-            held_flag.store(false, Ordering::Relaxed);
+            presence.held.store(false, Ordering::Relaxed);
             tracing::warn!(
                 "the store presence connection closed; other instances may take over this one's signing leases"
             );
         }
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-        match take_presence(&config, &tls, key).await {
+        match take_presence(&config, &tls, key, Arc::clone(&presence.freeze_sinks)).await {
             Ok(connection) => {
                 tracing::info!("store presence lock taken again");
-                held_flag.store(true, Ordering::Relaxed);
+                presence.held.store(true, Ordering::Relaxed);
+                // Announcements made while disconnected were missed.
+                if let Ok(row) = connection
+                    .0
+                    .query_one("SELECT frozen FROM governance WHERE id = 1", &[])
+                    .await
+                    && let Ok(frozen) = row.try_get::<_, i64>(0)
+                {
+                    presence.freeze_sinks.publish(frozen == 1);
+                }
                 held = Some(connection);
             }
             Err(e) => tracing::debug!(error = %e, "store presence lock not taken yet"),

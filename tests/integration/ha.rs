@@ -619,3 +619,107 @@ fn a_postgres_restart_under_load_fails_closed_and_service_recovers() {
         "{report}"
     );
 }
+
+/// A freeze committed on one instance while all three sign under load: no
+/// `signed` entry follows the `frozen` entry in the one log, every instance
+/// denies new withdrawals as frozen, and the replay is clean.
+#[test]
+fn a_freeze_on_one_instance_stops_signing_on_all() {
+    use custos::proto::audit_service_client::AuditServiceClient;
+    use custos_core::audit::entry::{Entry, Event};
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("dev");
+    let a = first_instance(&dir, &[]);
+    let mut b = DevServer::start_instance(&dir, "b", &[]);
+    let mut c = DevServer::start_instance(&dir, "c", &[]);
+    let rt = support::runtime();
+    let a = rt.block_on(async {
+        let a = crate::withdrawals::Dev::on(a).await;
+        let clients = [
+            withdrawals(&a.server).await,
+            withdrawals(&b).await,
+            withdrawals(&c).await,
+        ];
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let loaders: Vec<_> = (0..6)
+            .map(|t| {
+                let mut client = clients[t % 3].clone();
+                let stop = std::sync::Arc::clone(&stop);
+                tokio::spawn(async move {
+                    let mut states = Vec::new();
+                    let mut n = 0;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let w = client
+                            .create_withdrawal(transfer_request(
+                                &format!("freeze-{t}-{n}"),
+                                DEV_ALLOWLISTED,
+                                1_000,
+                                0,
+                                "ops",
+                            ))
+                            .await
+                            .unwrap()
+                            .into_inner();
+                        n += 1;
+                        states.push((
+                            t % 3,
+                            w.state(),
+                            w.decision.map(|d| d.reason_code).unwrap_or_default(),
+                        ));
+                    }
+                    states
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        a.freeze().await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut states = Vec::new();
+        for loader in loaders {
+            states.extend(loader.await.unwrap());
+        }
+        for instance in 0..3 {
+            let mine = || states.iter().filter(move |(i, _, _)| *i == instance);
+            assert!(
+                mine().any(|(_, s, _)| *s == WithdrawalState::Signed),
+                "instance {instance} signed nothing before the freeze"
+            );
+            assert!(
+                mine().any(|(_, s, reason)| *s == WithdrawalState::Denied && reason == "frozen"),
+                "instance {instance} denied nothing as frozen: {:?}",
+                mine().next_back()
+            );
+        }
+        a
+    });
+    // Clean stops sign last checkpoints over everything.
+    assert!(b.stop().success());
+    assert!(c.stop().success());
+    rt.block_on(async {
+        let mut audit = AuditServiceClient::new(a.server.channel_as("auditor").await);
+        let mut stream = audit
+            .list_entries(proto::ListEntriesRequest { start: 0, end: 0 })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut frozen_at = None;
+        let mut signed_after = Vec::new();
+        while let Some(e) = stream.message().await.unwrap() {
+            match Entry::decode(&e.data).unwrap().event {
+                Event::Frozen { .. } => frozen_at = Some(e.index),
+                Event::Signed { withdrawal_id, .. } if frozen_at.is_some() => {
+                    signed_after.push(withdrawal_id)
+                }
+                _ => {}
+            }
+        }
+        assert!(frozen_at.is_some(), "no frozen entry");
+        assert!(
+            signed_after.is_empty(),
+            "signed after the freeze: {signed_after:?}"
+        );
+    });
+    let report = support::export_and_verify(&a.server, &temp.path().join("export"));
+    assert_eq!(report["failures"], serde_json::json!([]), "{report}");
+}

@@ -183,6 +183,21 @@ impl Dev {
         }
     }
 
+    /// Freezes custody with the dev security officer's signature over
+    /// freeze epoch 0.
+    pub(crate) async fn freeze(&self) {
+        let freeze = self
+            .governance(GovernanceAction::Freeze, 0, [0; 32], "admin")
+            .await;
+        let frozen = self
+            .policies()
+            .freeze(proto::FreezeRequest { freeze: Some(freeze) })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(frozen.frozen);
+    }
+
     /// Proposes `document` and signs it with the dev admin key (quorum 1).
     pub(crate) async fn activate(&self, document: &str) -> proto::PolicyProposal {
         let proposal = self
@@ -863,14 +878,7 @@ fn freeze_lands_at(point: &str, logged: &str) {
                 assert!(Instant::now() < deadline, "the request never reached {point}");
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            let freeze = dev.governance(GovernanceAction::Freeze, 0, [0; 32], "admin").await;
-            let frozen = dev
-                .policies()
-                .freeze(proto::FreezeRequest { freeze: Some(freeze) })
-                .await
-                .unwrap()
-                .into_inner();
-            assert!(frozen.frozen);
+            dev.freeze().await;
             std::fs::remove_file(&pause).unwrap();
         });
         let created = created.unwrap();
