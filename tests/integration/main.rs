@@ -16,6 +16,7 @@ mod checkpoints;
 mod crash;
 mod formats;
 mod ha;
+mod ha_kill;
 mod hsm_faults;
 mod metrics;
 mod secrets;
