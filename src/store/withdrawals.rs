@@ -4,9 +4,11 @@
 //! become two withdrawals, whatever races in code. A withdrawal counts against
 //! rolling limits exactly while `counted_at` is set, and a CHECK ties that to
 //! the APPROVED and SIGNED states; the usage index serves the limit query.
-//! Every write that counts or uncounts a withdrawal also bumps the usage
-//! epoch of its wallet and asset, in the same transaction: the check that
-//! keeps an instance's usage cache exact while others write.
+//! On PostgreSQL, every write that counts or uncounts a withdrawal also
+//! bumps the usage epoch of its wallet and asset, in the same transaction:
+//! the check that keeps an instance's usage cache exact while others write;
+//! and signing takes a lease. SQLite has one process per file, so it keeps
+//! neither: its cache and its signing lock see everything already.
 //! State changes are conditional on the state the caller read
 //! ([`set_state`]), so two writers can never both move one withdrawal.
 
@@ -214,7 +216,12 @@ fn counts(state: State) -> bool {
 
 /// How many times the counted withdrawals of this wallet and asset changed
 /// (0 if never): a usage cache built at one epoch is stale at any other.
+/// Always 0 on SQLite, where the one process's cache sees every change.
 pub fn usage_epoch(conn: Conn<'_>, wallet_id: &str, asset: &str) -> Result<u64, StoreError> {
+    if conn.backend() == Backend::Sqlite {
+        // One process writes the file: its cache sees every change itself.
+        return Ok(0);
+    }
     let epoch: Option<i64> = conn.query_opt(
         "SELECT epoch FROM usage_epochs WHERE wallet_id = ?1 AND asset = ?2",
         &[&wallet_id, &asset],
@@ -226,6 +233,9 @@ pub fn usage_epoch(conn: Conn<'_>, wallet_id: &str, asset: &str) -> Result<u64, 
 /// Records one change of the counted set of this wallet and asset. Every
 /// write that counts or uncounts a withdrawal calls it, in its transaction.
 fn bump_usage_epoch(conn: Conn<'_>, wallet_id: &str, asset: &str) -> Result<(), StoreError> {
+    if conn.backend() == Backend::Sqlite {
+        return Ok(());
+    }
     conn.execute(
         "INSERT INTO usage_epochs (wallet_id, asset, epoch) VALUES (?1, ?2, 1)
          ON CONFLICT (wallet_id, asset) DO UPDATE SET epoch = usage_epochs.epoch + 1",
@@ -296,7 +306,8 @@ pub fn lease_counts(conn: Conn<'_>, me: &Instance, now: u64) -> Result<LeaseCoun
 /// is this instance's own (a restart on SQLite), when it expired, or when
 /// its owner's presence lock is gone (the owner died or lost the database).
 /// Call it in a write transaction, on a withdrawal the caller just read as
-/// APPROVED.
+/// APPROVED. On SQLite, where one process owns the file, nothing is stored
+/// and the lease is always this process's (fence 1).
 pub fn claim_signing(
     conn: Conn<'_>,
     withdrawal_id: &str,
@@ -304,43 +315,24 @@ pub fn claim_signing(
     now: u64,
     until: u64,
 ) -> Result<Option<u64>, StoreError> {
-    let held: Option<(String, Option<i64>, i64, i64)> = conn.query_opt(
-        "SELECT owner, owner_key, fence, until FROM signing_leases WHERE withdrawal_id = ?1",
-        &[&withdrawal_id],
-        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-    )?;
-    let fence = match held {
-        None => 1,
-        Some((owner, owner_key, fence, held_until)) => {
-            let free = owner == me.id || to_u64(held_until) <= now || !owner_alive(conn, owner_key)?;
-            if !free {
-                return Ok(None);
-            }
-            to_u64(fence).saturating_add(1)
-        }
-    };
-    conn.execute(
-        "INSERT INTO signing_leases (withdrawal_id, owner, owner_key, fence, until) VALUES (?1, ?2, ?3, ?4, ?5)
-         ON CONFLICT (withdrawal_id) DO UPDATE
-         SET owner = excluded.owner, owner_key = excluded.owner_key, fence = excluded.fence, until = excluded.until",
-        &[&withdrawal_id, &me.id, &me.presence_key, &to_i64(fence), &to_i64(until)],
-    )?;
-    Ok(Some(fence))
-}
-
-/// Whether the owner of a lease with this presence key is still connected.
-/// On PostgreSQL it holds a session lock on the key for as long as it is;
-/// taking that lock for this transaction succeeds only once it is gone.
-/// Without a key (SQLite) only expiry frees another owner's lease.
-fn owner_alive(conn: Conn<'_>, owner_key: Option<i64>) -> Result<bool, StoreError> {
-    match (conn.backend(), owner_key) {
-        (Backend::Postgres, Some(key)) => {
-            let taken: bool =
-                conn.query_one("SELECT pg_try_advisory_xact_lock(?1)", &[&key], |r| r.get(0))?;
-            Ok(!taken)
-        }
-        _ => Ok(true),
+    if conn.backend() == Backend::Sqlite {
+        // The file is the instance, and the process's signing lock already
+        // keeps its own tasks apart: a lease would say nothing more.
+        return Ok(Some(1));
     }
+    // One statement: a new lease, or one taken over when it is this
+    // instance's own, expired, or its owner's presence lock can be taken
+    // (the owner is gone); no row when another live owner holds it.
+    let fence: Option<i64> = conn.query_opt(
+        "INSERT INTO signing_leases AS l (withdrawal_id, owner, owner_key, fence, until) VALUES (?1, ?2, ?3, 1, ?4)
+         ON CONFLICT (withdrawal_id) DO UPDATE
+         SET owner = excluded.owner, owner_key = excluded.owner_key, fence = l.fence + 1, until = excluded.until
+         WHERE l.owner = excluded.owner OR l.until <= ?5 OR pg_try_advisory_xact_lock(l.owner_key)
+         RETURNING l.fence",
+        &[&withdrawal_id, &me.id, &me.presence_key, &to_i64(until), &to_i64(now)],
+        |r| r.get(0),
+    )?;
+    Ok(fence.map(to_u64))
 }
 
 /// Whether `me` still holds the signing lease of `withdrawal_id` with
@@ -351,6 +343,9 @@ pub fn holds_signing(
     me: &Instance,
     fence: u64,
 ) -> Result<bool, StoreError> {
+    if conn.backend() == Backend::Sqlite {
+        return Ok(true);
+    }
     let held: Option<(String, i64)> = conn.query_opt(
         "SELECT owner, fence FROM signing_leases WHERE withdrawal_id = ?1",
         &[&withdrawal_id],
