@@ -14,6 +14,10 @@
 //! - CPU per operation of custosd, the raw child and this process, so that
 //!   custos's own cost can be set next to the token's.
 //!
+//! With `--store-url` the store is on PostgreSQL, and with `--instances N`
+//! N custosd processes share it (and the token), the load is spread over
+//! them round-robin, and custosd's CPU is summed over all of them.
+//!
 //! The dev policy's hourly count limit would stop a long run, so the bench
 //! first activates version 2 of the dev policy with the limits raised, signed
 //! by the dev admin key, through the normal governance path.
@@ -76,6 +80,10 @@ pub struct BenchArgs {
     /// The file (mode 0600) holding that database's password.
     #[arg(long, requires = "store_url")]
     store_password_file: Option<PathBuf>,
+    /// custosd instances sharing the store (and the token), with the load
+    /// spread over them; more than one needs --store-url.
+    #[arg(long, default_value_t = 1)]
+    instances: usize,
     /// The CA certificate (PEM) that signs that server's certificate: TLS.
     #[arg(long, requires = "store_url")]
     store_ca_file: Option<PathBuf>,
@@ -137,7 +145,7 @@ impl Phase {
     /// This phase with the CPU used since `start` divided among its operations.
     fn with_cpu(mut self, start: &CpuClock) -> Self {
         let done = self.completed.max(1) as f64;
-        let now = CpuClock::now(start.server);
+        let now = CpuClock::now(&start.server);
         let per_op = |a: Option<f64>, b: Option<f64>| Some((b? - a?) * 1e6 / done);
         self.server_cpu_us = per_op(start.server_seconds, now.server_seconds);
         self.generator_cpu_us = per_op(start.generator_seconds, now.generator_seconds);
@@ -145,19 +153,23 @@ impl Phase {
     }
 }
 
-/// CPU used so far by custosd (or whichever process `server` names) and by
-/// this process.
+/// CPU used so far by the custosd instances (or whichever processes
+/// `server` names), summed, and by this process.
 struct CpuClock {
-    server: Option<u32>,
+    server: Vec<u32>,
     server_seconds: Option<f64>,
     generator_seconds: Option<f64>,
 }
 
 impl CpuClock {
-    fn now(server: Option<u32>) -> Self {
+    fn now(server: &[u32]) -> Self {
         Self {
-            server,
-            server_seconds: server.and_then(|pid| cpu_seconds(&pid.to_string())),
+            server: server.to_vec(),
+            server_seconds: server
+                .iter()
+                .map(|pid| cpu_seconds(&pid.to_string()))
+                .sum::<Option<f64>>()
+                .filter(|_| !server.is_empty()),
             generator_seconds: cpu_seconds("self"),
         }
     }
@@ -206,7 +218,7 @@ fn histogram() -> Result<Histogram<u64>, String> {
 /// The raw child: prints one JSON `Phase`.
 pub fn raw_sign(args: RawSignArgs) -> Result<(), String> {
     let pin = Pin::load(&PinSource::File(args.pin_file)).map_err(|e| e.to_string())?;
-    let cpu = CpuClock::now(Some(std::process::id()));
+    let cpu = CpuClock::now(&[std::process::id()]);
     let run = crate::raw_bench::raw_sign(
         &args.module,
         &TokenSelector::Label(args.token_label),
@@ -345,8 +357,9 @@ fn create_request(id: String, wei: u128, nonce: u64) -> proto::CreateWithdrawalR
 struct Approvers {
     service_id: String,
     policy_hash: [u8; 32],
-    /// Each approver: id, key file, and a channel with its own client certificate.
-    keys: Vec<(String, KeyFile, Channel)>,
+    /// Each approver: id, key file, and a channel to each instance with its
+    /// own client certificate.
+    keys: Vec<(String, KeyFile, Vec<Channel>)>,
 }
 
 /// Runs `concurrency` workers for `duration`; each loop of `one` is one
@@ -396,6 +409,9 @@ pub async fn bench(args: BenchArgs, json: bool) -> Result<(), String> {
     if args.store_url.is_some() && args.prior_entries > 0 {
         return Err("--prior-entries seeds a SQLite store; it cannot be combined with --store-url".into());
     }
+    if args.instances == 0 || (args.instances > 1 && args.store_url.is_none()) {
+        return Err("--instances: 1, or more with --store-url (one SQLite file serves one instance)".into());
+    }
     let bar = ProgressBar::new_spinner();
     if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} [{elapsed}]") {
         bar.set_style(style);
@@ -424,6 +440,26 @@ pub async fn bench(args: BenchArgs, json: bool) -> Result<(), String> {
         startup = Some(started.elapsed());
         channel = dev_channel(&server, "backend").await?;
     }
+    // The other instances on the same data directory: config, token, store.
+    let mut others = Vec::new();
+    for _ in 1..args.instances {
+        bar.set_message(format!(
+            "starting instance {} of {}",
+            others.len() + 2,
+            args.instances
+        ));
+        let mut other = start_server(&args, data_dir.clone())?;
+        other.keep = true; // the first instance removes the directory
+        others.push(other);
+    }
+    let mut channels = vec![channel.clone()];
+    for other in &others {
+        channels.push(dev_channel(other, "backend").await?);
+    }
+    let pids: Vec<u32> = std::iter::once(&server)
+        .chain(&others)
+        .map(|s| s.child.id())
+        .collect();
     let wallet = WalletServiceClient::new(channel.clone())
         .get_wallet(proto::GetWalletRequest {
             name: format!("wallets/{}", custos::dev::DEV_WALLET),
@@ -441,7 +477,7 @@ pub async fn bench(args: BenchArgs, json: bool) -> Result<(), String> {
     // no work behind them.
     bar.set_message("gRPC round trip (health Check)");
     let health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
-    let cpu = CpuClock::now(Some(server.child.id()));
+    let cpu = CpuClock::now(&[server.child.id()]);
     // One second: at ~7,000 calls a second a longer run would spend the
     // backend identity's rate-limit burst (10,000, then 5,000 a second).
     let (h, errors, elapsed) = drive(1, duration.min(Duration::from_secs(1)), move |_, _| {
@@ -479,10 +515,14 @@ pub async fn bench(args: BenchArgs, json: bool) -> Result<(), String> {
     let run = std::process::id();
     for &concurrency in &args.concurrency {
         bar.set_message(format!("auto path, concurrency {concurrency}"));
-        let client = WithdrawalServiceClient::new(channel.clone());
-        let cpu = CpuClock::now(Some(server.child.id()));
+        let clients: Vec<_> = channels
+            .iter()
+            .cloned()
+            .map(WithdrawalServiceClient::new)
+            .collect();
+        let cpu = CpuClock::now(&pids);
         let (h, errors, elapsed) = drive(concurrency, duration, move |worker, n| {
-            let mut client = client.clone();
+            let mut client = clients[worker % clients.len()].clone();
             async move {
                 let id = format!("auto-{run}-{concurrency}-{worker}-{n}");
                 let reply = client.create_withdrawal(create_request(id, 1, n)).await;
@@ -503,7 +543,11 @@ pub async fn bench(args: BenchArgs, json: bool) -> Result<(), String> {
     let mut approver_keys = Vec::new();
     for who in ["alice", "bob"] {
         let key = KeyFile::load(&keys_dir.join(format!("{who}.pem"))).map_err(|e| e.to_string())?;
-        approver_keys.push((who.to_owned(), key, dev_channel(&server, who).await?));
+        let mut approver_channels = vec![dev_channel(&server, who).await?];
+        for other in &others {
+            approver_channels.push(dev_channel(other, who).await?);
+        }
+        approver_keys.push((who.to_owned(), key, approver_channels));
     }
     let approvers = Arc::new(Approvers {
         service_id: policy.service_id.clone(),
@@ -513,16 +557,23 @@ pub async fn bench(args: BenchArgs, json: bool) -> Result<(), String> {
             .ok_or("policy hash")?,
         keys: approver_keys,
     });
-    let cpu = CpuClock::now(Some(server.child.id()));
+    let cpu = CpuClock::now(&pids);
     let (h, errors, elapsed) = drive(args.quorum_concurrency, duration, {
-        let channel = channel.clone();
+        let channels = channels.clone();
         move |worker, n| {
-            let channel = channel.clone();
+            let instance = worker % channels.len();
+            let channel = channels[instance].clone();
             let approvers = Arc::clone(&approvers);
             async move {
-                quorum_once(&channel, &approvers, format!("quorum-{run}-{worker}-{n}"), n)
-                    .await
-                    .unwrap_or(false)
+                quorum_once(
+                    &channel,
+                    &approvers,
+                    instance,
+                    format!("quorum-{run}-{worker}-{n}"),
+                    n,
+                )
+                .await
+                .unwrap_or(false)
             }
         }
     })
@@ -534,11 +585,14 @@ pub async fn bench(args: BenchArgs, json: bool) -> Result<(), String> {
         } else {
             "sqlite"
         },
+        instances: args.instances,
         prior_entries: args.prior_entries,
         startup_seconds: startup.map(|d| d.as_secs_f64()),
         server_max_rss_mb: max_rss_mb(server.child.id()),
     };
     bar.finish_and_clear();
+    // The others first: the first instance removes the data directory.
+    drop(others);
     report(&raw, &[round_trip, commit], &auto, &quorum, &scale, json)
 }
 
@@ -565,6 +619,8 @@ async fn dev_channel(server: &Server, name: &str) -> Result<Channel, String> {
 struct Scale {
     /// The store's backend.
     store: &'static str,
+    /// custosd instances measured together.
+    instances: usize,
     prior_entries: u64,
     /// From spawning custosd on the seeded store to its ready line.
     startup_seconds: Option<f64>,
@@ -723,6 +779,7 @@ fn commit_loop(store: &custos::store::Store, duration: Duration) -> Result<Phase
 async fn quorum_once(
     channel: &Channel,
     approvers: &Approvers,
+    instance: usize,
     id: String,
     nonce: u64,
 ) -> Result<bool, tonic::Status> {
@@ -731,7 +788,8 @@ async fn quorum_once(
         .await?
         .into_inner();
     let mut last = created.state();
-    for (who, key, approver_channel) in &approvers.keys {
+    for (who, key, approver_channels) in &approvers.keys {
+        let approver_channel = &approver_channels[instance];
         let message = ApprovalMessage {
             service_id: approvers.service_id.clone(),
             withdrawal_id: created.name.trim_start_matches("withdrawals/").to_owned(),
@@ -836,8 +894,10 @@ fn report(
         ));
     }
     text.push_str(&format!(
-        "store: {}   prior log entries: {}   startup: {}   custosd max RSS: {}\n",
+        "store: {} ({} instance{})   prior log entries: {}   startup: {}   custosd max RSS: {}\n",
         scale.store,
+        scale.instances,
+        if scale.instances == 1 { "" } else { "s" },
         scale.prior_entries,
         scale
             .startup_seconds
