@@ -124,7 +124,7 @@ impl Custody {
                     };
                     if let Some(at) = row.counted_at {
                         let mut cache = this.usage.lock().unwrap_or_else(PoisonError::into_inner);
-                        cache.counted(&row.wallet_id, &row.asset, at, intent.total_amount());
+                        cache.counted(tx, &row.wallet_id, &row.asset, at, intent.total_amount());
                     }
                     Ok((row, fence))
                 })

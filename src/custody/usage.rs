@@ -16,7 +16,9 @@
 //! remembers the store's usage epoch of its wallet and asset (bumped by
 //! every write that counts or uncounts one of their withdrawals, in that
 //! write's transaction), and a list whose epoch differs from the one read
-//! in the current write transaction is reloaded before it is used.
+//! in the current write transaction is reloaded before it is used. SQLite
+//! keeps no epochs (one process owns the file): there the epoch stays 0 and
+//! a list is reloaded only when its horizon no longer covers the window.
 
 use std::collections::HashMap;
 
@@ -106,12 +108,13 @@ impl UsageCache {
     }
 
     /// Records a withdrawal counted at `at`: the write closure's last step,
-    /// after the store bumped the usage epoch by one in the same transaction.
-    /// A list that was stale before stays stale (its epoch still differs).
-    pub(crate) fn counted(&mut self, wallet: &str, asset: &str, at: u64, amount: U256) {
+    /// after the store moved the usage epoch in the same transaction (by
+    /// [`wd_store::usage_epoch_step`], read from `conn`). A list that was
+    /// stale before stays stale (its epoch still differs).
+    pub(crate) fn counted(&mut self, conn: Conn<'_>, wallet: &str, asset: &str, at: u64, amount: U256) {
         if let Some(list) = self.lists.get_mut(&(wallet.to_owned(), asset.to_owned())) {
             list.ledger.add(at, amount);
-            list.epoch += 1;
+            list.epoch += wd_store::usage_epoch_step(conn);
         }
     }
 
@@ -119,5 +122,36 @@ impl UsageCache {
     /// (a counted withdrawal was cancelled): the next use reloads it.
     pub(crate) fn forget(&mut self, wallet: &str, asset: &str) {
         self.lists.remove(&(wallet.to_owned(), asset.to_owned()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A decision's own count keeps its list: the next decision on the same
+    /// wallet and asset reuses it instead of reading the whole window again.
+    /// (Here the store holds no counted row, so a reload would read 0.)
+    #[test]
+    fn a_counted_withdrawal_keeps_the_cached_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("u.db")).unwrap();
+        let mut cache = UsageCache::default();
+        let total = |cache: &mut UsageCache| {
+            store
+                .write(|c| {
+                    let list = cache.list(&store, c, "hot", "ETH", 2_000, 3_600)?;
+                    Ok::<_, CustodyError>(list.within(2_000, 3_600))
+                })
+                .unwrap()
+        };
+        assert_eq!(total(&mut cache), (U256::ZERO, 0));
+        store
+            .write(|c| {
+                cache.counted(c, "hot", "ETH", 1_500, U256::from(5));
+                Ok::<_, CustodyError>(())
+            })
+            .unwrap();
+        assert_eq!(total(&mut cache), (U256::from(5), 1));
     }
 }

@@ -134,7 +134,7 @@ impl Custody {
                         _ => None,
                     };
                     if let Some(at) = counted_at {
-                        cache.counted(&row.wallet_id, &row.asset, at, intent.total_amount());
+                        cache.counted(tx, &row.wallet_id, &row.asset, at, intent.total_amount());
                     }
                     let view = WithdrawalView {
                         approvals: wd_store::approvals(tx, id)?,

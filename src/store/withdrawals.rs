@@ -230,6 +230,15 @@ pub fn usage_epoch(conn: Conn<'_>, wallet_id: &str, asset: &str) -> Result<u64, 
     Ok(epoch.map_or(0, to_u64))
 }
 
+/// How far one change of a counted set moves its usage epoch: 1 on
+/// PostgreSQL, 0 on SQLite, which keeps no epochs.
+pub fn usage_epoch_step(conn: Conn<'_>) -> u64 {
+    match conn.backend() {
+        Backend::Sqlite => 0,
+        Backend::Postgres => 1,
+    }
+}
+
 /// Records one change of the counted set of this wallet and asset. Every
 /// write that counts or uncounts a withdrawal calls it, in its transaction.
 fn bump_usage_epoch(conn: Conn<'_>, wallet_id: &str, asset: &str) -> Result<(), StoreError> {
