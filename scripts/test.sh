@@ -30,8 +30,6 @@ CUSTOS_TEST_STORE=postgres cargo test --test integration "$@" -- \
     --skip checkpoints::a_rewritten_history_is_a_fork_to_anyone_holding_an_older_checkpoint \
     --skip checkpoints::checkpoints_verify_independently_and_proofs_verify_against_them \
     --skip crash::kill_9_at_random_points_loses_nothing_and_signs_exactly_once \
-    --skip withdrawals::a_freeze_before_signing_stops_the_hsm_call \
-    --skip withdrawals::a_freeze_during_signing_holds_the_signature_back \
     --skip withdrawals::cli_approve_recomputes_the_intent_and_refuses_a_lying_server \
     --skip withdrawals::crash_between_approval_and_signing_signs_exactly_once_after_restart \
     --skip withdrawals::governance_policy_versions_and_freeze

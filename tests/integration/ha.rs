@@ -625,8 +625,7 @@ fn a_postgres_restart_under_load_fails_closed_and_service_recovers() {
 /// denies new withdrawals as frozen, and the replay is clean.
 #[test]
 fn a_freeze_on_one_instance_stops_signing_on_all() {
-    use custos::proto::audit_service_client::AuditServiceClient;
-    use custos_core::audit::entry::{Entry, Event};
+    use custos_core::audit::entry::Event;
     let temp = tempfile::tempdir().unwrap();
     let dir = temp.path().join("dev");
     let a = first_instance(&dir, &[]);
@@ -697,16 +696,10 @@ fn a_freeze_on_one_instance_stops_signing_on_all() {
     assert!(b.stop().success());
     assert!(c.stop().success());
     rt.block_on(async {
-        let mut audit = AuditServiceClient::new(a.server.channel_as("auditor").await);
-        let mut stream = audit
-            .list_entries(proto::ListEntriesRequest { start: 0, end: 0 })
-            .await
-            .unwrap()
-            .into_inner();
         let mut frozen_at = None;
         let mut signed_after = Vec::new();
-        while let Some(e) = stream.message().await.unwrap() {
-            match Entry::decode(&e.data).unwrap().event {
+        for e in support::log_entries(&a.server).await {
+            match e.event {
                 Event::Frozen { .. } => frozen_at = Some(e.index),
                 Event::Signed { withdrawal_id, .. } if frozen_at.is_some() => {
                     signed_after.push(withdrawal_id)

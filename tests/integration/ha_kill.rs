@@ -37,10 +37,9 @@ use tonic::transport::Channel;
 use crate::crash::Rng;
 use crate::support::{self, DevServer};
 use custos::dev::{DEV_ALLOWLISTED, transfer_request};
-use custos::proto::audit_service_client::AuditServiceClient;
 use custos::proto::withdrawal_service_client::WithdrawalServiceClient;
 use custos::proto::{self, WithdrawalState};
-use custos_core::audit::entry::{Entry, Event};
+use custos_core::audit::entry::Event;
 
 const INSTANCES: usize = 3;
 const CLIENTS: usize = 12;
@@ -280,19 +279,13 @@ fn check_after(
         assert_eq!(signed.len(), cap, "the count cap is not exact");
         assert_eq!(denied, total - cap);
 
-        let mut audit = AuditServiceClient::new(servers[0].channel_as("auditor").await);
-        let mut stream = audit
-            .list_entries(proto::ListEntriesRequest { start: 0, end: 0 })
-            .await
-            .unwrap()
-            .into_inner();
         let mut logged: HashMap<String, Vec<u8>> = HashMap::new();
-        while let Some(e) = stream.message().await.unwrap() {
+        for e in support::log_entries(&servers[0]).await {
             if let Event::Signed {
                 withdrawal_id,
                 signed_tx,
                 ..
-            } = Entry::decode(&e.data).unwrap().event
+            } = e.event
             {
                 let again = logged.insert(withdrawal_id.clone(), signed_tx);
                 assert!(again.is_none(), "{withdrawal_id} has two signed entries");

@@ -22,7 +22,7 @@ use custos::proto::{
 };
 use custos::signer::KeyFile;
 use custos_core::approval::ApprovalMessage;
-use custos_core::audit::entry::{Entry, Event};
+use custos_core::audit::entry::Event;
 use custos_core::governance::{GovernanceAction, GovernanceMessage};
 use custos_core::policy::{Vote, policy_hash};
 
@@ -884,29 +884,29 @@ fn freeze_lands_at(point: &str, logged: &str) {
         let created = created.unwrap();
         assert_eq!(created.state(), WithdrawalState::Approved);
         assert!(created.signed_transaction.is_none());
-        assert!(dev.server.stderr().contains(logged), "{point}: no {logged:?} in the log");
+        assert!(
+            dev.server.stderr().contains(logged),
+            "{point}: no {logged:?} in the log"
+        );
         let id = created.name.trim_start_matches("withdrawals/").to_owned();
-        let signed_entries = |dev: &Dev| {
-            let db = rusqlite::Connection::open(dev.server.path("store")).unwrap();
-            let entries: Vec<Vec<u8>> = db
-                .prepare("SELECT entry FROM audit_log ORDER BY idx")
-                .unwrap()
-                .query_map([], |r| r.get(0))
-                .unwrap()
-                .collect::<Result<_, _>>()
-                .unwrap();
-            entries
+        let signed_entries = async |dev: &Dev| {
+            support::log_entries(&dev.server)
+                .await
                 .iter()
-                .filter(|bytes| {
-                    matches!(Entry::decode(bytes).unwrap().event, Event::Signed { ref withdrawal_id, .. } if *withdrawal_id == id)
-                })
+                .filter(
+                    |e| matches!(e.event, Event::Signed { ref withdrawal_id, .. } if *withdrawal_id == id),
+                )
                 .count()
         };
-        assert_eq!(signed_entries(&dev), 0);
+        assert_eq!(signed_entries(&dev).await, 0);
 
-        let unfreeze = dev.governance(GovernanceAction::Unfreeze, 1, [0; 32], "admin").await;
+        let unfreeze = dev
+            .governance(GovernanceAction::Unfreeze, 1, [0; 32], "admin")
+            .await;
         dev.policies()
-            .unfreeze(proto::UnfreezeRequest { signatures: vec![unfreeze] })
+            .unfreeze(proto::UnfreezeRequest {
+                signatures: vec![unfreeze],
+            })
             .await
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -920,7 +920,7 @@ fn freeze_lands_at(point: &str, logged: &str) {
             assert!(Instant::now() < deadline, "not signed after the unfreeze");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        assert_eq!(signed_entries(&dev), 1);
+        assert_eq!(signed_entries(&dev).await, 1);
     });
 }
 

@@ -658,3 +658,22 @@ pub async fn health_status(
         .into_inner()
         .status()
 }
+
+/// Every entry of `server`'s audit log, read over AuditService ListEntries
+/// (whichever backend the store is on) and decoded.
+pub async fn log_entries(server: &DevServer) -> Vec<custos_core::audit::entry::Entry> {
+    use custos::proto::audit_service_client::AuditServiceClient;
+    let mut audit = AuditServiceClient::new(server.channel_as("auditor").await);
+    let mut stream = audit
+        .list_entries(custos::proto::ListEntriesRequest { start: 0, end: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut entries = Vec::new();
+    while let Some(e) = stream.message().await.unwrap() {
+        let entry = custos_core::audit::entry::Entry::decode(&e.data).unwrap();
+        assert_eq!(entry.index, e.index);
+        entries.push(entry);
+    }
+    entries
+}
