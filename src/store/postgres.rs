@@ -19,7 +19,7 @@
 //!
 //! Each process also holds a *presence* lock: a session advisory lock on a
 //! random key, on a connection of its own, for as long as it is connected.
-//! The same connection listens on [`FREEZE_CHANNEL`], on which every freeze
+//! The same connection listens on the `custos_freeze` channel, where every freeze
 //! and unfreeze is announced as it commits, so each instance's pre-sign
 //! freeze hint learns of another's freeze at once.
 //! A dead instance's connection closes and PostgreSQL drops the lock with
