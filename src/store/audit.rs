@@ -10,11 +10,12 @@
 
 use super::StoreError;
 use super::governance::{to_i64, to_u64};
-use super::sql::{Conn, Row};
+use super::sql::{Conn, LogTip, Row};
 use crate::hsm::KeyAttributes;
 use custos_core::audit::entry::{Entry, Event};
 use custos_core::audit::merkle::{self, NodeStore};
 use custos_core::key::KeyKind;
+use k256::sha2::{Digest, Sha256};
 
 /// The tree nodes in the store, read through the caller's connection.
 pub struct SqlNodes<'a>(pub Conn<'a>);
@@ -48,7 +49,16 @@ pub fn size(conn: Conn<'_>) -> Result<u64, StoreError> {
 
 /// Appends `event` at `time` as the next entry, with its tree nodes, in the
 /// caller's transaction. Returns the entry.
+///
+/// On the PostgreSQL writer the index, and the tree nodes the new ones
+/// hash, come from the transaction's [`LogTip`] instead of reads, and the
+/// inserts are deferred (sent with the next statement that needs an
+/// answer, see [`super::sql`]); the database still refuses an entry that
+/// is not the next index (migration 7's trigger).
 pub fn append(conn: Conn<'_>, time: u64, event: Event) -> Result<Entry, StoreError> {
+    if let Some(tx) = conn.write_tx() {
+        return append_at_tip(conn, &mut tx.tip(), time, event);
+    }
     let entry = Entry {
         index: size(conn)?,
         time,
@@ -68,6 +78,79 @@ pub fn append(conn: Conn<'_>, time: u64, event: Event) -> Result<Entry, StoreErr
         )?;
     }
     Ok(entry)
+}
+
+/// The PostgreSQL writer's [`append`].
+fn append_at_tip(
+    conn: Conn<'_>,
+    tip: &mut Option<LogTip>,
+    time: u64,
+    event: Event,
+) -> Result<Entry, StoreError> {
+    let tip = tip
+        .as_mut()
+        .ok_or_else(|| StoreError::Unavailable("no write transaction is open".into()))?;
+    let entry = Entry {
+        index: tip.size,
+        time,
+        event,
+    };
+    let bytes = entry.encode();
+    let leaf = merkle::leaf_hash(&bytes);
+    let nodes = merkle::append_nodes(
+        &TipNodes {
+            frontier: &tip.frontier,
+            stored: SqlNodes(conn),
+        },
+        entry.index,
+        leaf,
+    )?;
+    conn.defer(
+        "INSERT INTO audit_log (idx, time, entry) VALUES (?1, ?2, ?3)",
+        vec![
+            Box::new(to_i64(entry.index)),
+            Box::new(to_i64(time)),
+            Box::new(bytes.clone()),
+        ],
+    )?;
+    for &(level, index, hash) in &nodes {
+        conn.defer(
+            "INSERT INTO merkle_nodes (level, idx, hash) VALUES (?1, ?2, ?3)",
+            vec![
+                Box::new(i64::from(level)),
+                Box::new(to_i64(index)),
+                Box::new(hash.to_vec()),
+            ],
+        )?;
+        tip.frontier.insert((level, index), hash);
+    }
+    tip.size += 1;
+    let mut chain = Sha256::new();
+    chain.update(&tip.chain);
+    chain.update(&bytes);
+    tip.chain = chain.finalize().to_vec();
+    // Only the complete subtrees that make up the new size stay.
+    let size = tip.size;
+    tip.frontier
+        .retain(|&(level, index), _| (size >> level) & 1 == 1 && index == (size >> level) - 1);
+    Ok(entry)
+}
+
+/// Tree nodes from the tip's right edge, else from the store.
+struct TipNodes<'a> {
+    frontier: &'a std::collections::BTreeMap<(u8, u64), [u8; 32]>,
+    stored: SqlNodes<'a>,
+}
+
+impl NodeStore for TipNodes<'_> {
+    type Error = StoreError;
+
+    fn node(&self, level: u8, index: u64) -> Result<Option<[u8; 32]>, StoreError> {
+        match self.frontier.get(&(level, index)) {
+            Some(hash) => Ok(Some(*hash)),
+            None => self.stored.node(level, index),
+        }
+    }
 }
 
 /// Encoded entries with index in `start..end`, in order.

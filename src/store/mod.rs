@@ -340,6 +340,8 @@ struct Writer {
     failed: Vec<(u64, GroupFailure)>,
     /// On PostgreSQL, the open transaction's id.
     txid: Option<i64>,
+    /// On PostgreSQL, what the open transaction's statements share.
+    pg_tx: sql::WriteTx,
 }
 
 /// How a group commit failed.
@@ -414,6 +416,7 @@ impl Store {
                 finished: 0,
                 failed: Vec::new(),
                 txid: None,
+                pg_tx: sql::WriteTx::default(),
             }),
             group_done: Condvar::new(),
             writers_waiting: AtomicUsize::new(0),
@@ -472,7 +475,9 @@ impl Store {
     fn writer_conn<'a>(&'a self, writer: &'a Writer) -> Result<Conn<'a>, StoreError> {
         match (&writer.conn, &self.reader) {
             (WriterConn::Sqlite(conn), _) => Ok(Conn::Sqlite(conn)),
-            (WriterConn::Postgres(Some(client)), Reader::Postgres(backend)) => Ok(backend.conn(client)),
+            (WriterConn::Postgres(Some(client)), Reader::Postgres(backend)) => {
+                Ok(backend.writer_conn(client, &writer.pg_tx))
+            }
             _ => Err(StoreError::Unavailable("the write connection is not open".into())),
         }
     }
@@ -508,25 +513,29 @@ impl Store {
             }
             (WriterConn::Postgres(_), Reader::Sqlite(_)) => {}
         }
-        let (sql, postgres) = match writer.conn {
-            WriterConn::Sqlite(_) => ("BEGIN IMMEDIATE", false),
-            WriterConn::Postgres(_) => (postgres::BEGIN, true),
-        };
-        let mut begun = self.control(writer, sql);
         writer.txid = None;
-        if postgres && begun.is_ok() {
-            match self
-                .writer_conn(writer)
-                .and_then(|c| c.query_one(postgres::LOCK, &[], |r| r.get::<i64>(0)))
-            {
-                Ok(txid) => writer.txid = Some(txid),
-                Err(e) => begun = Err(e),
+        if matches!(writer.conn, WriterConn::Sqlite(_)) {
+            return self.control(writer, "BEGIN IMMEDIATE");
+        }
+        // BEGIN goes out with the lock, in one round trip.
+        writer.pg_tx.clear_pending();
+        let locked = self.writer_conn(writer).and_then(|c| {
+            c.defer_control(postgres::BEGIN)?;
+            c.query_one(postgres::LOCK, &[], |r| {
+                Ok((r.get::<i64>(0)?, r.get::<i64>(1)?, r.get::<Vec<u8>>(2)?))
+            })
+        });
+        match locked {
+            Ok((txid, size, chain)) => {
+                writer.txid = Some(txid);
+                writer.pg_tx.begin(governance::to_u64(size), chain);
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.rollback_if_open(writer);
+                Err(e)
             }
         }
-        if begun.is_err() && postgres {
-            let _ = self.rollback_if_open(writer);
-        }
-        begun
     }
 
     /// After a COMMIT that failed: whether the transaction committed anyway.
@@ -556,6 +565,7 @@ impl Store {
             WriterConn::Postgres(None) => return Ok(()),
             WriterConn::Postgres(Some(_)) => {}
         }
+        writer.pg_tx.abandon();
         let rolled_back = self.control(writer, "ROLLBACK");
         if rolled_back.is_err() {
             writer.conn = WriterConn::Postgres(None);
@@ -565,19 +575,26 @@ impl Store {
 
     /// Runs `f` in a savepoint of the open transaction: released when `f`
     /// succeeds, rolled back when it fails, so a failed writer leaves nothing
-    /// behind in a group another writer commits.
+    /// behind in a group another writer commits. On PostgreSQL the
+    /// savepoint and its release go out with the next statement that needs
+    /// an answer, and a rollback to it also returns the log's tip to where
+    /// it was.
     fn run_in_savepoint<T, E: From<StoreError>>(
         &self,
         writer: &Writer,
         f: impl FnOnce(Conn<'_>) -> Result<T, E>,
     ) -> Result<T, E> {
-        self.control(writer, "SAVEPOINT writer")?;
-        let result = f(self.writer_conn(writer)?);
+        let conn = self.writer_conn(writer)?;
+        let tip = writer.pg_tx.save_tip();
+        conn.defer_control("SAVEPOINT writer")?;
+        let result = f(conn);
         let end = match result {
-            Ok(_) => self.control(writer, "RELEASE writer"),
-            Err(_) => self
-                .control(writer, "ROLLBACK TO writer")
-                .and_then(|()| self.control(writer, "RELEASE writer")),
+            Ok(_) => conn.defer_control("RELEASE writer"),
+            Err(_) => {
+                writer.pg_tx.restore_tip(tip);
+                self.control(writer, "ROLLBACK TO writer")
+                    .and_then(|()| conn.defer_control("RELEASE writer"))
+            }
         };
         end?;
         result
@@ -734,6 +751,11 @@ impl Store {
                     .wait(writer)
                     .unwrap_or_else(PoisonError::into_inner);
             }
+        } else if let Some(why) = writer.pg_tx.poisoned() {
+            // PostgreSQL aborted the transaction when a deferred statement
+            // failed; a COMMIT would be answered with a silent rollback.
+            let _ = self.rollback_if_open(&mut writer);
+            self.group_failed(&mut writer, group, GroupFailure::RolledBack(why));
         } else {
             match self.control(&writer, "COMMIT") {
                 Ok(()) => self.end_group(&mut writer, group),
@@ -749,6 +771,7 @@ impl Store {
                     }
                     postgres::CommitStatus::Unknown(why) => {
                         // The connection is not trusted again.
+                        writer.pg_tx.abandon();
                         writer.conn = WriterConn::Postgres(None);
                         self.group_failed(&mut writer, group, GroupFailure::Unknown(format!("{e}; {why}")));
                     }
@@ -1356,6 +1379,113 @@ mod tests {
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
         }
+    }
+
+    /// Two instances append in turn, from many threads, several entries per
+    /// transaction, while some writers fail inside commits others share (so
+    /// their savepoint is rolled back, and the log's tip with it): the log
+    /// holds exactly the entries of the writes that succeeded, in one
+    /// gapless sequence, and the tree nodes stored through each instance's
+    /// kept tip give the root of those entries as stored.
+    #[test]
+    fn postgres_instances_appending_in_turn_keep_one_tree() {
+        use custos_core::audit::entry::Event;
+        use custos_core::audit::merkle::{self, MemoryNodes};
+        let Some(settings) = postgres::test_database() else {
+            eprintln!("CUSTOS_TEST_POSTGRES_URL is not set (scripts/test.sh sets it); skipped");
+            return;
+        };
+        let instances: Vec<_> = (0..2)
+            .map(|_| std::sync::Arc::new(Store::open_postgres(&settings).unwrap()))
+            .collect();
+        let event = |n: u64| Event::PolicyProposed {
+            hash: [u8::try_from(n % 251).unwrap(); 32],
+            version: n,
+            document: n.to_be_bytes().to_vec(),
+        };
+        let threads: Vec<_> = (0..6u64)
+            .map(|t| {
+                let store = std::sync::Arc::clone(&instances[usize::try_from(t % 2).unwrap()]);
+                std::thread::spawn(move || {
+                    let mut appended = 0u64;
+                    for i in 0..25u64 {
+                        let n = t * 1_000 + i;
+                        let entries = 1 + (i % 3);
+                        let fails = i % 5 == 4;
+                        let written = store.write(|c| {
+                            for k in 0..entries {
+                                audit::append(c, n, event(n * 10 + k))?;
+                            }
+                            match fails {
+                                true => Err(StoreError::Conflict("this writer fails after appending")),
+                                false => Ok(()),
+                            }
+                        });
+                        assert_eq!(written.is_ok(), !fails, "{written:?}");
+                        if !fails {
+                            appended += entries;
+                        }
+                    }
+                    appended
+                })
+            })
+            .collect();
+        let appended: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        let store = &instances[0];
+        let size = store.read(audit::size).unwrap();
+        assert_eq!(size, appended);
+        let entries = store.read(|c| audit::entries(c, 0, size)).unwrap();
+        assert_eq!(entries.len() as u64, size, "one gapless sequence");
+        let mut tree = MemoryNodes::new();
+        for entry in &entries {
+            tree.append(merkle::leaf_hash(entry));
+        }
+        for store in &instances {
+            let stored = store
+                .read(|c| Ok::<_, StoreError>(merkle::root(&audit::SqlNodes(c), size)))
+                .unwrap()
+                .unwrap();
+            assert_eq!(stored, merkle::root(&tree, size).unwrap());
+        }
+    }
+
+    /// A deferred statement that fails aborts its transaction: the write
+    /// fails, nothing of it is stored (PostgreSQL would answer its COMMIT
+    /// with a silent rollback), and the next write works. An audit entry
+    /// that is not the next index is refused by the database itself.
+    #[test]
+    fn postgres_a_failed_deferred_statement_fails_its_write_and_stores_nothing() {
+        let Some(settings) = postgres::test_database() else {
+            eprintln!("CUSTOS_TEST_POSTGRES_URL is not set (scripts/test.sh sets it); skipped");
+            return;
+        };
+        let store = Store::open_postgres(&settings).unwrap();
+        store.insert_wallet(&record("a", 1)).unwrap();
+        let written = store.write(|c| {
+            c.execute("UPDATE governance SET frozen = 1 WHERE id = 1", &[])?;
+            // Level 99 breaks merkle_nodes' CHECK; nothing answers until COMMIT.
+            c.defer(
+                "INSERT INTO merkle_nodes (level, idx, hash) VALUES (?1, ?2, ?3)",
+                vec![Box::new(99i64), Box::new(0i64), Box::new(vec![0u8; 32])],
+            )
+        });
+        assert!(matches!(written, Err(StoreError::CommitFailed(_))), "{written:?}");
+        assert!(
+            !store.read(governance::state).unwrap().frozen,
+            "nothing of the write is stored"
+        );
+        let skipped = store.write(|c| {
+            c.execute(
+                "INSERT INTO audit_log (idx, time, entry) VALUES (?1, 0, ?2)",
+                &[&5i64, &vec![0u8]],
+            )
+        });
+        assert!(
+            format!("{skipped:?}").contains("is not the next one"),
+            "{skipped:?}"
+        );
+        store.insert_wallet(&record("b", 2)).unwrap();
+        assert_eq!(store.read(audit::size).unwrap(), 2);
     }
 
     /// The PostgreSQL log refuses updates, deletes and truncation, as the

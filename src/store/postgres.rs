@@ -46,7 +46,7 @@ use tokio_rustls::rustls::pki_types::CertificateDer;
 use tokio_rustls::rustls::pki_types::pem::PemObject as _;
 
 use super::StoreError;
-use super::sql::{Conn, Pg, block_on};
+use super::sql::{Conn, Pg, WriteTx, block_on};
 
 /// How to reach PostgreSQL.
 #[derive(Clone)]
@@ -267,6 +267,35 @@ const MIGRATIONS: &[&str] = &[
         fence BIGINT NOT NULL CHECK (fence > 0),
         until BIGINT NOT NULL
     );",
+    // 7: the log's size on the lock row, kept by the database: an entry must
+    // take the next index, so the log has no gap whatever a writer believes.
+    // `chain` folds every entry in order (SHA-256 of the chain before and the
+    // entry), so a writer that kept the log's tip from its own last commit
+    // can tell, from the write lock's reply, that no other history (another
+    // instance's appends, a failover that lost commits) came in between.
+    "ALTER TABLE log_head ADD COLUMN size BIGINT NOT NULL DEFAULT 0 CHECK (size >= 0);
+    ALTER TABLE log_head ADD COLUMN chain BYTEA NOT NULL DEFAULT '\\x';
+    DO $$
+        DECLARE
+            folded BYTEA := '\\x';
+            entry_row RECORD;
+        BEGIN
+            FOR entry_row IN SELECT entry FROM audit_log ORDER BY idx LOOP
+                folded := sha256(folded || entry_row.entry);
+            END LOOP;
+            UPDATE log_head SET size = (SELECT COUNT(*) FROM audit_log), chain = folded;
+        END $$;
+    CREATE FUNCTION custos_log_next() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            UPDATE log_head SET size = size + 1, chain = sha256(chain || NEW.entry)
+                WHERE id = 1 AND size = NEW.idx;
+            IF NOT FOUND THEN
+                RAISE EXCEPTION 'audit log entry % is not the next one', NEW.idx;
+            END IF;
+            RETURN NEW;
+        END $$;
+    CREATE TRIGGER audit_log_next BEFORE INSERT ON audit_log
+        FOR EACH ROW EXECUTE FUNCTION custos_log_next();",
 ];
 
 /// The channel a freeze or unfreeze is announced on (`NOTIFY`), with the
@@ -294,8 +323,11 @@ const MIGRATION_LOCK: i64 = 0x6375_7374_6f73;
 pub(crate) const BEGIN: &str = "BEGIN ISOLATION LEVEL READ COMMITTED";
 
 /// Then takes the cross-instance write lock and reads the transaction's id,
-/// by which a COMMIT whose reply was lost is resolved ([`commit_status`]).
-pub(crate) const LOCK: &str = "SELECT txid_current() FROM log_head WHERE id = 1 FOR UPDATE";
+/// by which a COMMIT whose reply was lost is resolved ([`commit_status`]),
+/// and the log's size and chain (migration 7). `FOR UPDATE` returns the row
+/// as the last lock holder committed it, so both are current even though
+/// the statement's snapshot predates the wait.
+pub(crate) const LOCK: &str = "SELECT txid_current(), size, chain FROM log_head WHERE id = 1 FOR UPDATE";
 
 /// What became of a transaction whose COMMIT got no reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -450,11 +482,22 @@ impl PgBackend {
         f(self.conn(&client))
     }
 
-    /// `client` as a [`Conn`].
+    /// `client` as a [`Conn`] whose statements run at once.
     pub(crate) fn conn<'a>(&'a self, client: &'a Object) -> Conn<'a> {
         Conn::Postgres(Pg {
             client,
             runtime: self.runtime(),
+            tx: None,
+        })
+    }
+
+    /// The writer's `client` as a [`Conn`] carrying the transaction's
+    /// shared state `tx` (deferred statements, the log's tip).
+    pub(crate) fn writer_conn<'a>(&'a self, client: &'a Object, tx: &'a WriteTx) -> Conn<'a> {
+        Conn::Postgres(Pg {
+            client,
+            runtime: self.runtime(),
+            tx: Some(tx),
         })
     }
 

@@ -13,8 +13,22 @@
 //! A uniqueness, CHECK or foreign-key violation is the same fact on both
 //! backends; [`StoreError::is_constraint`] recognises it from either driver,
 //! so `conflict_as` maps both to [`StoreError::Conflict`].
+//!
+//! On PostgreSQL every statement is a network round trip, and the write
+//! transaction holds the lock every instance's writer waits for, so the
+//! writer's connection carries a [`WriteTx`]: statements whose only possible
+//! answer is "done" ([`Conn::defer`]: the log's inserts, savepoints) wait in
+//! it and go out together with the next statement that needs an answer, or
+//! with the COMMIT, in one pipelined round trip. They still run in the order
+//! they were issued. If one fails, the transaction is *poisoned*: PostgreSQL
+//! has aborted it, and its COMMIT is refused rather than sent (PostgreSQL
+//! would answer a COMMIT of an aborted transaction with a rollback, not an
+//! error). The [`WriteTx`] also holds the log's tip ([`LogTip`]), which
+//! [`super::audit::append`] keeps so that an append needs no read.
 
+use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use deadpool_postgres::ClientWrapper;
 use rusqlite::OptionalExtension;
@@ -36,6 +50,119 @@ pub enum Conn<'a> {
 pub struct Pg<'a> {
     pub(crate) client: &'a ClientWrapper,
     pub(crate) runtime: &'a tokio::runtime::Runtime,
+    /// The open write transaction's state, on the writer's connection;
+    /// `None` on a read connection, where every statement runs at once.
+    pub(crate) tx: Option<&'a WriteTx>,
+}
+
+/// A statement parameter the statement owns, for a deferred statement.
+pub type OwnedParam = Box<dyn Param + Send>;
+
+/// A statement sent later, with the next one that needs an answer.
+enum Deferred {
+    /// A statement with parameters (extended protocol, prepared).
+    Execute(&'static str, Vec<OwnedParam>),
+    /// A parameterless control statement (simple protocol).
+    Control(&'static str),
+}
+
+/// The state of the writer's open PostgreSQL transaction that its
+/// statements share: what waits to be sent, whether a statement of it
+/// failed, and the log's tip.
+#[derive(Default)]
+pub struct WriteTx {
+    sent: Mutex<Pending>,
+    tip: Mutex<Option<LogTip>>,
+}
+
+#[derive(Default)]
+struct Pending {
+    deferred: Vec<Deferred>,
+    /// Why the transaction is aborted, once a deferred statement failed.
+    poisoned: Option<String>,
+}
+
+/// The audit log as the open transaction sees it: its size, its chain (the
+/// SHA-256 fold of every entry that PostgreSQL keeps on the lock row), and
+/// those complete subtrees on its right edge that are known without a
+/// read: all of them once this instance appended, none when the log's
+/// history is not the one this instance last committed.
+/// Kept and read only by [`super::audit::append`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogTip {
+    /// Entries in the log.
+    pub size: u64,
+    /// SHA-256(chain before ‖ entry), folded over the entries in order;
+    /// empty for an empty log.
+    pub chain: Vec<u8>,
+    /// `(level, index) → hash` of right-edge subtrees.
+    pub frontier: BTreeMap<(u8, u64), [u8; 32]>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl WriteTx {
+    /// A transaction begins, holding the write lock, on a log of `size`
+    /// entries folding to `chain`: the tip kept from this instance's last
+    /// commit stays if the log is still that one; otherwise only its size
+    /// and chain are known.
+    pub(crate) fn begin(&self, size: u64, chain: Vec<u8>) {
+        *lock(&self.sent) = Pending::default();
+        let mut tip = lock(&self.tip);
+        if tip.as_ref().is_none_or(|t| t.size != size || t.chain != chain) {
+            *tip = Some(LogTip {
+                size,
+                chain,
+                frontier: BTreeMap::new(),
+            });
+        }
+    }
+
+    /// Drops whatever waits to be sent, and the poison: nothing of a
+    /// transaction is open.
+    pub(crate) fn clear_pending(&self) {
+        *lock(&self.sent) = Pending::default();
+    }
+
+    /// The transaction did not commit, or nobody knows: forget its tip.
+    pub(crate) fn abandon(&self) {
+        *lock(&self.sent) = Pending::default();
+        *lock(&self.tip) = None;
+    }
+
+    /// Why the transaction is aborted, if a deferred statement failed.
+    pub(crate) fn poisoned(&self) -> Option<String> {
+        lock(&self.sent).poisoned.clone()
+    }
+
+    /// The log's tip as it is now, for a savepoint to return to.
+    pub(crate) fn save_tip(&self) -> Option<LogTip> {
+        lock(&self.tip).clone()
+    }
+
+    /// Back to the tip saved at a savepoint that was rolled back to.
+    pub(crate) fn restore_tip(&self, tip: Option<LogTip>) {
+        *lock(&self.tip) = tip;
+    }
+
+    /// The log's tip, for [`super::audit::append`].
+    pub(crate) fn tip(&self) -> MutexGuard<'_, Option<LogTip>> {
+        lock(&self.tip)
+    }
+
+    fn defer(&self, statement: Deferred) {
+        lock(&self.sent).deferred.push(statement);
+    }
+
+    fn take(&self) -> Vec<Deferred> {
+        std::mem::take(&mut lock(&self.sent).deferred)
+    }
+
+    fn poison(&self, why: String) {
+        lock(&self.sent).poisoned.get_or_insert(why);
+    }
 }
 
 /// Which engine a [`Conn`] talks to, for the few statements whose text
@@ -137,6 +264,52 @@ impl Pg<'_> {
         Ok(self.client.prepare_cached(&to_postgres(sql)).await?)
     }
 
+    /// Sends whatever was deferred, then `current`, in one pipelined round
+    /// trip, in order; `current`'s result, or the first deferred failure.
+    async fn with_deferred<T>(
+        &self,
+        current: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let Some(tx) = self.tx else {
+            return current.await;
+        };
+        let deferred = tx.take();
+        if deferred.is_empty() {
+            return current.await;
+        }
+        // Prepared first (a miss costs a round trip once per connection), so
+        // that the executes below are sent in the order they were issued.
+        let mut prepared = Vec::with_capacity(deferred.len());
+        for statement in &deferred {
+            prepared.push(match statement {
+                Deferred::Execute(sql, _) => Some(self.statement(sql).await?),
+                Deferred::Control(_) => None,
+            });
+        }
+        let sends = deferred
+            .iter()
+            .zip(&prepared)
+            .map(|(statement, prepared)| async move {
+                match (statement, prepared) {
+                    (Deferred::Execute(_, params), Some(prepared)) => {
+                        let params: Vec<_> = params.iter().map(|p| p.pg()).collect();
+                        self.client.execute(prepared, &params).await.map(|_| ())
+                    }
+                    (Deferred::Control(sql), _) => self.client.batch_execute(sql).await,
+                    (Deferred::Execute(..), None) => unreachable!("every execute was prepared above"),
+                }
+            });
+        // `join` polls the deferred statements first, and a tokio-postgres
+        // request goes out on its first poll: the order is kept.
+        let (sent, result) = futures_util::future::join(futures_util::future::join_all(sends), current).await;
+        if let Some(failed) = sent.into_iter().find_map(Result::err) {
+            let failed = StoreError::from(failed);
+            tx.poison(failed.to_string());
+            return Err(failed);
+        }
+        result
+    }
+
     fn params<'p>(params: &'p [&'p dyn Param]) -> Vec<&'p (dyn tokio_postgres::types::ToSql + Sync)> {
         params.iter().map(|p| p.pg()).collect()
     }
@@ -165,11 +338,11 @@ impl Conn<'_> {
                 let params: Vec<&dyn rusqlite::ToSql> = params.iter().map(|p| p.sqlite()).collect();
                 Ok(conn.prepare_cached(sql)?.execute(params.as_slice())?)
             }
-            Conn::Postgres(pg) => pg.block(async {
+            Conn::Postgres(pg) => pg.block(pg.with_deferred(async {
                 let statement = pg.statement(sql).await?;
                 let changed = pg.client.execute(&statement, &Pg::params(params)).await?;
                 Ok(usize::try_from(changed).unwrap_or(usize::MAX))
-            }),
+            })),
         }
     }
 
@@ -192,10 +365,10 @@ impl Conn<'_> {
                 Ok(out)
             }
             Conn::Postgres(pg) => {
-                let rows = pg.block(async {
+                let rows = pg.block(pg.with_deferred(async {
                     let statement = pg.statement(sql).await?;
                     Ok::<_, StoreError>(pg.client.query(&statement, &Pg::params(params)).await?)
-                })?;
+                }))?;
                 rows.iter().map(|row| f(&Row::Postgres(row))).collect()
             }
         }
@@ -219,10 +392,10 @@ impl Conn<'_> {
                 row.transpose()
             }
             Conn::Postgres(pg) => {
-                let row = pg.block(async {
+                let row = pg.block(pg.with_deferred(async {
                     let statement = pg.statement(sql).await?;
                     Ok::<_, StoreError>(pg.client.query_opt(&statement, &Pg::params(params)).await?)
-                })?;
+                }))?;
                 row.as_ref().map(|row| f(&Row::Postgres(row))).transpose()
             }
         }
@@ -245,7 +418,46 @@ impl Conn<'_> {
     pub fn batch(&self, sql: &str) -> Result<(), StoreError> {
         match self {
             Conn::Sqlite(conn) => Ok(conn.execute_batch(sql)?),
-            Conn::Postgres(pg) => pg.block(async { Ok(pg.client.batch_execute(sql).await?) }),
+            Conn::Postgres(pg) => {
+                pg.block(pg.with_deferred(async { Ok(pg.client.batch_execute(sql).await?) }))
+            }
+        }
+    }
+
+    /// Runs a statement whose only possible answer is "done" (its failure
+    /// aborts the transaction): on the PostgreSQL writer it is sent with
+    /// the next statement that needs an answer (see the module docs);
+    /// elsewhere it runs now.
+    pub fn defer(&self, sql: &'static str, params: Vec<OwnedParam>) -> Result<(), StoreError> {
+        match self {
+            Conn::Postgres(Pg { tx: Some(tx), .. }) => {
+                tx.defer(Deferred::Execute(sql, params));
+                Ok(())
+            }
+            _ => {
+                let params: Vec<&dyn Param> = params.iter().map(|p| p.as_ref() as &dyn Param).collect();
+                self.execute(sql, &params).map(|_| ())
+            }
+        }
+    }
+
+    /// [`Conn::defer`] for a parameterless control statement (a savepoint).
+    pub(crate) fn defer_control(&self, sql: &'static str) -> Result<(), StoreError> {
+        match self {
+            Conn::Postgres(Pg { tx: Some(tx), .. }) => {
+                tx.defer(Deferred::Control(sql));
+                Ok(())
+            }
+            _ => self.batch(sql),
+        }
+    }
+
+    /// The open PostgreSQL write transaction's shared state; `None` on
+    /// SQLite and on read connections.
+    pub(crate) fn write_tx(&self) -> Option<&WriteTx> {
+        match self {
+            Conn::Postgres(Pg { tx, .. }) => *tx,
+            Conn::Sqlite(_) => None,
         }
     }
 }
@@ -361,6 +573,7 @@ mod tests {
         let c = Conn::Postgres(Pg {
             client: &client,
             runtime: &runtime,
+            tx: None,
         });
         assert_eq!(c.backend(), Backend::Postgres);
         let table = format!("sql_test_{}", std::process::id());
