@@ -118,7 +118,7 @@ impl Custody {
                         return Ok(Err("another instance took the signing lease over"));
                     }
                     let now = unix_now();
-                    wd_store::set_signed(tx, &id, &raw, &tx_hash, now)?;
+                    let signed = wd_store::set_signed(tx, &id, &raw, &tx_hash, now)?;
                     audit_store::append(
                         tx,
                         now,
@@ -128,8 +128,6 @@ impl Custody {
                             tx_hash,
                         },
                     )?;
-                    let signed = wd_store::by_id(tx, &id)?
-                        .ok_or_else(|| CustodyError::NotFound(format!("withdrawal {id}")))?;
                     Ok(Ok(signed))
                 })
             })

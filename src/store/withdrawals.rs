@@ -240,36 +240,37 @@ pub fn usage_epoch_step(conn: Conn<'_>) -> u64 {
 }
 
 /// Records one change of the counted set of this wallet and asset. Every
-/// write that counts or uncounts a withdrawal calls it, in its transaction.
+/// write that counts or uncounts a withdrawal calls it, in its transaction;
+/// nothing waits for its answer (it is deferred, see [`Conn::defer`]).
 fn bump_usage_epoch(conn: Conn<'_>, wallet_id: &str, asset: &str) -> Result<(), StoreError> {
     if conn.backend() == Backend::Sqlite {
         return Ok(());
     }
-    conn.execute(
+    conn.defer(
         "INSERT INTO usage_epochs (wallet_id, asset, epoch) VALUES (?1, ?2, 1)
          ON CONFLICT (wallet_id, asset) DO UPDATE SET epoch = usage_epochs.epoch + 1",
-        &[&wallet_id, &asset],
-    )?;
-    Ok(())
+        vec![Box::new(wallet_id.to_owned()), Box::new(asset.to_owned())],
+    )
 }
 
 /// Records the signed transaction: APPROVED to SIGNED, keeping `counted_at`.
+/// Returns the row as updated.
 pub fn set_signed(
     conn: Conn<'_>,
     withdrawal_id: &str,
     signed_tx: &[u8],
     signed_tx_hash: &[u8],
     now: u64,
-) -> Result<(), StoreError> {
-    let updated = conn.execute(
-        "UPDATE withdrawals SET state = 'SIGNED', signed_tx = ?2, signed_tx_hash = ?3, updated_at = ?4
-         WHERE withdrawal_id = ?1 AND state = 'APPROVED'",
+) -> Result<WithdrawalRow, StoreError> {
+    let updated = conn.query_opt(
+        &format!(
+            "UPDATE withdrawals SET state = 'SIGNED', signed_tx = ?2, signed_tx_hash = ?3, updated_at = ?4
+             WHERE withdrawal_id = ?1 AND state = 'APPROVED' RETURNING {COLUMNS}"
+        ),
         &[&withdrawal_id, &signed_tx, &signed_tx_hash, &to_i64(now)],
+        row,
     )?;
-    if updated != 1 {
-        return Err(StoreError::Conflict("signature (the withdrawal is not APPROVED)"));
-    }
-    Ok(())
+    updated.ok_or(StoreError::Conflict("signature (the withdrawal is not APPROVED)"))
 }
 
 /// The signing leases of the withdrawals still APPROVED (being signed, or
@@ -436,10 +437,16 @@ pub fn approvals(conn: Conn<'_>, withdrawal_id: &str) -> Result<Vec<ApprovalRow>
     })
 }
 
-const SELECT: &str =
-    "SELECT seq, withdrawal_id, request_id, request_hash, wallet_id, initiator, chain, unsigned_tx,
+/// A withdrawal row's columns, in the order [`row`] reads them.
+macro_rules! columns {
+    () => {
+        "seq, withdrawal_id, request_id, request_hash, wallet_id, initiator, chain, unsigned_tx,
     intent, intent_hash, asset, amount, state, decision, created_at, expires_at, counted_at, updated_at,
-    signed_tx, signed_tx_hash FROM withdrawals";
+    signed_tx, signed_tx_hash"
+    };
+}
+const COLUMNS: &str = columns!();
+const SELECT: &str = concat!("SELECT ", columns!(), " FROM withdrawals");
 
 fn decision_json(decision: &DecisionRecord) -> Result<String, StoreError> {
     serde_json::to_string(decision).map_err(|e| StoreError::Corrupt {
