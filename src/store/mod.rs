@@ -592,8 +592,10 @@ impl Store {
             Ok(_) => conn.defer_control("RELEASE writer"),
             Err(_) => {
                 writer.pg_tx.restore_tip(tip);
-                self.control(writer, "ROLLBACK TO writer")
-                    .and_then(|()| conn.defer_control("RELEASE writer"))
+                self.control(writer, "ROLLBACK TO writer").and_then(|()| {
+                    writer.pg_tx.cure();
+                    conn.defer_control("RELEASE writer")
+                })
             }
         };
         end?;
@@ -752,8 +754,8 @@ impl Store {
                     .unwrap_or_else(PoisonError::into_inner);
             }
         } else if let Some(why) = writer.pg_tx.poisoned() {
-            // PostgreSQL aborted the transaction when a deferred statement
-            // failed; a COMMIT would be answered with a silent rollback.
+            // PostgreSQL aborted the transaction when a statement failed; a
+            // COMMIT would be answered with a silent rollback.
             let _ = self.rollback_if_open(&mut writer);
             self.group_failed(&mut writer, group, GroupFailure::RolledBack(why));
         } else {
@@ -1451,8 +1453,9 @@ mod tests {
 
     /// A deferred statement that fails aborts its transaction: the write
     /// fails, nothing of it is stored (PostgreSQL would answer its COMMIT
-    /// with a silent rollback), and the next write works. An audit entry
-    /// that is not the next index is refused by the database itself.
+    /// with a silent rollback), and the next write works. So does a failed
+    /// statement whose error the closure swallowed. An audit entry that is
+    /// not the next index is refused by the database itself.
     #[test]
     fn postgres_a_failed_deferred_statement_fails_its_write_and_stores_nothing() {
         let Some(settings) = postgres::test_database() else {
@@ -1473,6 +1476,21 @@ mod tests {
         assert!(
             !store.read(governance::state).unwrap().frozen,
             "nothing of the write is stored"
+        );
+        // A failed statement the closure swallows fails the write too.
+        let swallowed = store.write(|c| {
+            c.execute("UPDATE governance SET frozen = 1 WHERE id = 1", &[])?;
+            let refused = c.execute("UPDATE governance SET frozen = 7 WHERE id = 1", &[]);
+            assert!(refused.is_err(), "frozen is 0 or 1");
+            Ok::<_, StoreError>(())
+        });
+        assert!(
+            matches!(swallowed, Err(StoreError::CommitFailed(_))),
+            "{swallowed:?}"
+        );
+        assert!(
+            !store.read(governance::state).unwrap().frozen,
+            "nothing of the swallowed write is stored"
         );
         let skipped = store.write(|c| {
             c.execute(

@@ -20,10 +20,13 @@
 //! answer is "done" ([`Conn::defer`]: the log's inserts, savepoints) wait in
 //! it and go out together with the next statement that needs an answer, or
 //! with the COMMIT, in one pipelined round trip. They still run in the order
-//! they were issued. If one fails, the transaction is *poisoned*: PostgreSQL
-//! has aborted it, and its COMMIT is refused rather than sent (PostgreSQL
-//! would answer a COMMIT of an aborted transaction with a rollback, not an
-//! error). The [`WriteTx`] also holds the log's tip ([`LogTip`]), which
+//! they were issued. If any statement fails, deferred or not, the
+//! transaction is *poisoned*: PostgreSQL has aborted it, and unless a
+//! rollback to a savepoint taken before the failure ends that, its COMMIT is
+//! refused rather than sent (PostgreSQL would answer a COMMIT of an aborted
+//! transaction with a rollback, not an error). So a write closure that
+//! swallowed a failed statement fails its write instead of returning as if
+//! it had committed. The [`WriteTx`] also holds the log's tip ([`LogTip`]), which
 //! [`super::audit::append`] keeps so that an append needs no read.
 
 use std::collections::BTreeMap;
@@ -78,7 +81,7 @@ pub struct WriteTx {
 #[derive(Default)]
 struct Pending {
     deferred: Vec<Deferred>,
-    /// Why the transaction is aborted, once a deferred statement failed.
+    /// Why the transaction is aborted, once a statement of it failed.
     poisoned: Option<String>,
 }
 
@@ -132,7 +135,14 @@ impl WriteTx {
         *lock(&self.tip) = None;
     }
 
-    /// Why the transaction is aborted, if a deferred statement failed.
+    /// A rollback to a savepoint succeeded: whatever failed after it is
+    /// undone, and nothing failed before it (the savepoint itself would
+    /// have failed).
+    pub(crate) fn cure(&self) {
+        lock(&self.sent).poisoned = None;
+    }
+
+    /// Why the transaction is aborted, if a statement of it failed.
     pub(crate) fn poisoned(&self) -> Option<String> {
         lock(&self.sent).poisoned.clone()
     }
@@ -275,7 +285,11 @@ impl Pg<'_> {
         };
         let deferred = tx.take();
         if deferred.is_empty() {
-            return current.await;
+            let result = current.await;
+            if let Err(e) = &result {
+                tx.poison(e.to_string());
+            }
+            return result;
         }
         // Prepared first (a miss costs a round trip once per connection), so
         // that the executes below are sent in the order they were issued.
@@ -306,6 +320,9 @@ impl Pg<'_> {
             let failed = StoreError::from(failed);
             tx.poison(failed.to_string());
             return Err(failed);
+        }
+        if let Err(e) = &result {
+            tx.poison(e.to_string());
         }
         result
     }
