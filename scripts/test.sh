@@ -24,13 +24,8 @@ cargo test --workspace --lib --tests "$@"
 CUSTOS_TEST_STORE=postgres cargo test --test integration "$@" -- \
     --skip ha:: \
     --skip ha_kill:: \
-    --skip audit::every_event_is_logged_and_the_stored_tree_matches_the_entries \
     --skip audit::nothing_is_signed_or_stored_while_the_log_cannot_be_written \
-    --skip audit::the_real_log_replays_clean_and_forgeries_are_flagged_where_they_are \
     --skip checkpoints::a_rewritten_history_is_a_fork_to_anyone_holding_an_older_checkpoint \
     --skip checkpoints::checkpoints_verify_independently_and_proofs_verify_against_them \
-    --skip crash::kill_9_at_random_points_loses_nothing_and_signs_exactly_once \
-    --skip withdrawals::cli_approve_recomputes_the_intent_and_refuses_a_lying_server \
-    --skip withdrawals::crash_between_approval_and_signing_signs_exactly_once_after_restart \
-    --skip withdrawals::governance_policy_versions_and_freeze
+    --skip crash::kill_9_at_random_points_loses_nothing_and_signs_exactly_once
 cargo test --workspace --doc

@@ -11,6 +11,7 @@ use tonic::Code;
 use crate::support::{self, DevServer};
 use custos::proto::{self, WithdrawalState, withdrawal_service_client::WithdrawalServiceClient};
 use custos::store::audit::SqlNodes;
+use custos::store::sql::Conn;
 use custos_core::audit::entry::{Entry, Event};
 use custos_core::audit::merkle::{self, MemoryNodes};
 use custos_core::audit::replay::{ReplayReport, Replayer};
@@ -21,9 +22,9 @@ fn request(request_id: &str, wei: u128, nonce: u64) -> proto::CreateWithdrawalRe
     crate::withdrawals::create_request(request_id, EXCHANGE, wei, nonce, "ops")
 }
 
-fn entries(db: &rusqlite::Connection) -> Vec<Entry> {
-    let size = custos::store::audit::size(custos::store::sql::Conn::from(db)).unwrap();
-    custos::store::audit::entries(custos::store::sql::Conn::from(db), 0, size)
+fn entries(db: Conn<'_>) -> Vec<Entry> {
+    let size = custos::store::audit::size(db).unwrap();
+    custos::store::audit::entries(db, 0, size)
         .unwrap()
         .iter()
         .map(|bytes| Entry::decode(bytes).unwrap())
@@ -46,8 +47,7 @@ fn every_event_is_logged_and_the_stored_tree_matches_the_entries() {
             .into_inner();
         assert_eq!(small.state(), WithdrawalState::Signed);
 
-        let db = rusqlite::Connection::open(server.path("store")).unwrap();
-        let log = entries(&db);
+        let log = support::read_dev_store(&server.data_dir, |c| Ok(entries(c)));
         let kinds: Vec<&str> = log
             .iter()
             .map(|e| match &e.event {
@@ -87,37 +87,41 @@ fn every_event_is_logged_and_the_stored_tree_matches_the_entries() {
         };
         assert_eq!(Some(signed_tx), small.signed_transaction.as_ref().map(|s| &s.raw));
 
-        let mut memory = MemoryNodes::new();
-        for bytes in
-            custos::store::audit::entries(custos::store::sql::Conn::from(&db), 0, log.len() as u64).unwrap()
-        {
-            memory.append(merkle::leaf_hash(&bytes));
-        }
         let size = log.len() as u64;
-        let stored_root = merkle::root(&SqlNodes(custos::store::sql::Conn::from(&db)), size).unwrap();
+        let (stored, stored_root, proofs) = support::read_dev_store(&server.data_dir, move |c| {
+            let proofs: Vec<_> = (0..size)
+                .map(|index| merkle::inclusion_proof(&SqlNodes(c), index, size).unwrap())
+                .collect();
+            Ok((
+                custos::store::audit::entries(c, 0, size)?,
+                merkle::root(&SqlNodes(c), size).unwrap(),
+                proofs,
+            ))
+        });
+        let mut memory = MemoryNodes::new();
+        for bytes in &stored {
+            memory.append(merkle::leaf_hash(bytes));
+        }
         assert_eq!(stored_root, merkle::root(&memory, size).unwrap());
-        for index in 0..size {
-            let proof =
-                merkle::inclusion_proof(&SqlNodes(custos::store::sql::Conn::from(&db)), index, size).unwrap();
+        for (index, proof) in (0..size).zip(&proofs) {
             let leaf = merkle::leaf_hash(&log[index as usize].encode());
-            merkle::verify_inclusion(&leaf, index, size, &proof, &stored_root).unwrap();
+            merkle::verify_inclusion(&leaf, index, size, proof, &stored_root).unwrap();
         }
 
         let pin = std::fs::read_to_string(server.path("user_pin_file")).unwrap();
-        let all: Vec<u8> = custos::store::audit::entries(custos::store::sql::Conn::from(&db), 0, size)
-            .unwrap()
-            .concat();
+        let all: Vec<u8> = stored.concat();
         assert!(
             !all.windows(pin.len()).any(|w| w == pin.as_bytes()),
             "the PIN is in the log"
         );
-        assert!(
-            db.execute("DELETE FROM audit_log", []).is_err(),
-            "the log is append-only"
-        );
-        assert!(
-            db.execute("UPDATE audit_log SET time = 0", []).is_err(),
-            "the log is append-only"
+        for tamper in ["DELETE FROM audit_log", "UPDATE audit_log SET time = 0"] {
+            let refused = support::with_dev_store(&server.data_dir, move |c| c.execute(tamper, &[])).is_err();
+            assert!(refused, "the log is append-only: {tamper}");
+        }
+        assert_eq!(
+            support::read_dev_store(&server.data_dir, custos::store::audit::size),
+            size,
+            "nothing was removed"
         );
     });
 }
@@ -182,7 +186,7 @@ fn nothing_is_signed_or_stored_while_the_log_cannot_be_written() {
             assert!(Instant::now() < deadline, "not signed after the log recovered");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        let log = entries(&db);
+        let log = entries(Conn::from(&db));
         let signed = log.iter().filter(|e| matches!(e.event, Event::Signed { .. })).count();
         assert_eq!(signed, 1, "one signed entry for one signature");
     });
@@ -269,8 +273,7 @@ fn the_real_log_replays_clean_and_forgeries_are_flagged_where_they_are() {
         assert_eq!(late.state(), WithdrawalState::Denied);
         assert_eq!(late.decision.clone().unwrap().reason_code, "not_allowlisted");
 
-        let db = rusqlite::Connection::open(dev.server.path("store")).unwrap();
-        let log = entries(&db);
+        let log = support::read_dev_store(&dev.server.data_dir, |c| Ok(entries(c)));
         let report = replay(&log);
         assert_eq!(report.findings, [], "{:#?}", report.findings);
         assert_eq!(report.entries, log.len() as u64);

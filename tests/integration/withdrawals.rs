@@ -759,20 +759,23 @@ fn governance_policy_versions_and_freeze() {
             assert!(!output.status.success());
             String::from_utf8_lossy(&output.stderr).into_owned()
         };
-        let db = rusqlite::Connection::open(data_dir.join("custos.db")).unwrap();
-        db.execute(
-            "UPDATE policies SET document = CAST(replace(CAST(document AS TEXT), 'count = 1000', 'count = 9999') AS BLOB) WHERE version = 2",
-            [],
-        )
-        .unwrap();
+        // The stored document is edited as text, in either backend's dialect.
+        let edit_document = |from: &'static str, to: &'static str| {
+            support::with_dev_store(&data_dir, move |c| {
+                let sql = support::dialect(
+                    c,
+                    "UPDATE policies SET document = CAST(replace(CAST(document AS TEXT), ?1, ?2) AS BLOB) WHERE version = 2",
+                    "UPDATE policies SET document = convert_to(replace(convert_from(document, 'UTF8'), ?1, ?2), 'UTF8') WHERE version = 2",
+                );
+                c.execute(sql, &[&from, &to])
+            })
+            .unwrap()
+        };
+        assert_eq!(edit_document("count = 1000", "count = 9999"), 1);
         let stderr = start_custosd();
         assert!(stderr.contains("does not hash to the hash its admins signed"), "{stderr}");
-        db.execute(
-            "UPDATE policies SET document = CAST(replace(CAST(document AS TEXT), 'count = 9999', 'count = 1000') AS BLOB) WHERE version = 2",
-            [],
-        )
-        .unwrap();
-        db.execute("DELETE FROM policy_signatures", []).unwrap();
+        assert_eq!(edit_document("count = 9999", "count = 1000"), 1);
+        support::with_dev_store(&data_dir, |c| c.execute("DELETE FROM policy_signatures", &[])).unwrap();
         let stderr = start_custosd();
         assert!(stderr.contains("lacks an admin quorum"), "{stderr}");
     });
@@ -826,14 +829,14 @@ fn crash_between_approval_and_signing_signs_exactly_once_after_restart() {
         let again = dev.vote(&large, "carol", Vote::Approve).await.unwrap_err();
         assert_eq!(again.code(), Code::FailedPrecondition);
 
-        let db = rusqlite::Connection::open(data_dir.join("custos.db")).unwrap();
-        let (rows, counted, signed_rows): (i64, i64, i64) = db
-            .query_row(
+        let (rows, counted, signed_rows): (i64, i64, i64) = support::with_dev_store(&data_dir, |c| {
+            c.query_one(
                 "SELECT COUNT(*), COUNT(counted_at), COUNT(signed_tx) FROM withdrawals",
-                [],
+                &[],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
-            .unwrap();
+        })
+        .unwrap();
         assert_eq!((rows, counted, signed_rows), (1, 1, 1));
     });
 }
@@ -1025,13 +1028,15 @@ fn cli_approve_recomputes_the_intent_and_refuses_a_lying_server() {
             .unwrap();
         let Dev { mut server, .. } = dev;
         assert!(server.stop().success());
-        let db = rusqlite::Connection::open(data_dir.join("custos.db")).unwrap();
-        db.execute(
-            "UPDATE withdrawals SET intent_hash = ?1 WHERE request_id = 'tampered'",
-            [tampered_hash(&tampered)],
-        )
+        let forged = tampered_hash(&tampered);
+        let changed = support::with_dev_store(&data_dir, move |c| {
+            c.execute(
+                "UPDATE withdrawals SET intent_hash = ?1 WHERE request_id = 'tampered'",
+                &[&forged],
+            )
+        })
         .unwrap();
-        drop(db);
+        assert_eq!(changed, 1);
         let dev = Dev::on(DevServer::start_in(&data_dir, &[])).await;
 
         let approve = |id: &str| {

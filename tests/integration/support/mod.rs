@@ -270,6 +270,47 @@ pub fn postgres_store_env() -> Vec<(String, String)> {
     env
 }
 
+/// Runs `f` in a write transaction on the store of the dev data directory
+/// `data_dir`, SQLite or PostgreSQL as its config names, as someone with
+/// write access to the database would; the write's outcome. On a thread of
+/// its own, since the store blocks.
+pub fn with_dev_store<T: Send + 'static>(
+    data_dir: &Path,
+    f: impl FnOnce(custos::store::sql::Conn<'_>) -> Result<T, custos::store::StoreError> + Send + 'static,
+) -> Result<T, custos::store::StoreError> {
+    let config = Config::load(&data_dir.join("custosd.toml")).unwrap();
+    std::thread::spawn(move || {
+        let store = custos::store::Store::open_config(&config.store).unwrap();
+        store.write(f)
+    })
+    .join()
+    .unwrap()
+}
+
+/// Runs `f` on a read connection of the dev data directory `data_dir`'s
+/// store, SQLite or PostgreSQL as its config names; custosd may be running.
+pub fn read_dev_store<T: Send + 'static>(
+    data_dir: &Path,
+    f: impl FnOnce(custos::store::sql::Conn<'_>) -> Result<T, custos::store::StoreError> + Send + 'static,
+) -> T {
+    let config = Config::load(&data_dir.join("custosd.toml")).unwrap();
+    std::thread::spawn(move || {
+        let store = custos::store::Store::open_config(&config.store).unwrap();
+        store.read(f).unwrap()
+    })
+    .join()
+    .unwrap()
+}
+
+/// `sqlite` or `postgres`, whichever speaks to `conn`'s backend: for the few
+/// statements whose text differs between them.
+pub fn dialect<'a>(conn: custos::store::sql::Conn<'_>, sqlite: &'a str, postgres: &'a str) -> &'a str {
+    match conn.backend() {
+        custos::store::sql::Backend::Sqlite => sqlite,
+        custos::store::sql::Backend::Postgres => postgres,
+    }
+}
+
 /// A custosd config file's text.
 pub fn config_text(module: &Path, token_label: &str, pin_file: &Path, store: &Path) -> String {
     format!(
