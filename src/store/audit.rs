@@ -8,6 +8,8 @@
 //! (`merkle_nodes`), so roots and proofs cost O(log n) reads whatever the
 //! log's size.
 
+use std::collections::BTreeMap;
+
 use super::StoreError;
 use super::governance::{to_i64, to_u64};
 use super::sql::{Conn, LogTip, Row};
@@ -56,50 +58,26 @@ pub fn size(conn: Conn<'_>) -> Result<u64, StoreError> {
 /// answer, see [`super::sql`]); the database still refuses an entry that
 /// is not the next index (migration 7's trigger).
 pub fn append(conn: Conn<'_>, time: u64, event: Event) -> Result<Entry, StoreError> {
-    if let Some(tx) = conn.write_tx() {
-        return append_at_tip(conn, &mut tx.tip(), time, event);
-    }
+    let mut tip = conn.write_tx().map(|tx| tx.tip());
+    let tip = match tip.as_deref_mut() {
+        None => None,
+        Some(Some(tip)) => Some(tip),
+        Some(None) => return Err(StoreError::Unavailable("no write transaction is open".into())),
+    };
     let entry = Entry {
-        index: size(conn)?,
+        index: match &tip {
+            Some(tip) => tip.size,
+            None => size(conn)?,
+        },
         time,
         event,
     };
     let bytes = entry.encode();
     let leaf = merkle::leaf_hash(&bytes);
-    let nodes = merkle::append_nodes(&SqlNodes(conn), entry.index, leaf)?;
-    conn.execute(
-        "INSERT INTO audit_log (idx, time, entry) VALUES (?1, ?2, ?3)",
-        &[&to_i64(entry.index), &to_i64(time), &bytes],
-    )?;
-    for (level, index, hash) in nodes {
-        conn.execute(
-            "INSERT INTO merkle_nodes (level, idx, hash) VALUES (?1, ?2, ?3)",
-            &[&i64::from(level), &to_i64(index), &hash.as_slice()],
-        )?;
-    }
-    Ok(entry)
-}
-
-/// The PostgreSQL writer's [`append`].
-fn append_at_tip(
-    conn: Conn<'_>,
-    tip: &mut Option<LogTip>,
-    time: u64,
-    event: Event,
-) -> Result<Entry, StoreError> {
-    let tip = tip
-        .as_mut()
-        .ok_or_else(|| StoreError::Unavailable("no write transaction is open".into()))?;
-    let entry = Entry {
-        index: tip.size,
-        time,
-        event,
-    };
-    let bytes = entry.encode();
-    let leaf = merkle::leaf_hash(&bytes);
+    let no_frontier = BTreeMap::new();
     let nodes = merkle::append_nodes(
         &TipNodes {
-            frontier: &tip.frontier,
+            frontier: tip.as_ref().map_or(&no_frontier, |tip| &tip.frontier),
             stored: SqlNodes(conn),
         },
         entry.index,
@@ -122,23 +100,31 @@ fn append_at_tip(
                 Box::new(hash.to_vec()),
             ],
         )?;
-        tip.frontier.insert((level, index), hash);
     }
+    if let Some(tip) = tip {
+        advance(tip, &bytes, &nodes);
+    }
+    Ok(entry)
+}
+
+/// Moves `tip` past the entry `bytes`, whose append made `nodes`.
+fn advance(tip: &mut LogTip, bytes: &[u8], nodes: &[merkle::StoredNode]) {
+    tip.frontier
+        .extend(nodes.iter().map(|&(level, index, hash)| ((level, index), hash)));
     tip.size += 1;
     let mut chain = Sha256::new();
     chain.update(&tip.chain);
-    chain.update(&bytes);
+    chain.update(bytes);
     tip.chain = chain.finalize().to_vec();
     // Only the complete subtrees that make up the new size stay.
     let size = tip.size;
     tip.frontier
         .retain(|&(level, index), _| (size >> level) & 1 == 1 && index == (size >> level) - 1);
-    Ok(entry)
 }
 
 /// Tree nodes from the tip's right edge, else from the store.
 struct TipNodes<'a> {
-    frontier: &'a std::collections::BTreeMap<(u8, u64), [u8; 32]>,
+    frontier: &'a BTreeMap<(u8, u64), [u8; 32]>,
     stored: SqlNodes<'a>,
 }
 

@@ -31,12 +31,12 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard};
 
 use deadpool_postgres::ClientWrapper;
 use rusqlite::OptionalExtension;
 
-use super::StoreError;
+use super::{StoreError, lock};
 
 /// A connection of either backend, borrowed for the length of one call:
 /// the writer's (inside its transaction) or a reader's.
@@ -102,17 +102,12 @@ pub struct LogTip {
     pub frontier: BTreeMap<(u8, u64), [u8; 32]>,
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 impl WriteTx {
     /// A transaction begins, holding the write lock, on a log of `size`
     /// entries folding to `chain`: the tip kept from this instance's last
     /// commit stays if the log is still that one; otherwise only its size
     /// and chain are known.
     pub(crate) fn begin(&self, size: u64, chain: Vec<u8>) {
-        *lock(&self.sent) = Pending::default();
         let mut tip = lock(&self.tip);
         if tip.as_ref().is_none_or(|t| t.size != size || t.chain != chain) {
             *tip = Some(LogTip {
