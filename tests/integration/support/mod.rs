@@ -272,19 +272,12 @@ pub fn postgres_store_env() -> Vec<(String, String)> {
 
 /// Runs `f` in a write transaction on the store of the dev data directory
 /// `data_dir`, SQLite or PostgreSQL as its config names, as someone with
-/// write access to the database would; the write's outcome. On a thread of
-/// its own, since the store blocks.
+/// write access to the database would; the write's outcome.
 pub fn with_dev_store<T: Send + 'static>(
     data_dir: &Path,
     f: impl FnOnce(custos::store::sql::Conn<'_>) -> Result<T, custos::store::StoreError> + Send + 'static,
 ) -> Result<T, custos::store::StoreError> {
-    let config = Config::load(&data_dir.join("custosd.toml")).unwrap();
-    std::thread::spawn(move || {
-        let store = custos::store::Store::open_config(&config.store).unwrap();
-        store.write(f)
-    })
-    .join()
-    .unwrap()
+    on_dev_store(data_dir, move |store| store.write(f))
 }
 
 /// Runs `f` on a read connection of the dev data directory `data_dir`'s
@@ -293,13 +286,19 @@ pub fn read_dev_store<T: Send + 'static>(
     data_dir: &Path,
     f: impl FnOnce(custos::store::sql::Conn<'_>) -> Result<T, custos::store::StoreError> + Send + 'static,
 ) -> T {
+    on_dev_store(data_dir, move |store| store.read(f)).unwrap()
+}
+
+/// Opens the store the dev data directory `data_dir`'s config names and
+/// runs `f` with it, on a thread of its own, since the store blocks.
+fn on_dev_store<T: Send + 'static>(
+    data_dir: &Path,
+    f: impl FnOnce(&custos::store::Store) -> T + Send + 'static,
+) -> T {
     let config = Config::load(&data_dir.join("custosd.toml")).unwrap();
-    std::thread::spawn(move || {
-        let store = custos::store::Store::open_config(&config.store).unwrap();
-        store.read(f).unwrap()
-    })
-    .join()
-    .unwrap()
+    std::thread::spawn(move || f(&custos::store::Store::open_config(&config.store).unwrap()))
+        .join()
+        .unwrap()
 }
 
 /// `sqlite` or `postgres`, whichever speaks to `conn`'s backend: for the few
