@@ -482,23 +482,6 @@ impl Drop for PrivateCluster {
     }
 }
 
-/// Polls health on `server` until every custos service reports `want`.
-async fn await_health(server: &DevServer, want: tonic_health::pb::health_check_response::ServingStatus) {
-    let channel = server.channel_as("auditor").await;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let mut all = true;
-        for service in custos::health::SERVICES {
-            all &= support::health_status(&channel, service).await == want;
-        }
-        if all {
-            return;
-        }
-        assert!(Instant::now() < deadline, "health is not {want:?} after 15 s");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// PostgreSQL stopped and started again under load from two instances:
 /// while it is down, health says NOT_SERVING and every call fails closed
 /// with UNAVAILABLE; once it is back, health says SERVING with no restart
@@ -566,7 +549,7 @@ fn a_postgres_restart_under_load_fails_closed_and_service_recovers() {
                     .await
                     .unwrap();
                 for server in servers {
-                    await_health(server, want).await;
+                    support::await_health(server, want, Duration::from_secs(15)).await;
                 }
             }
         };

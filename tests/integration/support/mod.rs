@@ -699,6 +699,31 @@ pub async fn health_status(
         .status()
 }
 
+/// Polls health on `server` until the server and every custos service
+/// report `want`; fails the test if they do not within `within`.
+pub async fn await_health(
+    server: &DevServer,
+    want: tonic_health::pb::health_check_response::ServingStatus,
+    within: Duration,
+) {
+    let channel = server.channel_as("auditor").await;
+    let deadline = Instant::now() + within;
+    loop {
+        let mut all = true;
+        for service in custos::health::SERVICES {
+            all &= health_status(&channel, service).await == want;
+        }
+        if all {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "health is not {want:?} after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Every entry of `server`'s audit log, read over AuditService ListEntries
 /// (whichever backend the store is on) and decoded.
 pub async fn log_entries(server: &DevServer) -> Vec<custos_core::audit::entry::Entry> {
