@@ -272,6 +272,7 @@ pub async fn run(
     let health_monitor = tokio::spawn(crate::health::monitor(
         health_reporter.clone(),
         Arc::clone(&app.store),
+        app.hsm.clone(),
     ));
 
     let reflection = tonic_reflection::server::Builder::configure()

@@ -350,6 +350,34 @@ impl Hsm {
         .await
     }
 
+    /// Checks that the token is usable now: a pooled session is logged in
+    /// and the token answers `C_GetTokenInfo`. A lost session, login or
+    /// token is recovered from as any other call would (so a probe alone
+    /// brings the token back once it returns); while the token is down, the
+    /// probe fails without touching it until the recovery backoff has
+    /// passed. What health reports for the HSM.
+    pub async fn probe(&self) -> Result<(), HsmError> {
+        self.execute(Retry::Once, |inner, session| {
+            match session.get_session_info().map(|info| info.session_state()) {
+                Ok(SessionState::RoUser | SessionState::RwUser) => {}
+                Ok(_) => {
+                    return Err(HsmError::Pkcs11 {
+                        function: "C_GetSessionInfo".into(),
+                        rv: RvError::UserNotLoggedIn,
+                    });
+                }
+                Err(e) => return Err(HsmError::from_cryptoki("read session state", e)),
+            }
+            let slot = *lock(&inner.slot);
+            inner
+                .pkcs11
+                .get_token_info(slot)
+                .map(|_| ())
+                .map_err(|e| HsmError::from_cryptoki("read token info", e))
+        })
+        .await
+    }
+
     /// How many times `C_Sign` was called with a wallet key, successful or
     /// not: what tests use to prove a refused request never reached the
     /// token. (Checkpoint signatures with the log key are not counted.)

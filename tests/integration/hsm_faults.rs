@@ -19,6 +19,7 @@ use alloy_eips::eip2718::Decodable2718;
 use k256::ecdsa::VerifyingKey;
 use tonic::Code;
 use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_types::StatusExt;
 
 use crate::support::{self, DevServer};
@@ -500,11 +501,13 @@ fn token_vanishing_under_load_fails_closed_and_recovers_without_restart() {
         token.take_away();
         let gone = Instant::now();
         tokio::time::sleep(Duration::from_millis(2500)).await;
+        support::await_health(&server, ServingStatus::NotServing, RECOVERY_LIMIT).await;
         nothing_signed_behind_the_clients_back(&server, &wallet, &load).await;
         let returning = Instant::now();
         token.bring_back();
         let back = Instant::now();
         let first_signed = load.wait_signed(back, 2 * WORKERS, RECOVERY_LIMIT).await;
+        support::await_health(&server, ServingStatus::Serving, RECOVERY_LIMIT).await;
         let outcomes = load.stop().await;
 
         for outcome in &outcomes {
