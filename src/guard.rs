@@ -3,7 +3,8 @@
 //!
 //! In order, each request is:
 //! 1. authenticated from its connection's [`Peer`] (`UNAUTHENTICATED`);
-//! 2. authorized against [`crate::access::RPC_ACCESS`] (`PERMISSION_DENIED`);
+//! 2. authorized against [`crate::access::RPC_ACCESS`] (`PERMISSION_DENIED`,
+//!    or `UNIMPLEMENTED` for a path that names no RPC custos serves);
 //! 3. rate-limited per client identity (`RESOURCE_EXHAUSTED` with `RetryInfo`);
 //! 4. admitted under the server-wide concurrency limit (`RESOURCE_EXHAUSTED`);
 //! 5. size-limited: a request message over the limit is refused with
@@ -119,6 +120,14 @@ impl Guard {
         match (access, principal) {
             (Some(Access::Public), principal) => Ok(principal),
             (_, None) => Err(unauthenticated(peer)),
+            // Only a path that names no RPC: clients that fall back on
+            // UNIMPLEMENTED (reflection versions, say) work, and nobody
+            // unauthenticated learns what is served.
+            (None, Some(_)) => Err(crate::status::status(
+                Code::Unimplemented,
+                reason::UNIMPLEMENTED,
+                format!("custos does not serve {path}"),
+            )),
             (Some(Access::Roles(allowed)), Some(principal @ Principal::Client { roles, .. }))
                 if roles.intersects(allowed) =>
             {
@@ -489,7 +498,8 @@ mod tests {
                 .unwrap()
                 .is_some()
         );
-        // Health answers anyone; an unknown method answers no one.
+        // Health answers anyone; an unknown method is UNIMPLEMENTED to a
+        // client and UNAUTHENTICATED to anyone else.
         assert_eq!(
             guard
                 .authorize("/grpc.health.v1.Health/Check", &Peer::Anonymous, now)
@@ -500,7 +510,11 @@ mod tests {
         let err = guard
             .authorize("/custos.v1.WalletService/DropAll", &backend, now)
             .unwrap_err();
-        assert_eq!(err.code(), Code::PermissionDenied);
+        assert_eq!(err.code(), Code::Unimplemented);
+        let err = guard
+            .authorize("/custos.v1.WalletService/DropAll", &Peer::Anonymous, now)
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated);
     }
 
     #[test]

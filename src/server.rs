@@ -275,10 +275,18 @@ pub async fn run(
         app.hsm.clone(),
     ));
 
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Both reflection versions: grpcurl and current clients speak v1, the
+    // stock Python `grpcio-reflection` client still only v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
         .build_v1()
+        .map_err(|e| ServerError::Reflection(e.to_string()))?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
         .map_err(|e| ServerError::Reflection(e.to_string()))?;
 
     if let Ok(addr) = listener.local_addr() {
@@ -290,7 +298,8 @@ pub async fn run(
         .max_concurrent_streams(u32::try_from(app.limits.max_concurrent_requests).ok())
         .layer(app.guard.layer())
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(wallet_service)
         .add_service(withdrawal_service)
         .add_service(approval_service)

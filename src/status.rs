@@ -57,6 +57,8 @@ pub mod reason {
     pub const RATE_LIMITED: &str = "RATE_LIMITED";
     /// The server is at its concurrency limit.
     pub const OVERLOADED: &str = "OVERLOADED";
+    /// The path names no RPC custos serves (an authenticated caller only).
+    pub const UNIMPLEMENTED: &str = "UNIMPLEMENTED";
     /// The request message is over the size limit.
     pub const MESSAGE_TOO_LARGE: &str = "MESSAGE_TOO_LARGE";
     /// The deadline passed before the reply.

@@ -187,10 +187,15 @@ pub const RPC_ACCESS: &[(&str, Access)] = &[
         "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
         Access::Roles(ANY_ROLE),
     ),
+    (
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        Access::Roles(ANY_ROLE),
+    ),
 ];
 
 /// Who may call the RPC at `path` (`/package.Service/Method`); `None` for a
-/// path custos does not serve, which everyone is refused.
+/// path custos does not serve: an authenticated client gets UNIMPLEMENTED
+/// for it, anyone else UNAUTHENTICATED.
 pub fn rpc_access(path: &str) -> Option<Access> {
     RPC_ACCESS.iter().find(|(p, _)| *p == path).map(|(_, a)| *a)
 }

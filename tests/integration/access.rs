@@ -64,6 +64,10 @@ const EXPECTED: &[(&str, &[&str])] = &[
         "grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
         &["admin", "backend", "alice", "auditor"],
     ),
+    (
+        "grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        &["admin", "backend", "alice", "auditor"],
+    ),
 ];
 
 /// The callers of the matrix: the four roles, then four kinds of callers
@@ -150,11 +154,13 @@ fn served_methods() -> Vec<(String, bool, bool)> {
             }
         }
     }
-    methods.push((
-        "grpc.reflection.v1.ServerReflection/ServerReflectionInfo".into(),
-        true,
-        true,
-    ));
+    for version in ["v1", "v1alpha"] {
+        methods.push((
+            format!("grpc.reflection.{version}.ServerReflection/ServerReflectionInfo"),
+            true,
+            true,
+        ));
+    }
     methods
 }
 
@@ -277,13 +283,35 @@ fn every_rpc_and_caller_gets_the_outcome_the_matrix_states() {
                 *counts.entry(got).or_default() += 1;
             }
         }
-        // 24 RPCs × 8 callers. 33 (RPC, role) grants plus 2 public RPCs for
-        // all 8 callers are allowed; the 22 other RPCs refuse the 4
-        // unauthenticated callers, and the 4 roles 88 − 33 times.
-        assert_eq!(counts.values().sum::<usize>(), 24 * 8);
-        assert_eq!(counts[&Outcome::Allowed], 33 + 2 * 8, "{counts:?}");
-        assert_eq!(counts[&Outcome::Unauthenticated], 22 * 4, "{counts:?}");
-        assert_eq!(counts[&Outcome::PermissionDenied], 22 * 4 - 33, "{counts:?}");
+        // 25 RPCs × 8 callers. 37 (RPC, role) grants plus 2 public RPCs for
+        // all 8 callers are allowed; the 23 other RPCs refuse the 4
+        // unauthenticated callers, and the 4 roles 92 − 37 times.
+        assert_eq!(counts.values().sum::<usize>(), 25 * 8);
+        assert_eq!(counts[&Outcome::Allowed], 37 + 2 * 8, "{counts:?}");
+        assert_eq!(counts[&Outcome::Unauthenticated], 23 * 4, "{counts:?}");
+        assert_eq!(counts[&Outcome::PermissionDenied], 23 * 4 - 37, "{counts:?}");
+
+        // A method custos does not have is UNIMPLEMENTED to every role (so
+        // clients that fall back on it work) and UNAUTHENTICATED to anyone
+        // unauthenticated; neither learns anything else.
+        for unknown in [
+            "custos.v1.WalletService/DropAll",
+            "custos.v1.NoSuchService/Get",
+            "grpc.reflection.v2.ServerReflection/ServerReflectionInfo",
+        ] {
+            for (caller, channel) in &callers {
+                let err = call(channel.clone(), unknown, false, false).await.unwrap_err();
+                let want = if UNAUTHENTICATED.contains(caller) {
+                    Code::Unauthenticated
+                } else {
+                    Code::Unimplemented
+                };
+                assert_eq!(err.code(), want, "{caller} calling {unknown}: {err:?}");
+                if want == Code::Unimplemented {
+                    assert_eq!(guard_reason(&err), "UNIMPLEMENTED", "{caller} calling {unknown}");
+                }
+            }
+        }
         assert!(
             server.stderr().contains("permission denied"),
             "denials are logged"

@@ -488,11 +488,13 @@ fn session_loss_recovers_or_fails_closed_and_never_uses_a_wrong_key() {
     );
 }
 
-/// Health reports SERVING for the server and every custos service, and
-/// reflection lists every service.
+/// Health reports SERVING for the server and every custos service, over
+/// Check and Watch; reflection lists every service over both v1 and
+/// v1alpha.
 #[test]
 fn health_is_serving_and_reflection_lists_services() {
     use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
     use tonic_reflection::pb::v1::{
         ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
         server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
@@ -504,6 +506,44 @@ fn health_is_serving_and_reflection_lists_services() {
         for service in custos::health::SERVICES {
             let status = support::health_status(&channel, service).await;
             assert_eq!(status, ServingStatus::Serving, "{service:?}");
+            let mut watch = HealthClient::new(channel.clone())
+                .watch(HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let first = watch.message().await.unwrap().unwrap();
+            assert_eq!(first.status(), ServingStatus::Serving, "Watch {service:?}");
+        }
+
+        {
+            use tonic_reflection::pb::v1alpha::{
+                ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+                server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+            };
+            let request = ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            };
+            let response = ServerReflectionClient::new(channel.clone())
+                .server_reflection_info(tokio_stream::iter([request]))
+                .await
+                .unwrap()
+                .into_inner()
+                .message()
+                .await
+                .unwrap()
+                .unwrap();
+            let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+                panic!("unexpected v1alpha reflection response {response:?}");
+            };
+            assert!(
+                list.service
+                    .iter()
+                    .any(|s| s.name == "custos.v1.WithdrawalService"),
+                "{list:?}"
+            );
         }
 
         let mut reflection = ServerReflectionClient::new(channel);
