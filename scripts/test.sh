@@ -17,6 +17,9 @@ if [ -z "${CUSTOS_TEST_POSTGRES_URL:-}" ]; then
     export CUSTOS_TEST_POSTGRES_PASSWORD_FILE="$pg_dir/password"
     export CUSTOS_TEST_POSTGRES_CA_FILE="$pg_dir/ca.pem"
 fi
+# The stock Python gRPC client the integration tests drive custosd with.
+CUSTOS_TEST_PYTHON=$(bash scripts/python-env.sh)
+export CUSTOS_TEST_PYTHON
 cargo test --workspace --lib --tests "$@"
 # The integration suite again with every store on PostgreSQL (a fresh
 # database per server). The tests skipped here open the SQLite file itself

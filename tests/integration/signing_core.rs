@@ -1,6 +1,7 @@
 //! The signing core: wallets over gRPC, keys that never leave the token,
 //! low-S recoverable signatures, startup failures, session loss.
 
+use std::path::Path;
 use std::process::Command;
 
 use cryptoki::context::Pkcs11;
@@ -572,6 +573,58 @@ fn health_is_serving_and_reflection_lists_services() {
             );
         }
     });
+}
+
+/// The stock Python reflection client (`grpcio-reflection` from PyPI, which
+/// speaks only v1alpha) lists the services over mTLS, describes
+/// WalletService, and calls ListWallets with a request message built from
+/// the descriptors it fetched. `scripts/test.sh` installs it and sets
+/// `CUSTOS_TEST_PYTHON`.
+#[test]
+fn the_stock_python_reflection_client_lists_describes_and_calls() {
+    let python = std::env::var_os("CUSTOS_TEST_PYTHON").expect(
+        "CUSTOS_TEST_PYTHON names the python with grpcio-reflection: run scripts/test.sh, \
+         or set it to the output of scripts/python-env.sh",
+    );
+    let server = DevServer::start();
+    let (cert, key) = server.client_files("admin");
+    let output = Command::new(python)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/reflection_client.py"))
+        .arg(&server.endpoint)
+        .arg(server.tls_path(&["ca_cert"]))
+        .args([cert, key])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "reflection client failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let found: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    for service in [
+        "custos.v1.WalletService",
+        "custos.v1.WithdrawalService",
+        "custos.v1.ApprovalService",
+        "custos.v1.PolicyService",
+        "custos.v1.AuditService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            found["services"].as_array().unwrap().iter().any(|s| s == service),
+            "{service} not listed: {found}"
+        );
+    }
+    assert_eq!(
+        found["wallet_service_methods"],
+        serde_json::json!(["CreateWallet", "GetWallet", "ListWallets"])
+    );
+    assert_eq!(
+        found["list_wallets_input_fields"],
+        serde_json::json!(["page_size", "page_token"])
+    );
+    // The dev server's one wallet, as the admin sees it.
+    let wallets = found["list_wallets"]["wallets"].as_array().unwrap();
+    assert_eq!(wallets.len(), 1, "{found}");
 }
 
 /// WalletService validates every field, stores nothing on bad input, pages,
