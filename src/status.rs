@@ -47,6 +47,12 @@ pub mod reason {
     /// not be learnt: the change may or may not be stored, and nothing was
     /// released. Retry with the same request id, or read the object.
     pub const COMMIT_OUTCOME_UNKNOWN: &str = "COMMIT_OUTCOME_UNKNOWN";
+    /// The store cannot be written or read now (unreachable, disk full,
+    /// failing); nothing was stored or signed. Retry with the same request id.
+    pub const STORE_UNAVAILABLE: &str = "STORE_UNAVAILABLE";
+    /// A concurrent request wrote the same record first; nothing of this one
+    /// was stored or signed. Retry with the same request id.
+    pub const STORE_CONFLICT: &str = "STORE_CONFLICT";
 
     // The guard's refusals, before any handler runs.
     /// No client certificate, or one the server does not trust.

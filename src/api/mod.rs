@@ -105,12 +105,56 @@ pub fn to_status(error: &WalletError) -> Status {
             reason::WRONG_SENDER,
             format!("the transaction does not spend from wallet {id}"),
         ),
-        WalletError::Store(_) | WalletError::Worker => {
+        WalletError::Store(e) => store_status(e),
+        WalletError::Worker => {
             tracing::error!(error = %error, "internal error");
             status(
                 Code::Internal,
                 reason::INTERNAL,
                 "internal error; see the server log",
+            )
+        }
+    }
+}
+
+/// Maps a store error to the status sent to the client; the details are
+/// logged here. Every one of these means the write, if any, is not stored
+/// and nothing was signed, except `CommitUnknown`, which says so.
+pub fn store_status(error: &StoreError) -> Status {
+    match error {
+        StoreError::CommitUnknown(_) => {
+            tracing::error!(error = %error, "store commit outcome unknown");
+            status(
+                Code::Unavailable,
+                reason::COMMIT_OUTCOME_UNKNOWN,
+                "the store's connection broke while committing; the change may or may not be stored, and no signature was released. Retry with the same request id, or read the withdrawal",
+            )
+        }
+        StoreError::Conflict(_) => {
+            tracing::warn!(error = %error, "store write conflicted with a concurrent one");
+            status(
+                Code::Aborted,
+                reason::STORE_CONFLICT,
+                "a concurrent request changed the same record; nothing was stored or signed. Retry with the same request id",
+            )
+        }
+        StoreError::Unavailable(_)
+        | StoreError::Sqlite(_)
+        | StoreError::Postgres(_)
+        | StoreError::CommitFailed(_) => {
+            tracing::error!(error = %error, "store unavailable");
+            status(
+                Code::Unavailable,
+                reason::STORE_UNAVAILABLE,
+                "the store is unavailable (unreachable, full or failing); nothing was stored or signed",
+            )
+        }
+        _ => {
+            tracing::error!(error = %error, "internal store error");
+            status(
+                Code::Internal,
+                reason::INTERNAL,
+                "internal store error; nothing was stored or signed; see the server log",
             )
         }
     }
@@ -170,20 +214,13 @@ pub fn custody_status(error: &CustodyError) -> Status {
                 "the server could not draw a withdrawal id; nothing was stored",
             )
         }
-        CustodyError::Store(StoreError::CommitUnknown(_)) => {
-            tracing::error!(error = %error, "store commit outcome unknown");
-            status(
-                Code::Unavailable,
-                reason::COMMIT_OUTCOME_UNKNOWN,
-                "the store's connection broke while committing; the change may or may not be stored, and no signature was released. Retry with the same request id, or read the withdrawal",
-            )
-        }
-        CustodyError::Store(_) | CustodyError::Worker => {
+        CustodyError::Store(e) => store_status(e),
+        CustodyError::Worker => {
             tracing::error!(error = %error, "internal error");
             status(
-                Code::Unavailable,
+                Code::Internal,
                 reason::INTERNAL,
-                "the store is unavailable; nothing was signed",
+                "internal error; nothing was stored or signed; see the server log",
             )
         }
     }
@@ -222,6 +259,45 @@ fn hsm_status(error: &HsmError) -> Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn store_errors_say_which_kind_and_keep_details_in_the_log() {
+        use tonic_types::StatusExt;
+        let reason_of = |e: StoreError| {
+            let status = store_status(&e);
+            assert!(!status.message().contains("secret-path"), "{status:?}");
+            (
+                status.code(),
+                status
+                    .get_details_error_info()
+                    .map(|i| i.reason)
+                    .unwrap_or_default(),
+            )
+        };
+        assert_eq!(
+            reason_of(StoreError::Unavailable("secret-path: connection refused".into())),
+            (Code::Unavailable, reason::STORE_UNAVAILABLE.to_owned())
+        );
+        assert_eq!(
+            reason_of(StoreError::CommitFailed("secret-path: disk full".into())),
+            (Code::Unavailable, reason::STORE_UNAVAILABLE.to_owned())
+        );
+        assert_eq!(
+            reason_of(StoreError::Conflict("withdrawal")),
+            (Code::Aborted, reason::STORE_CONFLICT.to_owned())
+        );
+        assert_eq!(
+            reason_of(StoreError::CommitUnknown("secret-path".into())),
+            (Code::Unavailable, reason::COMMIT_OUTCOME_UNKNOWN.to_owned())
+        );
+        assert_eq!(
+            reason_of(StoreError::Settings("secret-path".into())),
+            (Code::Internal, reason::INTERNAL.to_owned())
+        );
+        // The wallet path maps store errors the same way.
+        let wallet = to_status(&WalletError::Store(StoreError::CommitUnknown("x".into())));
+        assert_eq!(wallet.code(), Code::Unavailable);
+    }
 
     #[test]
     fn internal_details_do_not_reach_clients() {

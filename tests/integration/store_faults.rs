@@ -12,6 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use tonic::Code;
+use tonic_types::StatusExt;
 
 use crate::support;
 use crate::withdrawals::{ETHER, EXCHANGE};
@@ -123,6 +124,11 @@ fn a_full_store_signs_nothing_and_recovers_without_a_restart() {
         for attempt in 0..3 {
             let err = client.create_withdrawal(request("full", 1)).await.unwrap_err();
             assert_eq!(err.code(), Code::Unavailable, "attempt {attempt}: {err:?}");
+            assert_eq!(
+                err.get_details_error_info().map(|i| i.reason).as_deref(),
+                Some("STORE_UNAVAILABLE"),
+                "attempt {attempt}: {err:?}"
+            );
             assert!(
                 !err.message().to_lowercase().contains("sqlite"),
                 "internals stay in the log: {err:?}"
