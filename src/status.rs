@@ -121,4 +121,66 @@ mod tests {
         assert_eq!(bad.field_violations[0].field, "wallet_id");
         assert_eq!(bad.field_violations[0].description, "must not be empty");
     }
+
+    /// Every `ErrorInfo.reason` the server crate can send, read from its
+    /// source: the uses of `reason` constants and the codes given to
+    /// `precondition(..)` and `FailedPrecondition { code: .. }` (sent
+    /// upper-cased). Each must be listed, in backquotes, in docs/errors.md.
+    #[test]
+    fn every_reason_the_code_can_send_is_catalogued() {
+        fn sources(dir: &std::path::Path, out: &mut Vec<String>) {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    sources(&path, out);
+                } else if path.extension().is_some_and(|e| e == "rs") {
+                    out.push(std::fs::read_to_string(&path).unwrap());
+                }
+            }
+        }
+        /// The string literal right after each `marker` (skipping
+        /// whitespace), or the identifier, for `reason::`.
+        fn after(text: &str, marker: &str, quoted: bool, found: &mut std::collections::BTreeSet<String>) {
+            for (at, _) in text.match_indices(marker) {
+                let rest = text[at + marker.len()..].trim_start();
+                let name: String = if quoted {
+                    let Some(body) = rest.strip_prefix('"') else {
+                        continue;
+                    };
+                    let code: String = body.chars().take_while(|c| *c != '"').collect();
+                    if !code.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+                        continue;
+                    }
+                    code.to_ascii_uppercase()
+                } else {
+                    rest.chars()
+                        .take_while(|c| c.is_ascii_uppercase() || *c == '_')
+                        .collect()
+                };
+                if !name.is_empty() {
+                    found.insert(name);
+                }
+            }
+        }
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut files = Vec::new();
+        sources(&root.join("src"), &mut files);
+        let mut reasons = std::collections::BTreeSet::new();
+        for text in &files {
+            after(text, "reason::", false, &mut reasons);
+            after(text, "precondition(", true, &mut reasons);
+            after(text, "code: ", true, &mut reasons);
+        }
+        // The constants themselves, used or not.
+        let this = std::fs::read_to_string(root.join("src/status.rs")).unwrap();
+        after(&this, "pub const ", false, &mut reasons);
+        reasons.remove("ERROR_DOMAIN");
+        assert!(reasons.len() > 30, "the scan found too little: {reasons:?}");
+        let catalogue = std::fs::read_to_string(root.join("docs/errors.md")).unwrap();
+        let missing: Vec<_> = reasons
+            .iter()
+            .filter(|r| !catalogue.contains(&format!("`{r}`")))
+            .collect();
+        assert!(missing.is_empty(), "docs/errors.md does not list {missing:?}");
+    }
 }
