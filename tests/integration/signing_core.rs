@@ -502,6 +502,10 @@ fn health_is_serving_and_reflection_lists_services() {
     };
 
     let server = DevServer::start();
+    // Its stderr is a file: plain text, no ANSI colour codes.
+    let log = server.stderr();
+    assert!(log.contains("HSM token opened"), "{log}");
+    assert!(!log.contains('\u{1b}'), "colour codes in a log file: {log:?}");
     support::runtime().block_on(async {
         let channel = server.channel_as("auditor").await;
         for service in custos::health::SERVICES {
