@@ -353,6 +353,23 @@ enum GroupFailure {
     Unknown(String),
 }
 
+/// Creates `path` if it is missing, and makes it readable and writable by
+/// its owner only.
+fn owner_only(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)?;
+    if file.metadata()?.permissions().mode() & 0o777 != 0o600 {
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(())
+}
+
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store").finish_non_exhaustive()
@@ -361,7 +378,12 @@ impl std::fmt::Debug for Store {
 
 impl Store {
     /// Opens (creating if needed) the database and applies pending migrations.
+    ///
+    /// The file is created, or tightened, to mode 0600 whatever the umask,
+    /// before SQLite opens it; SQLite gives its `-wal` and `-shm` files the
+    /// database file's mode.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        owner_only(path).map_err(|e| StoreError::Settings(format!("store file {}: {e}", path.display())))?;
         let connect = || -> Result<Connection, StoreError> {
             let conn = Connection::open(path)?;
             conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -1535,6 +1557,27 @@ mod tests {
             }
         }
         assert_eq!(store.read(audit::size).unwrap(), 1);
+    }
+
+    #[test]
+    fn the_store_and_its_wal_files_are_owner_only_whatever_their_start() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let fresh = dir.path().join("fresh.db");
+        let loose = dir.path().join("loose.db");
+        std::fs::write(&loose, b"").unwrap();
+        std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o666)).unwrap();
+        for path in [&fresh, &loose] {
+            let store = Store::open(path).unwrap();
+            store.probe().unwrap();
+            let wal = path.with_extension("db-wal");
+            let shm = path.with_extension("db-shm");
+            for file in [path.clone(), wal, shm] {
+                assert!(file.exists(), "{}", file.display());
+                assert_eq!(mode(&file), 0o600, "{}", file.display());
+            }
+        }
     }
 
     #[test]
