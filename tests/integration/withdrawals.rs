@@ -1141,3 +1141,51 @@ fn without_a_policy_every_withdrawal_is_denied() {
         },
     );
 }
+
+/// The CLI's `--json` output as an integrator scripts it: a list is always
+/// an array (also of one), a single withdrawal one object, and an Ethereum
+/// signed transaction and its hash are `0x` hex, what
+/// `eth_sendRawTransaction` and explorers take.
+#[test]
+fn cli_json_lists_are_arrays_and_ethereum_hex_is_0x() {
+    support::runtime().block_on(async {
+        let dev = Dev::start().await;
+        let signed = dev
+            .create("cli-json", EXCHANGE, ETHER / 1000, 0, "ops")
+            .await
+            .unwrap();
+        assert_eq!(signed.state(), WithdrawalState::Signed);
+        let tx = signed.signed_transaction.as_ref().unwrap();
+        let custos = |args: &[&str]| -> serde_json::Value {
+            let output = std::process::Command::new(env!("CARGO_BIN_EXE_custos"))
+                .args(dev.server.cli_args("backend"))
+                .arg("--json")
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(
+                output.status.success(),
+                "{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            serde_json::from_slice(&output.stdout).unwrap()
+        };
+        let wallets = custos(&["wallet", "list"]);
+        assert_eq!(wallets.as_array().map(Vec::len), Some(1), "{wallets}");
+        let wallet = custos(&["wallet", "get", "hot"]);
+        assert!(wallet.is_object(), "{wallet}");
+        let listed = custos(&["withdrawal", "list"]);
+        assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+        let id = signed.name.trim_start_matches("withdrawals/");
+        let one = custos(&["withdrawal", "get", id]);
+        assert_eq!(one, listed[0]);
+        assert_eq!(
+            one["signed_transaction"]["raw"],
+            format!("0x{}", hex::encode(&tx.raw))
+        );
+        assert_eq!(
+            one["signed_transaction"]["hash"],
+            format!("0x{}", hex::encode(&tx.hash))
+        );
+    });
+}

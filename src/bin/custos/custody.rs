@@ -315,7 +315,7 @@ pub async fn withdrawal(
                 .await
                 .map_err(describe)?
                 .into_inner();
-            show(&[w], json)
+            show(&w, json)
         }
         WithdrawalCommand::Get { id } => {
             let w = client
@@ -323,7 +323,7 @@ pub async fn withdrawal(
                 .await
                 .map_err(describe)?
                 .into_inner();
-            show(&[w], json)
+            show(&w, json)
         }
         WithdrawalCommand::List { state } => {
             let state = match state {
@@ -347,7 +347,7 @@ pub async fn withdrawal(
                 }
             })
             .await?;
-            show(&all, json)
+            show_list(&all, json)
         }
         WithdrawalCommand::Watch { id } => {
             let mut stream = client
@@ -356,7 +356,7 @@ pub async fn withdrawal(
                 .map_err(describe)?
                 .into_inner();
             while let Some(w) = stream.message().await.map_err(describe)? {
-                show(&[w], json)?;
+                show(&w, json)?;
             }
             Ok(())
         }
@@ -366,7 +366,7 @@ pub async fn withdrawal(
                 .await
                 .map_err(describe)?
                 .into_inner();
-            show(&[w], json)
+            show(&w, json)
         }
     }
 }
@@ -387,7 +387,7 @@ pub async fn pending(server: &crate::ServerArgs, json: bool) -> Result<(), Strin
         }
     })
     .await?;
-    show(&all, json)
+    show_list(&all, json)
 }
 
 /// Fetches the withdrawal, its wallet and the active policy; recomputes the
@@ -474,7 +474,7 @@ pub async fn vote(args: VoteArgs, vote: Vote, server: &crate::ServerArgs, json: 
         .await
         .map_err(describe)?
         .into_inner();
-    show(&[result], json)
+    show(&result, json)
 }
 
 fn confirm(verb: &str) -> Result<(), String> {
@@ -527,6 +527,50 @@ fn recompute_intent(
         .clone())
 }
 
+/// A signed transaction in the forms its chain's tools use.
+///
+/// - Ethereum (`eip155:`): raw bytes and hash as `0x`-prefixed hex, what
+///   `eth_sendRawTransaction` takes and explorers show.
+/// - Bitcoin (`bip122:`): raw bytes as bare hex (`sendrawtransaction`), and
+///   the txid in display order, the reverse of the internal byte order the
+///   proto carries, which is what bitcoind and explorers print.
+struct SignedForms {
+    raw: String,
+    hash: String,
+    hash_label: &'static str,
+    /// The JSON key of the hash.
+    hash_key: &'static str,
+}
+
+impl SignedForms {
+    fn of(network: &str, signed: &proto::SignedTransaction) -> Self {
+        if network.starts_with("bip122:") {
+            let mut display = signed.hash.clone();
+            display.reverse();
+            Self {
+                raw: hex::encode(&signed.raw),
+                hash: hex::encode(display),
+                hash_label: "txid",
+                hash_key: "txid",
+            }
+        } else {
+            Self {
+                raw: format!("0x{}", hex::encode(&signed.raw)),
+                hash: format!("0x{}", hex::encode(&signed.hash)),
+                hash_label: "tx hash",
+                hash_key: "hash",
+            }
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let mut object = serde_json::Map::new();
+        object.insert("raw".into(), self.raw.clone().into());
+        object.insert(self.hash_key.into(), self.hash.clone().into());
+        serde_json::Value::Object(object)
+    }
+}
+
 fn withdrawal_json(w: &proto::Withdrawal) -> serde_json::Value {
     let decision = w.decision.clone().unwrap_or_default();
     let intent = w.intent.clone().unwrap_or_default();
@@ -548,20 +592,28 @@ fn withdrawal_json(w: &proto::Withdrawal) -> serde_json::Value {
             "counted_approvers": decision.counted_approvers,
         },
         "votes": w.votes.iter().map(|v| serde_json::json!({"approver": v.approver, "vote": v.vote})).collect::<Vec<_>>(),
-        "signed_transaction": w.signed_transaction.as_ref().map(|s| serde_json::json!({
-            "raw": hex::encode(&s.raw),
-            "hash": hex::encode(&s.hash),
-        })),
+        "signed_transaction": w.signed_transaction.as_ref().map(|s| SignedForms::of(&intent.network, s).json()),
         "expire_time": w.expire_time.map(|t| t.seconds),
     })
 }
 
-fn show(withdrawals: &[proto::Withdrawal], json: bool) -> Result<(), String> {
-    let values: Vec<_> = withdrawals.iter().map(withdrawal_json).collect();
-    let value = match values.as_slice() {
-        [one] => one.clone(),
-        _ => serde_json::Value::Array(values),
-    };
+/// Prints one withdrawal: with `--json`, one object.
+fn show(withdrawal: &proto::Withdrawal, json: bool) -> Result<(), String> {
+    print(
+        std::slice::from_ref(withdrawal),
+        json,
+        &withdrawal_json(withdrawal),
+    )
+}
+
+/// Prints the result of a list: with `--json`, always an array, of none,
+/// one or many.
+fn show_list(withdrawals: &[proto::Withdrawal], json: bool) -> Result<(), String> {
+    let value = serde_json::Value::Array(withdrawals.iter().map(withdrawal_json).collect());
+    print(withdrawals, json, &value)
+}
+
+fn print(withdrawals: &[proto::Withdrawal], json: bool, value: &serde_json::Value) -> Result<(), String> {
     let mut text = String::new();
     for w in withdrawals {
         let decision = w.decision.clone().unwrap_or_default();
@@ -598,12 +650,14 @@ fn show(withdrawals: &[proto::Withdrawal], json: bool) -> Result<(), String> {
             text.push_str(&format!("  vote:       {} {}\n", v.approver, v.vote));
         }
         if let Some(signed) = &w.signed_transaction {
+            let forms = SignedForms::of(&intent.network, signed);
             text.push_str(&format!(
-                "  tx hash:    {}\n  signed tx:  {}\n",
-                hex::encode(&signed.hash),
-                hex::encode(&signed.raw)
+                "  {:<11} {}\n  signed tx:  {}\n",
+                format!("{}:", forms.hash_label),
+                forms.hash,
+                forms.raw
             ));
         }
     }
-    emit(json, &value, &text)
+    emit(json, value, &text)
 }

@@ -190,6 +190,7 @@ fn emit(json: bool, value: &serde_json::Value, text: &str) -> Result<(), String>
 async fn wallet(command: WalletCommand, server: &crate::ServerArgs, json: bool) -> Result<(), String> {
     let channel = connect(server).await?;
     let mut wallets = WalletServiceClient::new(channel);
+    let list = matches!(command, WalletCommand::List);
     let shown: Vec<proto::Wallet> = match command {
         WalletCommand::Create {
             wallet_id,
@@ -233,7 +234,9 @@ async fn wallet(command: WalletCommand, server: &crate::ServerArgs, json: bool) 
             .await?
         }
     };
-    print_wallets(&shown, json)
+    // A list prints an array with --json, whatever its length; the other
+    // commands print one object.
+    print_wallets(&shown, json, list)
 }
 
 /// Fetches every page of a List RPC: `page` takes a page token and returns
@@ -352,13 +355,17 @@ pub(crate) fn describe(status: tonic::Status) -> String {
     text
 }
 
-fn print_wallets(wallets: &[proto::Wallet], json: bool) -> Result<(), String> {
+fn print_wallets(wallets: &[proto::Wallet], json: bool, list: bool) -> Result<(), String> {
     let mut out = std::io::stdout().lock();
     let result = if json {
-        let values: Vec<serde_json::Value> = wallets.iter().map(wallet_json).collect();
-        let value = match values.as_slice() {
-            [one] => one.clone(),
-            _ => serde_json::Value::Array(values),
+        let mut values: Vec<serde_json::Value> = wallets.iter().map(wallet_json).collect();
+        let value = match (list, values.pop()) {
+            (false, Some(one)) if values.is_empty() => one,
+            (false, _) => return Err("internal: expected exactly one wallet".into()),
+            (true, last) => {
+                values.extend(last);
+                serde_json::Value::Array(values)
+            }
         };
         writeln!(out, "{value}")
     } else {
