@@ -357,25 +357,8 @@ impl Hsm {
     /// probe fails without touching it until the recovery backoff has
     /// passed. What health reports for the HSM.
     pub async fn probe(&self) -> Result<(), HsmError> {
-        self.execute(Retry::Once, |inner, session| {
-            match session.get_session_info().map(|info| info.session_state()) {
-                Ok(SessionState::RoUser | SessionState::RwUser) => {}
-                Ok(_) => {
-                    return Err(HsmError::Pkcs11 {
-                        function: "C_GetSessionInfo".into(),
-                        rv: RvError::UserNotLoggedIn,
-                    });
-                }
-                Err(e) => return Err(HsmError::from_cryptoki("read session state", e)),
-            }
-            let slot = *lock(&inner.slot);
-            inner
-                .pkcs11
-                .get_token_info(slot)
-                .map(|_| ())
-                .map_err(|e| HsmError::from_cryptoki("read token info", e))
-        })
-        .await
+        self.execute(Retry::Once, |inner, session| inner.check_session(session))
+            .await
     }
 
     /// How many times `C_Sign` was called with a wallet key, successful or

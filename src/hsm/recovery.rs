@@ -183,21 +183,30 @@ impl Inner {
         if !(error.is_stale_handle() || matches!(error, HsmError::KeyMissing(_))) {
             return error;
         }
+        match self.check_session(session) {
+            Ok(()) => error,
+            Err(real) => real,
+        }
+    }
+
+    /// Whether `session` is logged in and the token answers
+    /// `C_GetTokenInfo`: the error is the lost login or token.
+    pub(super) fn check_session(&self, session: &Session) -> Result<(), HsmError> {
         match session.get_session_info().map(|info| info.session_state()) {
             Ok(SessionState::RoUser | SessionState::RwUser) => {}
             Ok(_) => {
-                return HsmError::Pkcs11 {
+                return Err(HsmError::Pkcs11 {
                     function: "C_GetSessionInfo".into(),
                     rv: RvError::UserNotLoggedIn,
-                };
+                });
             }
-            Err(e) => return HsmError::from_cryptoki("read session state", e),
+            Err(e) => return Err(HsmError::from_cryptoki("read session state", e)),
         }
         let slot = *lock(&self.slot);
-        match self.pkcs11.get_token_info(slot) {
-            Ok(_) => error,
-            Err(e) => HsmError::from_cryptoki("read token info", e),
-        }
+        self.pkcs11
+            .get_token_info(slot)
+            .map(|_| ())
+            .map_err(|e| HsmError::from_cryptoki("read token info", e))
     }
 }
 
