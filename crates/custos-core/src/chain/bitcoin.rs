@@ -22,7 +22,7 @@ use ::bitcoin::sighash::{EcdsaSighashType, SighashCache};
 use ::bitcoin::{Address, AddressType, Amount, CompressedPublicKey, ScriptBuf, Transaction, Witness};
 use alloy_primitives::U256;
 
-use super::{Asset, Destination, FeeTerms, Intent, Network, SigningDigest, TxRefusal};
+use super::{Asset, Destination, FeeTerms, Intent, Network, RefusalKind, SigningDigest, TxRefusal};
 use crate::signature::RecoverableSignature;
 
 /// Decimals of bitcoin's base unit, the satoshi.
@@ -99,7 +99,8 @@ pub fn parse(
     for (index, (txin, input)) in tx.input.iter().zip(&psbt.inputs).enumerate() {
         let amount = spent_amount(index, txin, input, &wallet_script, &from)?;
         input_total = input_total.checked_add(amount).ok_or_else(|| {
-            TxRefusal::new(
+            TxRefusal::of(
+                RefusalKind::AmountOutOfRange,
                 format!("inputs[{index}].witness_utxo.amount"),
                 "input total overflows",
             )
@@ -109,7 +110,8 @@ pub fn parse(
     let outputs = paid_outputs(&tx, &psbt.outputs, network, &wallet_script)?;
     let (output_total, change, destinations) = (outputs.total, outputs.change, outputs.destinations);
     let fee = input_total.checked_sub(output_total).ok_or_else(|| {
-        TxRefusal::new(
+        TxRefusal::of(
+            RefusalKind::AmountOutOfRange,
             "outputs",
             format!("outputs ({output_total}) exceed inputs ({input_total})"),
         )
@@ -146,13 +148,13 @@ pub fn parse(
 /// keys, one map per input and output, at least one of each.
 fn check_shape(psbt: &Psbt) -> Result<(), TxRefusal> {
     if psbt.version != 0 {
-        return Err(TxRefusal::new(
+        return Err(TxRefusal::unsupported(
             "psbt.version",
             format!("PSBT version {} is not supported; use version 0", psbt.version),
         ));
     }
     if !psbt.unknown.is_empty() || !psbt.proprietary.is_empty() {
-        return Err(TxRefusal::new(
+        return Err(TxRefusal::unsupported(
             "psbt.global",
             "unknown or proprietary global keys are refused",
         ));
@@ -192,7 +194,8 @@ fn spent_amount(
         )
     })?;
     if utxo.script_pubkey != *wallet_script {
-        return Err(TxRefusal::new(
+        return Err(TxRefusal::of(
+            RefusalKind::WrongSender,
             field("witness_utxo.script_pubkey"),
             format!("does not pay to this wallet's P2WPKH script ({from})"),
         ));
@@ -215,7 +218,8 @@ fn spent_amount(
         ));
     }
     if utxo.value > Amount::MAX_MONEY {
-        return Err(TxRefusal::new(
+        return Err(TxRefusal::of(
+            RefusalKind::AmountOutOfRange,
             field("witness_utxo.amount"),
             "exceeds 21,000,000 BTC",
         ));
@@ -231,7 +235,7 @@ fn spent_amount(
         || !input.hash160_preimages.is_empty()
         || !input.hash256_preimages.is_empty();
     if taproot_or_preimages {
-        return Err(TxRefusal::new(
+        return Err(TxRefusal::unsupported(
             field("taproot"),
             "taproot fields and hash preimages are refused on a P2WPKH input",
         ));
@@ -240,14 +244,14 @@ fn spent_amount(
         None => {}
         Some(t) if t == PsbtSighashType::from(EcdsaSighashType::All) => {}
         Some(t) => {
-            return Err(TxRefusal::new(
+            return Err(TxRefusal::unsupported(
                 field("sighash_type"),
                 format!("{t} is refused; only SIGHASH_ALL is signed"),
             ));
         }
     }
     if input.redeem_script.is_some() || input.witness_script.is_some() {
-        return Err(TxRefusal::new(
+        return Err(TxRefusal::unsupported(
             field("redeem_script"),
             "a P2WPKH input carries no redeem or witness script",
         ));
@@ -256,13 +260,13 @@ fn spent_amount(
         || input.final_script_sig.is_some()
         || input.final_script_witness.is_some()
     {
-        return Err(TxRefusal::new(
+        return Err(TxRefusal::unsupported(
             field("partial_sigs"),
             "the input is already (partially) signed",
         ));
     }
     if !input.unknown.is_empty() || !input.proprietary.is_empty() {
-        return Err(TxRefusal::new(
+        return Err(TxRefusal::unsupported(
             field("unknown"),
             "unknown or proprietary input keys are refused",
         ));
@@ -294,26 +298,31 @@ fn paid_outputs(
             || output.tap_tree.is_some()
             || !output.tap_key_origins.is_empty()
         {
-            return Err(TxRefusal::new(
+            return Err(TxRefusal::unsupported(
                 format!("outputs[{index}].taproot"),
                 "taproot output fields are refused",
             ));
         }
         if txout.value > Amount::MAX_MONEY {
-            return Err(TxRefusal::new(
+            return Err(TxRefusal::of(
+                RefusalKind::AmountOutOfRange,
                 format!("outputs[{index}].amount"),
                 "exceeds 21,000,000 BTC",
             ));
         }
         if !output.unknown.is_empty() || !output.proprietary.is_empty() {
-            return Err(TxRefusal::new(
+            return Err(TxRefusal::unsupported(
                 format!("outputs[{index}].unknown"),
                 "unknown or proprietary output keys are refused",
             ));
         }
-        output_total = output_total
-            .checked_add(txout.value)
-            .ok_or_else(|| TxRefusal::new(format!("outputs[{index}].amount"), "output total overflows"))?;
+        output_total = output_total.checked_add(txout.value).ok_or_else(|| {
+            TxRefusal::of(
+                RefusalKind::AmountOutOfRange,
+                format!("outputs[{index}].amount"),
+                "output total overflows",
+            )
+        })?;
         if txout.script_pubkey == *wallet_script {
             change += txout.value;
             continue;
@@ -333,7 +342,7 @@ fn paid_outputs(
                 )
             })
             .ok_or_else(|| {
-                TxRefusal::new(
+                TxRefusal::unsupported(
                     format!("outputs[{index}].script_pubkey"),
                     "is not a P2PKH, P2SH, P2WPKH, P2WSH or P2TR address script",
                 )

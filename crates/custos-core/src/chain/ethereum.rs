@@ -14,7 +14,7 @@ use alloy_primitives::{Address, B256, Bytes, Signature, TxKind, U256};
 use alloy_rlp::Decodable;
 use alloy_sol_types::{SolCall, sol};
 
-use super::{Asset, Destination, FeeTerms, Intent, Network, SigningDigest, TxRefusal};
+use super::{Asset, Destination, FeeTerms, Intent, Network, RefusalKind, SigningDigest, TxRefusal};
 use crate::signature::RecoverableSignature;
 
 sol! {
@@ -145,34 +145,35 @@ impl TryFrom<EthereumFields> for UnsignedEthereumTx {
 /// Decodes the canonical unsigned encoding: `0x02 || rlp(fields)` for
 /// EIP-1559, or the EIP-155 signing payload `rlp([..., chain_id, 0, 0])` for
 /// legacy transactions.
+///
+/// The list is decoded one item at a time, so a refusal names the item that
+/// failed: `max_fee_per_gas: leading zero`.
 pub fn decode_unsigned(bytes: &[u8]) -> Result<UnsignedEthereumTx, TxRefusal> {
     let refuse = |reason: String| TxRefusal::new("rlp", reason);
-    let decoded = match bytes.first() {
+    let tx = match bytes.first() {
         None => return Err(refuse("is empty".into())),
-        Some(0xc0..=0xff) => {
-            let mut buf = bytes;
-            let tx = TxLegacy::decode(&mut buf).map_err(|e| refuse(format!("malformed legacy RLP: {e}")))?;
-            (buf.is_empty(), UnsignedEthereumTx::Legacy(tx))
+        Some(0xc0..=0xff) => UnsignedEthereumTx::Legacy(decode_legacy(bytes)?),
+        Some(0x02) => UnsignedEthereumTx::Eip1559(decode_eip1559(&bytes[1..])?),
+        Some(0x01) => {
+            return Err(TxRefusal::unsupported(
+                "rlp",
+                "EIP-2930 transactions (type 1) are refused",
+            ));
         }
-        Some(0x02) => {
-            let mut buf = &bytes[1..];
-            let tx =
-                TxEip1559::decode(&mut buf).map_err(|e| refuse(format!("malformed EIP-1559 RLP: {e}")))?;
-            (buf.is_empty(), UnsignedEthereumTx::Eip1559(tx))
+        Some(0x03) => {
+            return Err(TxRefusal::unsupported(
+                "rlp",
+                "EIP-4844 blob transactions (type 3) are refused",
+            ));
         }
-        Some(0x01) => return Err(refuse("EIP-2930 transactions (type 1) are refused".into())),
-        Some(0x03) => return Err(refuse("EIP-4844 blob transactions (type 3) are refused".into())),
         Some(0x04) => {
-            return Err(refuse(
-                "EIP-7702 set-code transactions (type 4) are refused".into(),
+            return Err(TxRefusal::unsupported(
+                "rlp",
+                "EIP-7702 set-code transactions (type 4) are refused",
             ));
         }
         Some(other) => return Err(refuse(format!("unknown transaction type 0x{other:02x}"))),
     };
-    let (consumed_all, tx) = decoded;
-    if !consumed_all {
-        return Err(refuse("has trailing bytes after the transaction".into()));
-    }
     if signing_payload(&tx) != bytes {
         return Err(refuse(
             "is not the canonical unsigned encoding (for legacy: the EIP-155 payload ending in chain_id, 0, 0)"
@@ -180,6 +181,103 @@ pub fn decode_unsigned(bytes: &[u8]) -> Result<UnsignedEthereumTx, TxRefusal> {
         ));
     }
     Ok(tx)
+}
+
+/// An RLP list's items, decoded in order, each named in its refusal.
+struct RlpItems<'a> {
+    payload: &'a [u8],
+}
+
+impl<'a> RlpItems<'a> {
+    /// Opens the one list that must make up all of `bytes`.
+    fn open(mut bytes: &'a [u8], what: &str) -> Result<Self, TxRefusal> {
+        let header = alloy_rlp::Header::decode(&mut bytes)
+            .map_err(|e| TxRefusal::new("rlp", format!("{what}: {e}")))?;
+        if !header.list {
+            return Err(TxRefusal::new("rlp", format!("{what}: is not an RLP list")));
+        }
+        if bytes.len() != header.payload_length {
+            return Err(TxRefusal::new(
+                "rlp",
+                format!(
+                    "{what}: the list header says {} bytes, {} follow",
+                    header.payload_length,
+                    bytes.len()
+                ),
+            ));
+        }
+        Ok(Self { payload: bytes })
+    }
+
+    fn next<T: Decodable>(&mut self, name: &str) -> Result<T, TxRefusal> {
+        if self.payload.is_empty() {
+            return Err(TxRefusal::new("rlp", format!("{name}: is missing")));
+        }
+        T::decode(&mut self.payload).map_err(|e| TxRefusal::new("rlp", format!("{name}: {e}")))
+    }
+
+    fn close(self) -> Result<(), TxRefusal> {
+        if self.payload.is_empty() {
+            Ok(())
+        } else {
+            Err(TxRefusal::new(
+                "rlp",
+                "has items after the last field of the transaction",
+            ))
+        }
+    }
+}
+
+fn decode_eip1559(bytes: &[u8]) -> Result<TxEip1559, TxRefusal> {
+    let mut items = RlpItems::open(bytes, "EIP-1559 transaction")?;
+    let tx = TxEip1559 {
+        chain_id: items.next("chain_id")?,
+        nonce: items.next("nonce")?,
+        max_priority_fee_per_gas: items.next("max_priority_fee_per_gas")?,
+        max_fee_per_gas: items.next("max_fee_per_gas")?,
+        gas_limit: items.next("gas_limit")?,
+        to: items.next("to")?,
+        value: items.next("value")?,
+        input: items.next("data")?,
+        access_list: items.next("access_list")?,
+    };
+    items.close()?;
+    Ok(tx)
+}
+
+fn decode_legacy(bytes: &[u8]) -> Result<TxLegacy, TxRefusal> {
+    let mut items = RlpItems::open(bytes, "legacy transaction")?;
+    let nonce = items.next("nonce")?;
+    let gas_price = items.next("gas_price")?;
+    let gas_limit = items.next("gas_limit")?;
+    let to = items.next("to")?;
+    let value = items.next("value")?;
+    let input = items.next("data")?;
+    if items.payload.is_empty() {
+        return Err(TxRefusal::unsupported(
+            "rlp",
+            "legacy transactions must carry an EIP-155 chain id (the payload ends in chain_id, 0, 0)",
+        ));
+    }
+    let chain_id: u64 = items.next("chain_id")?;
+    for name in ["eip155_r", "eip155_s"] {
+        if items.next::<u64>(name)? != 0 {
+            return Err(TxRefusal::new(
+                "rlp",
+                format!("{name}: must be 0 in the EIP-155 signing payload"),
+            ));
+        }
+    }
+    items.close()?;
+    Ok(TxLegacy {
+        chain_id: Some(chain_id),
+        nonce,
+        gas_price,
+        gas_limit,
+        to,
+        value,
+        input,
+    })
 }
 
 /// The canonical unsigned encoding [`decode_unsigned`] accepts: what custos
@@ -243,7 +341,7 @@ pub fn parse(
     let (chain_id, nonce, gas_limit, max_fee, priority_fee, to, value, input) = match &tx {
         UnsignedEthereumTx::Legacy(t) => {
             let chain_id = t.chain_id.ok_or_else(|| {
-                TxRefusal::new("chain_id", "legacy transactions must carry an EIP-155 chain id")
+                TxRefusal::unsupported("chain_id", "legacy transactions must carry an EIP-155 chain id")
             })?;
             (
                 chain_id,
@@ -258,10 +356,14 @@ pub fn parse(
         }
         UnsignedEthereumTx::Eip1559(t) => {
             if !t.access_list.0.is_empty() {
-                return Err(TxRefusal::new("access_list", "EIP-2930 access lists are refused"));
+                return Err(TxRefusal::unsupported(
+                    "access_list",
+                    "EIP-2930 access lists are refused",
+                ));
             }
             if t.max_priority_fee_per_gas > t.max_fee_per_gas {
-                return Err(TxRefusal::new(
+                return Err(TxRefusal::of(
+                    RefusalKind::AmountOutOfRange,
                     "max_priority_fee_per_gas",
                     "exceeds max_fee_per_gas",
                 ));
@@ -279,7 +381,8 @@ pub fn parse(
         }
     };
     if chain_id != network.chain_id {
-        return Err(TxRefusal::new(
+        return Err(TxRefusal::of(
+            RefusalKind::ChainIdMismatch,
             "chain_id",
             format!(
                 "{chain_id} does not match the wallet's network (chain id {})",
@@ -288,7 +391,7 @@ pub fn parse(
         ));
     }
     let TxKind::Call(to) = to else {
-        return Err(TxRefusal::new("to", "contract creation is refused"));
+        return Err(TxRefusal::unsupported("to", "contract creation is refused"));
     };
     if gas_limit == 0 {
         return Err(TxRefusal::new("gas_limit", "must be greater than 0"));
@@ -341,7 +444,7 @@ fn erc20_transfer(
     input: &Bytes,
 ) -> Result<(Asset, Destination), TxRefusal> {
     let Some(token) = network.token(&contract) else {
-        return Err(TxRefusal::new(
+        return Err(TxRefusal::unsupported(
             "data",
             format!(
                 "calldata to {}, which is not a registered token contract; only native transfers and ERC-20 transfer to registered tokens are signed",
@@ -351,13 +454,13 @@ fn erc20_transfer(
     };
     let selector = input.get(..4).unwrap_or(input);
     if selector == approveCall::SELECTOR {
-        return Err(TxRefusal::new(
+        return Err(TxRefusal::unsupported(
             "data",
             "ERC-20 approve is refused; only transfer is signed",
         ));
     }
     if selector != transferCall::SELECTOR {
-        return Err(TxRefusal::new(
+        return Err(TxRefusal::unsupported(
             "data",
             format!(
                 "function selector 0x{} is not ERC-20 transfer (0xa9059cbb)",
@@ -371,7 +474,11 @@ fn erc20_transfer(
         .filter(|call| call.abi_encode() == input.as_ref())
         .ok_or_else(|| TxRefusal::new("data", "malformed ERC-20 transfer arguments"))?;
     if value != U256::ZERO {
-        return Err(TxRefusal::new("value", "must be 0 for an ERC-20 transfer"));
+        return Err(TxRefusal::of(
+            RefusalKind::AmountOutOfRange,
+            "value",
+            "must be 0 for an ERC-20 transfer",
+        ));
     }
     let asset = Asset {
         symbol: token.symbol.clone(),
@@ -642,9 +749,13 @@ mod tests {
             ("03c0", "EIP-4844"),
             ("04c0", "EIP-7702"),
             ("05c0", "unknown transaction type 0x05"),
-            ("02", "malformed EIP-1559 RLP"),
-            (&EIP155_SIGNING_DATA[..40], "malformed legacy RLP"),
-            ("ffffffff", "malformed legacy RLP"),
+            ("02", "EIP-1559 transaction: input too short"),
+            (&EIP155_SIGNING_DATA[..40], "legacy transaction: input too short"),
+            ("ffffffff", "legacy transaction:"),
+            // A list whose items stop after the chain id.
+            ("02c101", "nonce: is missing"),
+            // A string, not a list.
+            ("0280", "is not an RLP list"),
         ];
         for (hex_input, expected) in cases {
             let err = decode_unsigned(&hex::decode(hex_input).unwrap()).unwrap_err();
@@ -654,17 +765,48 @@ mod tests {
         // Trailing bytes.
         let mut trailing = hex::decode(EIP155_SIGNING_DATA).unwrap();
         trailing.push(0x80);
-        assert!(decode_unsigned(&trailing).is_err());
-        // EIP-155 sentinels must be zero: ..., chain_id 1, r = 1, s = 0.
-        let nonzero = hex::decode(EIP155_SIGNING_DATA.replace("018080", "010180")).unwrap();
         assert!(
-            decode_unsigned(&nonzero)
+            decode_unsigned(&trailing)
                 .unwrap_err()
                 .reason
-                .contains("canonical")
+                .contains("the list header says")
+        );
+        // EIP-155 sentinels must be zero: ..., chain_id 1, r = 1, s = 0.
+        let nonzero = hex::decode(EIP155_SIGNING_DATA.replace("018080", "010180")).unwrap();
+        assert_eq!(
+            decode_unsigned(&nonzero).unwrap_err().reason,
+            "eip155_r: must be 0 in the EIP-155 signing payload"
         );
         // A signed transaction is not an unsigned one.
         assert!(decode_unsigned(&hex::decode(EIP155_SIGNED).unwrap()).is_err());
+    }
+
+    /// Each item of the list is decoded on its own, so a refusal names it.
+    #[test]
+    fn rlp_refusals_name_the_item() {
+        let to = format!("94{}", "35".repeat(20));
+        // chain_id, nonce, priority fee, max fee, gas limit, to, value, data, access list.
+        let items = |max_fee: &str| format!("0101{}{max_fee}825208{to}8080c0", "01");
+        let list = |items: String| format!("02{:02x}{items}", 0xc0 + items.len() / 2);
+        let good = hex::decode(list(items("05"))).unwrap();
+        decode_unsigned(&good).unwrap();
+        let cases = [
+            ("820001", "max_fee_per_gas: leading zero"),
+            ("8105", "max_fee_per_gas: non-canonical single byte"),
+            ("c0", "max_fee_per_gas: unexpected list"),
+        ];
+        for (max_fee, expected) in cases {
+            let err = decode_unsigned(&hex::decode(list(items(max_fee))).unwrap()).unwrap_err();
+            assert_eq!((err.field.as_str(), err.reason.as_str()), ("rlp", expected));
+            assert_eq!(err.kind, RefusalKind::Malformed);
+        }
+        let extra = hex::decode(list(format!("{}80", items("05")))).unwrap();
+        assert!(
+            decode_unsigned(&extra)
+                .unwrap_err()
+                .reason
+                .contains("after the last field")
+        );
     }
 
     #[test]

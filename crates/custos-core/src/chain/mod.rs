@@ -120,10 +120,11 @@ impl UnsignedTx {
     }
 }
 
-/// Why an unsigned transaction was refused: the field and the rule.
+/// Why an unsigned transaction was refused: the field, the rule and its kind.
 ///
-/// `field` is a path into the request's transaction, e.g. `data`,
-/// `inputs[2].witness_utxo` or `chain_id`.
+/// `field` is a path into the transaction as the chain defines it, e.g.
+/// `data`, `inputs[2].witness_utxo` or `chain_id`. The gRPC edge turns it into
+/// a path of the request message it came in (see `custos::api::transaction`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {reason}")]
 pub struct TxRefusal {
@@ -131,14 +132,49 @@ pub struct TxRefusal {
     pub field: String,
     /// The rule it broke, in words an operator can act on.
     pub reason: String,
+    /// What kind of rule, for a client to branch on.
+    pub kind: RefusalKind,
+}
+
+/// The kinds of rule a refused transaction can break. Each one has its own
+/// stable error reason on the wire (docs/errors.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalKind {
+    /// It does not decode, or breaks its encoding's own rules.
+    Malformed,
+    /// It decodes, but is a kind custos does not sign: contract creation,
+    /// approve, blob or set-code transactions, taproot fields and the like.
+    Unsupported,
+    /// Its chain id is not the wallet's network.
+    ChainIdMismatch,
+    /// A mixed-case address fails its EIP-55 checksum.
+    BadAddressChecksum,
+    /// An amount or fee is outside what the chain allows, or overflows.
+    AmountOutOfRange,
+    /// It spends from an address that is not the wallet's.
+    WrongSender,
+    /// The gas limit is below the transaction's intrinsic cost, so no node
+    /// would include it.
+    GasBelowIntrinsic,
 }
 
 impl TxRefusal {
-    /// A refusal of `field`.
+    /// A malformed `field`.
     pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::of(RefusalKind::Malformed, field, reason)
+    }
+
+    /// A refusal of `field` of the given kind.
+    pub fn of(kind: RefusalKind, field: impl Into<String>, reason: impl Into<String>) -> Self {
         Self {
             field: field.into(),
             reason: reason.into(),
+            kind,
         }
+    }
+
+    /// A transaction custos does not sign, refused at `field`.
+    pub fn unsupported(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::of(RefusalKind::Unsupported, field, reason)
     }
 }

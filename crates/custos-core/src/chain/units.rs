@@ -7,6 +7,9 @@ use alloy_primitives::{Address, U256};
 /// Longest decimal accepted for an amount: 2^256 - 1 has 78 digits.
 const MAX_DECIMAL_DIGITS: usize = 78;
 
+/// What [`decimal`] answers for a number above 2^256 - 1.
+pub const TOO_LARGE: &str = "exceeds 2^256 - 1";
+
 /// A decimal amount: digits only, no sign, no leading zeros, below 2^256.
 /// The empty string is 0.
 ///
@@ -30,10 +33,14 @@ pub fn decimal(text: &str) -> Result<U256, &'static str> {
         return Err("must not have leading zeros");
     }
     if text.len() > MAX_DECIMAL_DIGITS {
-        return Err("exceeds 2^256 - 1");
+        return Err(TOO_LARGE);
     }
-    U256::from_str_radix(text, 10).map_err(|_| "exceeds 2^256 - 1")
+    U256::from_str_radix(text, 10).map_err(|_| TOO_LARGE)
 }
+
+/// What [`address`] answers for a mixed-case address whose EIP-55 checksum
+/// fails, so that callers can tell it from a malformed one.
+pub const BAD_CHECKSUM: &str = "has an invalid EIP-55 checksum";
 
 /// A 0x-prefixed address; mixed-case input must carry a valid EIP-55 checksum.
 ///
@@ -55,7 +62,7 @@ pub fn address(text: &str) -> Result<Address, &'static str> {
     let mixed =
         hex_part.bytes().any(|b| b.is_ascii_uppercase()) && hex_part.bytes().any(|b| b.is_ascii_lowercase());
     if mixed {
-        Address::parse_checksummed(text, None).map_err(|_| "has an invalid EIP-55 checksum")
+        Address::parse_checksummed(text, None).map_err(|_| BAD_CHECKSUM)
     } else {
         text.parse().map_err(|_| "is not a valid address")
     }
