@@ -393,8 +393,15 @@ pub fn parse(
     let TxKind::Call(to) = to else {
         return Err(TxRefusal::unsupported("to", "contract creation is refused"));
     };
-    if gas_limit == 0 {
-        return Err(TxRefusal::new("gas_limit", "must be greater than 0"));
+    let intrinsic = intrinsic_gas(input);
+    if gas_limit < intrinsic {
+        return Err(TxRefusal::of(
+            RefusalKind::GasBelowIntrinsic,
+            "gas_limit",
+            format!(
+                "{gas_limit} is below the transaction's intrinsic cost of {intrinsic} gas; no node would include it"
+            ),
+        ));
     }
     let (asset, destination) = if input.is_empty() {
         let asset = Asset {
@@ -435,6 +442,15 @@ pub fn parse(
         intent,
         signing_hash,
     })
+}
+
+/// The gas a transaction costs before it runs (the Yellow Paper's
+/// `g_transaction` plus calldata): 21000, and 16 per non-zero and 4 per zero
+/// byte of data. Contract creation, which would add more, is refused anyway.
+pub fn intrinsic_gas(data: &[u8]) -> u64 {
+    let nonzero = data.iter().filter(|b| **b != 0).count() as u64;
+    let zero = data.len() as u64 - nonzero;
+    21_000 + 16 * nonzero + 4 * zero
 }
 
 fn erc20_transfer(
@@ -739,6 +755,32 @@ mod tests {
         let mut f = fields();
         f.gas_limit = 0;
         assert_eq!(refusal(f).field, "gas_limit");
+    }
+
+    /// The ERC-20 transfer's calldata is 68 bytes: 21000 gas cannot carry it.
+    #[test]
+    fn a_gas_limit_below_the_intrinsic_cost_is_refused() {
+        let data = fields().data;
+        let nonzero = data.iter().filter(|b| **b != 0).count() as u64;
+        let intrinsic = 21_000 + 16 * nonzero + 4 * (68 - nonzero);
+        assert_eq!(intrinsic_gas(&data), intrinsic);
+        assert_eq!(intrinsic_gas(&[]), 21_000);
+        let mut f = fields();
+        f.gas_limit = 21_000;
+        let r = refusal(f);
+        assert_eq!(
+            (r.field.as_str(), r.kind),
+            ("gas_limit", RefusalKind::GasBelowIntrinsic)
+        );
+        assert!(
+            r.reason.contains(&format!("intrinsic cost of {intrinsic} gas")),
+            "{r}"
+        );
+        let mut f = fields();
+        f.gas_limit = intrinsic;
+        UnsignedEthereumTx::try_from(f)
+            .and_then(|tx| parse(tx, &mainnet(), from()))
+            .unwrap();
     }
 
     #[test]
