@@ -18,7 +18,19 @@ pub const ERROR_DOMAIN: &str = "custos.v1";
 /// Stable `ErrorInfo.reason` strings.
 pub mod reason {
     /// A request field is missing or malformed; see the `BadRequest` details.
-    pub const INVALID_ARGUMENT: &str = "INVALID_ARGUMENT";
+    pub const INVALID_FIELD: &str = "INVALID_FIELD";
+    /// The transaction does not decode, or breaks its encoding's rules.
+    pub const MALFORMED_TRANSACTION: &str = "MALFORMED_TRANSACTION";
+    /// The transaction decodes but is of a kind custos does not sign.
+    pub const UNSUPPORTED_TRANSACTION: &str = "UNSUPPORTED_TRANSACTION";
+    /// The transaction's chain id is not the wallet's network.
+    pub const CHAIN_ID_MISMATCH: &str = "CHAIN_ID_MISMATCH";
+    /// A mixed-case address fails its EIP-55 checksum.
+    pub const BAD_ADDRESS_CHECKSUM: &str = "BAD_ADDRESS_CHECKSUM";
+    /// An amount or fee is outside what the chain or field allows.
+    pub const AMOUNT_OUT_OF_RANGE: &str = "AMOUNT_OUT_OF_RANGE";
+    /// The gas limit is below the transaction's intrinsic cost.
+    pub const GAS_BELOW_INTRINSIC: &str = "GAS_BELOW_INTRINSIC";
     /// The named wallet does not exist.
     pub const WALLET_NOT_FOUND: &str = "WALLET_NOT_FOUND";
     /// The wallet id is taken.
@@ -71,29 +83,41 @@ pub mod reason {
     pub const DEADLINE_EXCEEDED: &str = "DEADLINE_EXCEEDED";
 }
 
-/// A refused request field: the field path and the rule it broke.
+/// A refused request field: the field path, the rule it broke, and the
+/// stable reason sent in `ErrorInfo` (with the path as its `field` metadata).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldViolation {
-    /// Field path, e.g. `wallet.display_name`.
+    /// Field path in the request message, e.g. `wallet.display_name`.
     pub field: String,
     /// The rule, e.g. `must be at most 128 characters`.
     pub description: String,
+    /// The `ErrorInfo.reason`: [`reason::INVALID_FIELD`] unless a more
+    /// specific one applies.
+    pub reason: &'static str,
 }
 
 impl FieldViolation {
-    /// A violation of `field`.
+    /// A missing or malformed `field`.
     pub fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
         Self {
             field: field.into(),
             description: description.into(),
+            reason: reason::INVALID_FIELD,
         }
+    }
+
+    /// The same violation with a more specific reason.
+    pub fn because(mut self, reason: &'static str) -> Self {
+        self.reason = reason;
+        self
     }
 }
 
 impl From<FieldViolation> for Status {
     fn from(violation: FieldViolation) -> Self {
         let mut details = ErrorDetails::new();
-        details.set_error_info(reason::INVALID_ARGUMENT, ERROR_DOMAIN, HashMap::new());
+        let metadata = HashMap::from([("field".to_owned(), violation.field.clone())]);
+        details.set_error_info(violation.reason, ERROR_DOMAIN, metadata);
         details.add_bad_request_violation(violation.field.clone(), violation.description.clone());
         Status::with_error_details(
             Code::InvalidArgument,
@@ -120,6 +144,9 @@ mod tests {
         let bad = status.get_details_bad_request().unwrap();
         assert_eq!(bad.field_violations[0].field, "wallet_id");
         assert_eq!(bad.field_violations[0].description, "must not be empty");
+        let info = status.get_details_error_info().unwrap();
+        assert_eq!(info.reason, "INVALID_FIELD");
+        assert_eq!(info.metadata["field"], "wallet_id");
     }
 
     /// Every `ErrorInfo.reason` the server crate can send, read from its

@@ -169,8 +169,10 @@ pub fn custody_status(error: &CustodyError) -> Status {
         CustodyError::InvalidArgument { field, reason } => {
             FieldViolation::new(field.clone(), reason.clone()).into()
         }
+        // The request's encoding is not known here; `create_withdrawal`
+        // maps these itself, to the field that carried the item.
         CustodyError::Transaction(refusal) => {
-            FieldViolation::new(format!("transaction.{}", refusal.field), refusal.reason.clone()).into()
+            transaction::TxSource::Missing.violation(refusal.clone()).into()
         }
         CustodyError::NotFound(what) => {
             status(Code::NotFound, reason::NOT_FOUND, format!("{what} not found"))

@@ -1,35 +1,115 @@
-//! Conversion of `custos.v1.UnsignedTransaction` into [`UnsignedTx`].
+//! Conversion of `custos.v1.UnsignedTransaction` into [`UnsignedTx`], and of
+//! the chain parsers' refusals into violations of the request.
 //!
-//! Field paths in violations are relative to the request, so a caller sees
-//! e.g. `transaction.ethereum.fields.max_fee_per_gas`. Refusals raised later by
-//! the chain parsers use the same prefix (see [`refused`]).
+//! Every field path in a violation exists in the request message. A refusal
+//! of a field the caller sent as such names it, e.g.
+//! `transaction.ethereum.fields.max_fee_per_gas`. A refusal inside an
+//! encoded blob (RLP, PSBT) names the blob, and its description starts with
+//! the item inside it: `transaction.ethereum.rlp`, `max_fee_per_gas: leading
+//! zero`. Each kind of refusal has its own stable reason ([`reason`]).
 
 use super::FieldViolation;
 use crate::proto::{self, ethereum_transaction_fields::Type};
+use crate::status::reason;
 use custos_core::chain::ethereum::{self, EthereumFields, EthereumTxType};
-use custos_core::chain::units::{address, decimal};
-use custos_core::chain::{TxRefusal, UnsignedTx, bitcoin};
+use custos_core::chain::units::{self, address, decimal};
+use custos_core::chain::{RefusalKind, TxRefusal, UnsignedTx, bitcoin};
 
-/// Which chain a refusal came from, for its field path.
+/// The fields of `custos.v1.EthereumTransactionFields`: a refusal of one of
+/// these, for a transaction sent as fields, names the field itself.
+const ETHEREUM_FIELDS: &[&str] = &[
+    "type",
+    "chain_id",
+    "nonce",
+    "gas_limit",
+    "gas_price",
+    "max_fee_per_gas",
+    "max_priority_fee_per_gas",
+    "to",
+    "value",
+    "data",
+];
+
+/// How the request carried its transaction: where a refusal points.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChainKind {
-    /// `transaction.ethereum`.
-    Ethereum,
-    /// `transaction.bitcoin`.
-    Bitcoin,
+pub enum TxSource {
+    /// `transaction.ethereum.rlp`.
+    EthereumRlp,
+    /// `transaction.ethereum.fields`.
+    EthereumFields,
+    /// `transaction.bitcoin.psbt`.
+    BitcoinPsbt,
+    /// No transaction, or an empty one.
+    Missing,
 }
 
-/// A chain parser's refusal as a violation of the request field it concerns.
-pub fn refused(chain: ChainKind, refusal: TxRefusal) -> FieldViolation {
-    let prefix = match chain {
-        ChainKind::Ethereum => "transaction.ethereum",
-        ChainKind::Bitcoin => "transaction.bitcoin",
-    };
-    FieldViolation::new(format!("{prefix}.{}", refusal.field), refusal.reason)
+impl TxSource {
+    /// Which encoding `transaction` uses.
+    pub fn of(transaction: Option<&proto::UnsignedTransaction>) -> Self {
+        use proto::ethereum_transaction::Encoding;
+        use proto::unsigned_transaction::Kind;
+        match transaction.and_then(|t| t.kind.as_ref()) {
+            Some(Kind::Ethereum(eth)) => match eth.encoding {
+                Some(Encoding::Rlp(_)) => Self::EthereumRlp,
+                Some(Encoding::Fields(_)) => Self::EthereumFields,
+                None => Self::Missing,
+            },
+            Some(Kind::Bitcoin(_)) => Self::BitcoinPsbt,
+            None => Self::Missing,
+        }
+    }
+
+    /// A chain parser's refusal as a violation of the request field that
+    /// carried the refused item, with the refusal's own reason.
+    pub fn violation(self, refusal: TxRefusal) -> FieldViolation {
+        let reason = reason_of(refusal.kind);
+        let item = refusal.field.split(['.', '[']).next().unwrap_or_default();
+        let (field, description) = match self {
+            Self::EthereumFields if ETHEREUM_FIELDS.contains(&item) && item == refusal.field => (
+                format!("transaction.ethereum.fields.{}", refusal.field),
+                refusal.reason,
+            ),
+            Self::EthereumFields => (
+                "transaction.ethereum.fields".to_owned(),
+                format!("{}: {}", refusal.field, refusal.reason),
+            ),
+            Self::EthereumRlp => ("transaction.ethereum.rlp".to_owned(), blob_description(refusal)),
+            Self::BitcoinPsbt => ("transaction.bitcoin.psbt".to_owned(), blob_description(refusal)),
+            Self::Missing => (
+                "transaction".to_owned(),
+                format!("{}: {}", refusal.field, refusal.reason),
+            ),
+        };
+        FieldViolation::new(field, description).because(reason)
+    }
+}
+
+/// A refusal inside an encoded blob: the item, then the rule. The blob's
+/// own decoder already names the item in its reason.
+fn blob_description(refusal: TxRefusal) -> String {
+    if matches!(refusal.field.as_str(), "rlp" | "psbt") {
+        refusal.reason
+    } else {
+        format!("{}: {}", refusal.field, refusal.reason)
+    }
+}
+
+/// The stable reason of each kind of refusal.
+pub fn reason_of(kind: RefusalKind) -> &'static str {
+    match kind {
+        RefusalKind::Malformed => reason::MALFORMED_TRANSACTION,
+        RefusalKind::Unsupported => reason::UNSUPPORTED_TRANSACTION,
+        RefusalKind::ChainIdMismatch => reason::CHAIN_ID_MISMATCH,
+        RefusalKind::BadAddressChecksum => reason::BAD_ADDRESS_CHECKSUM,
+        RefusalKind::AmountOutOfRange => reason::AMOUNT_OUT_OF_RANGE,
+        RefusalKind::WrongSender => reason::WRONG_SENDER,
+        RefusalKind::GasBelowIntrinsic => reason::GAS_BELOW_INTRINSIC,
+    }
 }
 
 /// Converts the request's `transaction` field.
 pub fn unsigned_tx(transaction: Option<proto::UnsignedTransaction>) -> Result<UnsignedTx, FieldViolation> {
+    let source = TxSource::of(transaction.as_ref());
     let kind = transaction
         .and_then(|t| t.kind)
         .ok_or_else(|| FieldViolation::new("transaction", "is required: set ethereum or bitcoin"))?;
@@ -40,27 +120,30 @@ pub fn unsigned_tx(transaction: Option<proto::UnsignedTransaction>) -> Result<Un
                 .ok_or_else(|| FieldViolation::new("transaction.ethereum", "is empty: set rlp or fields"))?;
             let tx = match encoding {
                 proto::ethereum_transaction::Encoding::Rlp(bytes) => {
-                    ethereum::decode_unsigned(&bytes).map_err(|r| refused(ChainKind::Ethereum, r))?
+                    ethereum::decode_unsigned(&bytes).map_err(|r| source.violation(r))?
                 }
                 proto::ethereum_transaction::Encoding::Fields(fields) => {
                     let fields = ethereum_fields(fields)?;
-                    ethereum::UnsignedEthereumTx::try_from(fields).map_err(field_refusal)?
+                    ethereum::UnsignedEthereumTx::try_from(fields).map_err(|r| source.violation(r))?
                 }
             };
             Ok(UnsignedTx::Ethereum(tx))
         }
         proto::unsigned_transaction::Kind::Bitcoin(btc) => {
-            let psbt = bitcoin::decode_psbt(&btc.psbt).map_err(|r| refused(ChainKind::Bitcoin, r))?;
+            let psbt = bitcoin::decode_psbt(&btc.psbt).map_err(|r| source.violation(r))?;
             Ok(UnsignedTx::Bitcoin(psbt))
         }
     }
 }
 
-fn field_refusal(refusal: TxRefusal) -> FieldViolation {
-    FieldViolation::new(
-        format!("transaction.ethereum.fields.{}", refusal.field),
-        refusal.reason,
-    )
+/// A refused decimal amount: out of range if too large, else malformed.
+fn amount_violation(field: String, why: &'static str) -> FieldViolation {
+    let violation = FieldViolation::new(field, why);
+    if why == units::TOO_LARGE {
+        violation.because(reason::AMOUNT_OUT_OF_RANGE)
+    } else {
+        violation
+    }
 }
 
 fn ethereum_fields(f: proto::EthereumTransactionFields) -> Result<EthereumFields, FieldViolation> {
@@ -76,13 +159,22 @@ fn ethereum_fields(f: proto::EthereumTransactionFields) -> Result<EthereumFields
         }
     };
     let wei_u128 = |name: &str, text: &str| -> Result<u128, FieldViolation> {
-        let value = decimal(text).map_err(|reason| FieldViolation::new(path(name), reason))?;
-        u128::try_from(value).map_err(|_| FieldViolation::new(path(name), "exceeds 2^128 - 1 wei"))
+        let value = decimal(text).map_err(|why| amount_violation(path(name), why))?;
+        u128::try_from(value).map_err(|_| {
+            FieldViolation::new(path(name), "exceeds 2^128 - 1 wei").because(reason::AMOUNT_OUT_OF_RANGE)
+        })
     };
     let to = if f.to.is_empty() {
         None
     } else {
-        Some(address(&f.to).map_err(|reason| FieldViolation::new(path("to"), reason))?)
+        Some(address(&f.to).map_err(|why| {
+            let violation = FieldViolation::new(path("to"), why);
+            if why == units::BAD_CHECKSUM {
+                violation.because(reason::BAD_ADDRESS_CHECKSUM)
+            } else {
+                violation
+            }
+        })?)
     };
     Ok(EthereumFields {
         tx_type,
@@ -93,7 +185,7 @@ fn ethereum_fields(f: proto::EthereumTransactionFields) -> Result<EthereumFields
         max_fee_per_gas: wei_u128("max_fee_per_gas", &f.max_fee_per_gas)?,
         max_priority_fee_per_gas: wei_u128("max_priority_fee_per_gas", &f.max_priority_fee_per_gas)?,
         to,
-        value: decimal(&f.value).map_err(|reason| FieldViolation::new(path("value"), reason))?,
+        value: decimal(&f.value).map_err(|why| amount_violation(path("value"), why))?,
         data: f.data,
     })
 }

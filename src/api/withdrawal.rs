@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tokio_stream::Stream;
 use tonic::{Code, Request, Response, Status};
 
+use super::transaction::TxSource;
 use super::{FieldViolation, custody_status, paging, reason, status};
 use crate::access::Principal;
 use crate::custody::{Custody, CustodyError, NewWithdrawal, RequestId, WithdrawalView};
@@ -238,8 +239,13 @@ impl WithdrawalService for WithdrawalApi {
         &self,
         request: Request<proto::CreateWithdrawalRequest>,
     ) -> Result<Response<proto::Withdrawal>, Status> {
-        let new = NewWithdrawal::try_from(request.into_inner())?;
-        reply(self.custody.create(new).await)
+        let request = request.into_inner();
+        let source = TxSource::of(request.transaction.as_ref());
+        let new = NewWithdrawal::try_from(request)?;
+        match self.custody.create(new).await {
+            Err(CustodyError::Transaction(refusal)) => Err(source.violation(refusal).into()),
+            outcome => reply(outcome),
+        }
     }
 
     async fn get_withdrawal(

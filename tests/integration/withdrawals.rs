@@ -1189,3 +1189,220 @@ fn cli_json_lists_are_arrays_and_ethereum_hex_is_0x() {
         );
     });
 }
+
+/// The Ethereum fields of a request built by [`create_request`].
+fn fields_of(r: &mut proto::CreateWithdrawalRequest) -> &mut proto::EthereumTransactionFields {
+    use proto::ethereum_transaction::Encoding;
+    use proto::unsigned_transaction::Kind;
+    match r.transaction.as_mut().and_then(|t| t.kind.as_mut()) {
+        Some(Kind::Ethereum(proto::EthereumTransaction {
+            encoding: Some(Encoding::Fields(f)),
+        })) => f,
+        _ => unreachable!("create_request sends fields"),
+    }
+}
+
+/// Whether `path` (`a.b.c`) names a field of message `full_name` in the
+/// embedded descriptor set, following message-typed fields.
+fn path_exists(set: &prost_types::FileDescriptorSet, full_name: &str, path: &str) -> bool {
+    let message = |name: &str| {
+        set.file.iter().find_map(|file| {
+            file.message_type
+                .iter()
+                .find(|m| format!(".{}.{}", file.package(), m.name()) == name)
+                .cloned()
+        })
+    };
+    let mut current = message(full_name);
+    for segment in path.split('.') {
+        let Some(m) = current else { return false };
+        let Some(field) = m.field.iter().find(|f| f.name() == segment) else {
+            return false;
+        };
+        current = field.type_name.as_deref().and_then(message);
+    }
+    true
+}
+
+/// Every refusal of a CreateWithdrawal names a field that exists in
+/// CreateWithdrawalRequest, with a reason specific to the rule and the field
+/// again in the ErrorInfo metadata; a refusal inside an encoded blob names
+/// the item that failed. None of them stores anything.
+#[test]
+fn refusals_name_real_request_fields_and_specific_reasons() {
+    use prost::Message as _;
+    use proto::ethereum_transaction::Encoding;
+    use proto::unsigned_transaction::Kind;
+
+    let set = prost_types::FileDescriptorSet::decode(proto::FILE_DESCRIPTOR_SET).unwrap();
+    let with_rlp = |rlp: &str| {
+        let mut r = create_request("r", EXCHANGE, 1, 0, "ops");
+        r.transaction = Some(proto::UnsignedTransaction {
+            kind: Some(Kind::Ethereum(proto::EthereumTransaction {
+                encoding: Some(Encoding::Rlp(hex::decode(rlp).unwrap())),
+            })),
+        });
+        r
+    };
+    support::runtime().block_on(async {
+        let dev = Dev::start().await;
+        let base = || create_request("r", EXCHANGE, ETHER / 100, 0, "ops");
+        type Case = (
+            &'static str,
+            proto::CreateWithdrawalRequest,
+            &'static str,
+            &'static str,
+            &'static str,
+        );
+        let mut cases: Vec<Case> = Vec::new();
+        let mut r = base();
+        fields_of(&mut r).chain_id = 5;
+        cases.push((
+            "chain id",
+            r,
+            "CHAIN_ID_MISMATCH",
+            "transaction.ethereum.fields.chain_id",
+            "does not match",
+        ));
+        let mut r = base();
+        fields_of(&mut r).to = "0x9D8A62f656a8d1615C1294fd71e9CFb3E4855A4F".into();
+        cases.push((
+            "checksum",
+            r,
+            "BAD_ADDRESS_CHECKSUM",
+            "transaction.ethereum.fields.to",
+            "EIP-55",
+        ));
+        let mut r = base();
+        fields_of(&mut r).max_fee_per_gas = "340282366920938463463374607431768211456".into();
+        cases.push((
+            "fee",
+            r,
+            "AMOUNT_OUT_OF_RANGE",
+            "transaction.ethereum.fields.max_fee_per_gas",
+            "2^128",
+        ));
+        let mut r = base();
+        fields_of(&mut r).value = "1".repeat(79);
+        cases.push((
+            "value",
+            r,
+            "AMOUNT_OUT_OF_RANGE",
+            "transaction.ethereum.fields.value",
+            "2^256",
+        ));
+        let mut r = base();
+        fields_of(&mut r).to = String::new();
+        cases.push((
+            "creation",
+            r,
+            "UNSUPPORTED_TRANSACTION",
+            "transaction.ethereum.fields.to",
+            "contract creation",
+        ));
+        let mut r = base();
+        fields_of(&mut r).data = vec![0xa9, 0x05, 0x9c, 0xbb];
+        cases.push((
+            "gas",
+            r,
+            "GAS_BELOW_INTRINSIC",
+            "transaction.ethereum.fields.gas_limit",
+            "intrinsic cost of 21064",
+        ));
+        let mut r = base();
+        fields_of(&mut r).data = vec![0xa9, 0x05, 0x9c, 0xbb];
+        fields_of(&mut r).gas_limit = 60_000;
+        cases.push((
+            "token",
+            r,
+            "UNSUPPORTED_TRANSACTION",
+            "transaction.ethereum.fields.data",
+            "not a registered token",
+        ));
+        let mut r = base();
+        fields_of(&mut r).r#type = 0;
+        cases.push((
+            "type",
+            r,
+            "INVALID_FIELD",
+            "transaction.ethereum.fields.type",
+            "TYPE_",
+        ));
+        // EIP-1559 list: chain id, nonce 0, priority fee 1, max fee 5 with a
+        // leading zero byte, gas 21000, to, value 0, no data, no access list.
+        let items = [
+            format!("83{:06x}", custos::dev::DEV_CHAIN_ID),
+            "80".into(),
+            "01".into(),
+            "820005".into(),
+            "825208".into(),
+            format!("94{}", "35".repeat(20)),
+            "80".into(),
+            "80".into(),
+            "c0".into(),
+        ]
+        .concat();
+        cases.push((
+            "rlp item",
+            with_rlp(&format!("02{:02x}{items}", 0xc0 + items.len() / 2)),
+            "MALFORMED_TRANSACTION",
+            "transaction.ethereum.rlp",
+            "max_fee_per_gas: leading zero",
+        ));
+        cases.push((
+            "blob",
+            with_rlp("03c0"),
+            "UNSUPPORTED_TRANSACTION",
+            "transaction.ethereum.rlp",
+            "EIP-4844",
+        ));
+        let mut r = base();
+        r.transaction = Some(proto::UnsignedTransaction {
+            kind: Some(Kind::Bitcoin(proto::BitcoinTransaction {
+                psbt: b"nope".to_vec(),
+            })),
+        });
+        cases.push((
+            "psbt",
+            r,
+            "MALFORMED_TRANSACTION",
+            "transaction.bitcoin.psbt",
+            "malformed PSBT",
+        ));
+        let mut r = base();
+        r.request_id = String::new();
+        cases.push(("request id", r, "INVALID_FIELD", "request_id", ""));
+
+        for (what, request, want_reason, want_field, want_text) in cases {
+            let err = dev.withdrawals().create_withdrawal(request).await.unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument, "{what}: {err:?}");
+            let info = err.get_details_error_info().unwrap();
+            assert_eq!(info.reason, want_reason, "{what}: {err:?}");
+            let violation = &err.get_details_bad_request().unwrap().field_violations[0];
+            assert_eq!(violation.field, want_field, "{what}: {err:?}");
+            assert_eq!(info.metadata["field"], want_field, "{what}");
+            assert!(violation.description.contains(want_text), "{what}: {violation:?}");
+            assert!(
+                path_exists(&set, ".custos.v1.CreateWithdrawalRequest", &violation.field),
+                "{what}: {} is not a field of CreateWithdrawalRequest",
+                violation.field
+            );
+        }
+        assert!(!path_exists(
+            &set,
+            ".custos.v1.CreateWithdrawalRequest",
+            "transaction.chain_id"
+        ));
+
+        let mut missing = base();
+        missing.wallet = "wallets/nope".into();
+        let err = dev.withdrawals().create_withdrawal(missing).await.unwrap_err();
+        assert_eq!(
+            (err.code(), reason(&err).as_str()),
+            (Code::NotFound, "WALLET_NOT_FOUND")
+        );
+
+        let stored = support::all_withdrawals(&mut dev.withdrawals(), WithdrawalState::Unspecified).await;
+        assert!(stored.is_empty(), "refused requests store nothing: {stored:?}");
+    });
+}
