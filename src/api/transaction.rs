@@ -63,9 +63,8 @@ impl TxSource {
     /// carried the refused item, with the refusal's own reason.
     pub fn violation(self, refusal: TxRefusal) -> FieldViolation {
         let reason = reason_of(refusal.kind);
-        let item = refusal.field.split(['.', '[']).next().unwrap_or_default();
         let (field, description) = match self {
-            Self::EthereumFields if ETHEREUM_FIELDS.contains(&item) && item == refusal.field => (
+            Self::EthereumFields if ETHEREUM_FIELDS.contains(&refusal.field.as_str()) => (
                 format!("transaction.ethereum.fields.{}", refusal.field),
                 refusal.reason,
             ),
